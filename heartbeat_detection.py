@@ -1,0 +1,226 @@
+"""Crash and hang detection by heartbeats, so the leader learns a worker is gone without waiting on it.
+
+Each simulated device beats every `interval_s` from a thread of its own (long compute cannot starve it);
+the leader's monitor declares a device dead once its last beat is older than `timeout_s`. Time comes from
+an injectable clock, so detection and its latency (crash -> declaration) are testable without real waiting.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+Clock = Callable[[], float]  # seconds, monotonic
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """How often devices beat and how much silence the leader tolerates before declaring one dead."""
+
+    interval_s: float = 1.0
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"heartbeat interval ({self.interval_s} s) must be positive")
+        if self.timeout_s <= self.interval_s:
+            raise ValueError(
+                f"heartbeat timeout ({self.timeout_s} s) must be larger than the interval ({self.interval_s} s)"
+            )
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One declaration of death, with the times needed to measure how long detection took."""
+
+    device: int
+    last_beat_at: float  # clock time of the last beat seen
+    declared_at: float  # clock time the monitor declared it dead
+
+    @property
+    def silence_s(self) -> float:
+        """How long the device had been silent when declared dead: an upper bound on detection latency."""
+        return self.declared_at - self.last_beat_at
+
+
+class FakeClock:
+    """A clock that moves only when told, so tests can step through timeouts without sleeping."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> float:
+        """Move time forward (never back: the clock stands in for a monotonic one); returns the new time."""
+        if seconds < 0:
+            raise ValueError(f"a monotonic clock cannot go back ({seconds} s)")
+        with self._lock:
+            self._now += seconds
+            return self._now
+
+    def __call__(self) -> float:
+        return self.now()
+
+
+class HeartbeatMonitor:
+    """The leader's view: the time of each device's last beat. Thread-safe (a lock).
+
+    Beats come from sender threads while `check` runs on the monitor thread, hence the lock.
+    Beats from devices not watched (never added, or removed) are ignored.
+    """
+
+    def __init__(self, devices: Iterable[int], config: HeartbeatConfig, clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        now = clock()
+        self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
+        self._dead: set[int] = set()
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        """Bumped after each recovery; beats tagged with an older epoch are fenced off."""
+        with self._lock:
+            return self._epoch
+
+    def advance_epoch(self) -> int:
+        """Start a new epoch (after a recovery) and return it."""
+        with self._lock:
+            self._epoch += 1
+            return self._epoch
+
+    def beat(self, device: int, epoch: int = 0) -> None:
+        """Record a beat now, unless fenced: a device declared dead or a stale epoch must not come back to life."""
+        with self._lock:
+            if device not in self._last or device in self._dead or epoch < self._epoch:
+                return
+            self._last[device] = self._clock()
+
+    def check(self) -> list[Detection]:
+        """Declare dead every live device silent for strictly more than timeout_s; each is reported once only."""
+        with self._lock:
+            now = self._clock()
+            found = [
+                Detection(d, last, now)
+                for d, last in sorted(self._last.items())
+                if d not in self._dead and now - last > self.config.timeout_s
+            ]
+            self._dead.update(x.device for x in found)
+            return found
+
+    def alive(self) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(sorted(d for d in self._last if d not in self._dead))
+
+    def dead(self) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(sorted(self._dead))
+
+    def last_beat(self, device: int) -> float:
+        """Clock time of the device's last accepted beat; KeyError if it is not watched."""
+        with self._lock:
+            return self._last[device]
+
+    def remove(self, device: int) -> None:
+        """Stop watching a device (e.g. retired after recovery); later beats from it are ignored."""
+        with self._lock:
+            self._last.pop(device, None)
+            self._dead.discard(device)
+
+
+class HeartbeatSender:
+    """A device's beating thread: calls monitor.beat(device, epoch) every interval_s until stopped or silenced.
+
+    It is a thread of its own so that the device's compute cannot delay its beats (torch releases the GIL).
+    """
+
+    def __init__(
+        self,
+        device: int,
+        monitor: HeartbeatMonitor,
+        interval_s: float,
+        epoch_fn: Callable[[], int] = lambda: 0,
+        name: str | None = None,
+    ) -> None:
+        self.device = device
+        self._monitor = monitor
+        self._interval_s = interval_s
+        self._epoch_fn = epoch_fn
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name or f"heartbeat-{device}", daemon=False)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._beat()  # at once, so a fresh device is not judged by its construction time
+        while not self._halt.wait(self._interval_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        self._monitor.beat(self.device, self._epoch_fn())
+
+    def silence(self) -> None:
+        """Simulate a crash or hang: no beat happens after this returns (the thread has exited)."""
+        self._end()
+
+    def stop(self) -> None:
+        """Clean end of run: the thread wakes at once and is joined."""
+        self._end()
+
+    def _end(self) -> None:
+        self._halt.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class MonitorThread:
+    """The leader's watcher: polls monitor.check() every poll_s (default interval_s/4) and calls on_dead(detection) for each newly dead device.
+
+    An exception from on_dead does not end the watching (other devices still need it): the first one
+    is kept and re-raised from stop(), so it is never lost silently.
+    """
+
+    def __init__(
+        self,
+        monitor: HeartbeatMonitor,
+        on_dead: Callable[[Detection], None],
+        poll_s: float | None = None,
+        name: str = "heartbeat-monitor",
+    ) -> None:
+        self._monitor = monitor
+        self._on_dead = on_dead
+        self._poll_s = monitor.config.interval_s / 4 if poll_s is None else poll_s
+        self._halt = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=False)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._halt.wait(self._poll_s):
+            for detection in self._monitor.check():
+                self._report(detection)
+
+    def _report(self, detection: Detection) -> None:
+        try:
+            self._on_dead(detection)
+        except Exception as error:  # kept for stop(); watching goes on
+            if self._error is None:
+                self._error = error
+
+    def stop(self) -> None:
+        """Stop polling, join, and re-raise the first exception raised by on_dead, if any."""
+        self._halt.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

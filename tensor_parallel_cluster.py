@@ -1,0 +1,167 @@
+"""A Llama checkpoint split over device threads: the Python API for prefill, decode and generation.
+
+    from tensor_parallel_cluster import TensorParallelLlama
+    with TensorParallelLlama.load("path/to/Llama-3.2-1B", devices=4) as model:
+        tokens = model.generate(model.tokenizer.encode("The capital of France is"), max_new_tokens=8)
+
+Each device thread loads only its own weight slices and keeps its own KV cache; the replicated
+parts (embedding, final norm) are read once and shared read-only between the threads.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from device_threads import DeviceWorker, ThreadCollective, run_on_devices
+from head_assignment import Assignment, initial_assignment
+from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
+from synthetic_checkpoint import ensure_synthetic_checkpoint
+from tensor_parallel_model import (DeviceState, HiddenStateStore, KVCache, Replicated, Rotary, device_forward,
+                                   load_device_shard, load_replicated)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How the model was loaded, for the report."""
+
+    location: CheckpointLocation
+    folder: Path
+    tensor_count: int
+    stored_bytes: int
+    stored_dtype: str
+    seconds: float
+
+
+class TensorParallelLlama:
+    """A model split by heads over device threads, with greedy generation."""
+
+    def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
+                 progress: bool = False, replicated: Replicated | None = None):
+        self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
+        self.assignment = assignment
+        self.replicated = replicated or load_replicated(checkpoint, dtype)
+        self.workers = {d: DeviceWorker(d) for d in assignment.devices}
+        self.collective = ThreadCollective(assignment.devices)
+        self.tokenizer: Tokenizer | None = None
+        self.load_report: LoadReport | None = None
+        try:
+            with _progress_bar(len(self.workers) * self.config.num_hidden_layers, progress) as bar:
+                run_on_devices(list(self.workers.values()), lambda w: self._load_state(w, bar.update))
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, devices: int = 4, dtype: torch.dtype = torch.float32,
+             assignment: Assignment | None = None, progress: bool = False, log=print) -> "TensorParallelLlama":
+        """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it."""
+        started = time.perf_counter()
+        location = resolve_checkpoint(model_dir)
+        folder = location.path or ensure_synthetic_checkpoint("llama-3.2-1b", log=log)
+        checkpoint = Checkpoint(folder)
+        config = checkpoint.config
+        assignment = assignment or initial_assignment(config.num_attention_heads, config.num_key_value_heads,
+                                                      config.intermediate_size, devices)
+        model = cls(checkpoint, assignment, dtype, progress)
+        model.tokenizer = load_tokenizer(folder, config)
+        model.load_report = LoadReport(location, folder, checkpoint.tensor_count, checkpoint.total_bytes,
+                                       checkpoint.stored_dtype, time.perf_counter() - started)
+        return model
+
+    def _load_state(self, worker: DeviceWorker, on_layer) -> None:
+        shard = load_device_shard(self.checkpoint, self.assignment, worker.device, self.dtype, on_layer)
+        worker.state = self.new_state(shard)
+
+    def new_state(self, shard, cache: KVCache | None = None) -> DeviceState:
+        """A device's state for a shard (under the current assignment's vocabulary split)."""
+        config = self.config
+        cache = cache or KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, self.dtype)
+        return DeviceState(config, shard, self.replicated, Rotary(config, self.dtype), cache,
+                           self.assignment.vocab_range(shard.device, config.vocab_size))
+
+    # ---------------------------------------------------------------------------------------
+    # Running
+
+    @property
+    def position(self) -> int:
+        """Tokens in the KV cache (the same on every device)."""
+        return next(iter(self.workers.values())).state.cache.length
+
+    def forward(self, token_ids: Sequence[int] | torch.Tensor, start: int | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Logits for `token_ids` placed after the first `start` cached tokens (default: all of them)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        start = self.position if start is None else start
+        self._check_length(start + ids.numel())
+        collective = self.collective
+        results = run_on_devices(list(self.workers.values()),
+                                 lambda w: device_forward(w.state, ids, start, collective, all_logits))
+        return results[self.assignment.devices[0]].float()
+
+    def prefill(self, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Forget the cache and run the prompt; logits of the last token (or of every token)."""
+        return self.forward(token_ids, start=0, all_logits=all_logits)
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        return self.forward([token_id])
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+        """Greedy continuation of the prompt (the new tokens only)."""
+        logits = self.prefill(prompt_ids)
+        new_tokens: list[int] = []
+        while len(new_tokens) < max_new_tokens:
+            new_tokens.append(int(logits.argmax()))
+            if stop_at_eos and new_tokens[-1] in self.config.eos_token_ids:
+                break
+            if len(new_tokens) < max_new_tokens:
+                logits = self.decode(new_tokens[-1])
+        return new_tokens
+
+    def enable_hidden_states(self) -> None:
+        """Start keeping per-layer inputs (HCache-style checkpoints) on every device."""
+        for worker in self.workers.values():
+            worker.state.hidden_states = HiddenStateStore(self.config.num_hidden_layers, self.config.hidden_size,
+                                                          self.dtype)
+
+    def _check_length(self, length: int) -> None:
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"{length} positions exceed the model's {self.config.max_position_embeddings}")
+
+    # ---------------------------------------------------------------------------------------
+    # Lifetime
+
+    def close(self) -> None:
+        """Stop every device thread (idempotent)."""
+        self.collective.abort()
+        for worker in self.workers.values():
+            worker.stop(timeout=5)
+
+    def __enter__(self) -> "TensorParallelLlama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc="loading weight slices", unit="layer-slice", leave=False)

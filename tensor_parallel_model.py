@@ -1,0 +1,365 @@
+"""The Llama forward pass split by attention heads and MLP columns, as one device computes it.
+
+Everything a device does is a plain function of its shard, its KV cache and its inputs; the only
+thing that crosses devices is the `Collective` (a sum of partial outputs twice per layer and a
+gather of the logits). Threads implement it today (device_threads.py); torch.distributed can
+implement the same two calls later without touching this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from head_assignment import Assignment, Range
+from llama_model_loader import Checkpoint, LlamaConfig
+
+
+class Collective(Protocol):
+    """What crosses the device boundary during a forward pass."""
+
+    def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of every device's `tensor` (same shape), returned to each device."""
+
+    def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every device's `tensor`, in device order."""
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE and RMSNorm (Hugging Face conventions: rotate_half layout, norm computed in fp32)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """inv_freq per rotary pair, with llama3 scaling of the long wavelengths when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") != "llama3":
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    in_between = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(in_between, blended, scaled)
+
+
+class Rotary:
+    """cos/sin tables for positions, grown on demand (shared read-only by a device's layers)."""
+
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype):
+        self.inv_freq = rope_inverse_frequencies(config)
+        self.dtype = dtype
+        self.cos = self.sin = torch.empty(0, config.head_dim, dtype=dtype)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + length > self.cos.shape[0]:
+            self._grow(max(start + length, 2 * self.cos.shape[0], 256))
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+    def _grow(self, positions: int) -> None:
+        freqs = torch.outer(torch.arange(positions, dtype=torch.float32), self.inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Shards: the weight slices a device holds
+
+
+@dataclass
+class LayerShard:
+    """One layer's slices on one device. Norm weights are replicated (every device has them)."""
+
+    wqkv: torch.Tensor       # [(q_heads + 2 * kv_heads) * head_dim, hidden]: own Q rows, held K rows, held V rows
+    wo: torch.Tensor         # [hidden, q_heads * head_dim]: the columns of own heads
+    w_gate_up: torch.Tensor  # [2 * mlp_width, hidden]: gate rows then up rows of own MLP columns
+    w_down: torch.Tensor     # [hidden, mlp_width]
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+
+@dataclass
+class Replicated:
+    """What every device holds whole: the (tied) embedding and the final norm."""
+
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # the embedding itself when tied
+
+
+@dataclass
+class DeviceShard:
+    device: int
+    query_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    mlp: tuple[Range, ...]
+    layers: list[LayerShard]
+    group_size: int
+    kv_slot_of_query: torch.Tensor = field(init=False)  # local KV index read by each local query head
+
+    def __post_init__(self) -> None:
+        slots = [self.kv_heads.index(h // self.group_size) for h in self.query_heads]
+        self.kv_slot_of_query = torch.tensor(slots, dtype=torch.long)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+
+
+def head_rows(heads: Sequence[int], head_dim: int) -> list[Range]:
+    """Row ranges of a projection for the given heads, adjacent heads merged into one read."""
+    ranges: list[Range] = []
+    for h in heads:
+        start, stop = h * head_dim, (h + 1) * head_dim
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return ranges
+
+
+def load_layer_shard(checkpoint: Checkpoint, layer: int, query_heads: Sequence[int], kv_heads: Sequence[int],
+                     mlp: Sequence[Range], dtype: torch.dtype) -> LayerShard:
+    """Read only this device's rows and columns of one layer."""
+    hd, p = checkpoint.config.head_dim, f"model.layers.{layer}."
+    q_rows, kv_rows = head_rows(query_heads, hd), head_rows(kv_heads, hd)
+    read = checkpoint.read
+    return LayerShard(
+        wqkv=torch.cat([read(p + "self_attn.q_proj.weight", dtype, rows=q_rows),
+                        read(p + "self_attn.k_proj.weight", dtype, rows=kv_rows),
+                        read(p + "self_attn.v_proj.weight", dtype, rows=kv_rows)]),
+        wo=read(p + "self_attn.o_proj.weight", dtype, cols=q_rows),
+        w_gate_up=torch.cat([read(p + "mlp.gate_proj.weight", dtype, rows=mlp),
+                             read(p + "mlp.up_proj.weight", dtype, rows=mlp)]),
+        w_down=read(p + "mlp.down_proj.weight", dtype, cols=mlp),
+        input_norm=read(p + "input_layernorm.weight", dtype),
+        post_norm=read(p + "post_attention_layernorm.weight", dtype),
+    )
+
+
+def load_device_shard(checkpoint: Checkpoint, assignment: Assignment, device: int, dtype: torch.dtype,
+                      on_layer: Callable[[], object] = lambda: None) -> DeviceShard:
+    """The device's slices of every layer (`on_layer` is called after each, for a progress bar)."""
+    heads, kv_heads, mlp = assignment.heads[device], assignment.kv_heads(device), assignment.mlp[device]
+    layers = []
+    for i in range(checkpoint.config.num_hidden_layers):
+        layers.append(load_layer_shard(checkpoint, i, heads, kv_heads, mlp, dtype))
+        on_layer()
+    return DeviceShard(device, heads, kv_heads, mlp, layers, assignment.group_size)
+
+
+def load_replicated(checkpoint: Checkpoint, dtype: torch.dtype) -> Replicated:
+    embed = checkpoint.read("model.embed_tokens.weight", dtype)
+    lm_head = embed if checkpoint.config.tie_word_embeddings else checkpoint.read("lm_head.weight", dtype)
+    return Replicated(embed, checkpoint.read("model.norm.weight", dtype), lm_head)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache: per device, per layer, per KV head
+
+
+class KVCache:
+    """A device's K and V for the KV heads it holds: per layer `[kv_heads, capacity, head_dim]`.
+
+    Recovery strategies read and write single (layer, KV head) entries through `head` and
+    `put_head`; the forward pass writes all held heads of a layer at once through `write`.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: Sequence[int], head_dim: int, dtype: torch.dtype,
+                 capacity: int = 256):
+        self.kv_heads = tuple(kv_heads)
+        self.num_layers, self.head_dim, self.dtype = num_layers, head_dim, dtype
+        shape = (len(self.kv_heads), capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the entries in use (not the spare capacity)."""
+        return 2 * self.num_layers * len(self.kv_heads) * self.length * self.head_dim * self.dtype.itemsize
+
+    def reserve(self, length: int) -> None:
+        """Grow capacity (doubling) so that `length` positions fit."""
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity)
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                store[i] = torch.zeros((old.shape[0], capacity, self.head_dim), dtype=self.dtype)
+                store[i][:, :old.shape[1]] = old
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [held KV heads, T, head_dim] for positions start..start+T."""
+        self.reserve(start + k.shape[1])
+        self.k[layer][:, start:start + k.shape[1]] = k
+        self.v[layer][:, start:start + v.shape[1]] = v
+
+    def upto(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :length], self.v[layer][:, :length]
+
+    def head(self, layer: int, kv_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One KV head's entries in use: ([length, head_dim], [length, head_dim])."""
+        slot = self.kv_heads.index(kv_head)
+        return self.k[layer][slot, :self.length], self.v[layer][slot, :self.length]
+
+    def put_head(self, layer: int, kv_head: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slot = self.kv_heads.index(kv_head)
+        self.reserve(k.shape[0])
+        self.k[layer][slot, :k.shape[0]] = k
+        self.v[layer][slot, :v.shape[0]] = v
+
+    def regrouped(self, kv_heads: Sequence[int]) -> "KVCache":
+        """A cache for a new set of KV heads that keeps the entries of heads held before.
+
+        Heads new to this device start empty and must be filled by a recovery strategy.
+        """
+        cache = KVCache(self.num_layers, kv_heads, self.head_dim, self.dtype, max(self.capacity, 1))
+        cache.length = self.length
+        for g in set(kv_heads) & set(self.kv_heads):
+            for layer in range(self.num_layers):
+                cache.put_head(layer, g, *self.head(layer, g))
+        return cache
+
+    def clone(self) -> "KVCache":
+        return self.regrouped(self.kv_heads)
+
+
+class HiddenStateStore:
+    """Per-layer inputs `x_l` of every past token (HCache-style checkpoints).
+
+    Under tensor parallelism `x_l` is replicated, so any survivor can rebuild a lost KV head from
+    them: `rmsnorm(x_l) Wk/Wv[lost]`, without recomputing the layers below.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, capacity: int = 256):
+        self.x = torch.zeros((num_layers, capacity, hidden_size), dtype=dtype)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.x[:, :self.length].numel() * self.x.dtype.itemsize
+
+    def record(self, layer: int, start: int, x: torch.Tensor) -> None:
+        if start + x.shape[0] > self.x.shape[1]:
+            grown = torch.zeros((self.x.shape[0], max(start + x.shape[0], 2 * self.x.shape[1]), self.x.shape[2]),
+                                dtype=self.x.dtype)
+            grown[:, :self.x.shape[1]] = self.x
+            self.x = grown
+        self.x[layer, start:start + x.shape[0]] = x
+        self.length = max(self.length, start + x.shape[0])
+
+    def layer_inputs(self, layer: int) -> torch.Tensor:
+        return self.x[layer, :self.length]
+
+    def clone(self) -> "HiddenStateStore":
+        copy = HiddenStateStore(self.x.shape[0], self.x.shape[2], self.x.dtype, self.x.shape[1])
+        copy.x.copy_(self.x)
+        copy.length = self.length
+        return copy
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass of one device
+
+
+@dataclass
+class DeviceState:
+    """Everything one device holds: its shard, its cache, and (optionally) hidden-state checkpoints."""
+
+    config: LlamaConfig
+    shard: DeviceShard
+    replicated: Replicated
+    rotary: Rotary
+    cache: KVCache
+    vocab: Range
+    hidden_states: HiddenStateStore | None = None
+
+    @property
+    def device(self) -> int:
+        return self.shard.device
+
+
+def project_kv(config: LlamaConfig, layer: LayerShard, num_q: int, num_kv: int, h: torch.Tensor,
+               rotary: Rotary, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K (both rotated) and V of a device's heads for normed input h: [heads, T, head_dim] each."""
+    hd, T = config.head_dim, h.shape[0]
+    qkv = F.linear(h, layer.wqkv)
+    q, k, v = qkv.split([num_q * hd, num_kv * hd, num_kv * hd], dim=-1)
+    cos, sin = rotary.tables(start, T)
+    q = apply_rope(q.view(T, num_q, hd).transpose(0, 1), cos, sin)
+    k = apply_rope(k.view(T, num_kv, hd).transpose(0, 1), cos, sin)
+    return q, k, v.view(T, num_kv, hd).transpose(0, 1)
+
+
+def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, start: int) -> torch.Tensor:
+    """This device's heads' share of the attention output, before the sum over devices: [T, hidden]."""
+    shard, layer = state.shard, state.shard.layers[layer_index]
+    T = h.shape[0]
+    q, k, v = project_kv(state.config, layer, len(shard.query_heads), len(shard.kv_heads), h, state.rotary, start)
+    state.cache.write(layer_index, start, k, v)
+    keys, values = state.cache.upto(layer_index, start + T)
+    if len(shard.kv_heads) != len(shard.query_heads):  # GQA: each query head reads its KV head
+        keys = keys.index_select(0, shard.kv_slot_of_query)
+        values = values.index_select(0, shard.kv_slot_of_query)
+    mask = causal_mask(T, start, h.dtype) if T > 1 and start > 0 else None
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=T > 1 and start == 0)
+    return F.linear(out.transpose(0, 1).reshape(T, -1), layer.wo)
+
+
+def causal_mask(T: int, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask for T new tokens after `start` cached ones: [T, start + T]."""
+    allowed = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+
+
+def mlp_partial(layer: LayerShard, h: torch.Tensor) -> torch.Tensor:
+    """This device's MLP columns' share of the MLP output: [T, hidden]."""
+    gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, layer.w_down)
+
+
+def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, collective: Collective,
+                   all_logits: bool = False) -> torch.Tensor:
+    """One device's part of a forward pass over `token_ids` at positions start..; returns logits.
+
+    The residual stream `x` is the same on every device: each layer's two partial outputs are
+    summed over devices (the only two collective calls per layer). Returns the logits of the last
+    token ([vocab]) or of every token ([T, vocab]).
+    """
+    eps = state.config.rms_norm_eps
+    x = F.embedding(token_ids, state.replicated.embed)
+    for i, layer in enumerate(state.shard.layers):
+        if state.hidden_states is not None:
+            state.hidden_states.record(i, start, x)
+        h = rms_norm(x, layer.input_norm, eps)
+        x = x + collective.all_reduce(state.device, attention_partial(state, i, h, start))
+        h = rms_norm(x, layer.post_norm, eps)
+        x = x + collective.all_reduce(state.device, mlp_partial(layer, h))
+    state.cache.length = start + token_ids.shape[0]
+    x = rms_norm(x if all_logits else x[-1:], state.replicated.final_norm, eps)
+    partial_logits = F.linear(x, state.replicated.lm_head[state.vocab[0]:state.vocab[1]])
+    logits = torch.cat(collective.all_gather(state.device, partial_logits), dim=-1)
+    return logits if all_logits else logits[0]

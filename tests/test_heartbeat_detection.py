@@ -1,0 +1,286 @@
+"""Heartbeat detection: who is declared dead, when, exactly once, and never by mistake."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from heartbeat_detection import (
+    Detection,
+    FakeClock,
+    HeartbeatConfig,
+    HeartbeatMonitor,
+    HeartbeatSender,
+    MonitorThread,
+)
+
+# Real-thread settings: short enough to keep the suite fast, slack enough for a loaded 2-core machine.
+INTERVAL = 0.05
+TIMEOUT = 0.25
+SLACK = 0.25
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_one_second_interval_and_five_second_timeout():
+    config = HeartbeatConfig()
+    assert (config.interval_s, config.timeout_s) == (1.0, 5.0)
+
+
+@pytest.mark.parametrize("timeout", [1.0, 0.5])
+def test_config_rejects_timeout_not_larger_than_interval(timeout):
+    with pytest.raises(ValueError, match="must be larger than the interval"):
+        HeartbeatConfig(interval_s=1.0, timeout_s=timeout)
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0])
+def test_config_rejects_non_positive_interval(interval):
+    with pytest.raises(ValueError, match="must be positive"):
+        HeartbeatConfig(interval_s=interval, timeout_s=5.0)
+
+
+# --- fake clock: exact timing ----------------------------------------------------------------------
+
+
+def test_fake_clock_moves_only_when_advanced():
+    clock = FakeClock()
+    assert clock() == clock.now() == 0.0
+    assert clock.advance(1.5) == 1.5
+    assert clock() == 1.5
+    with pytest.raises(ValueError):
+        clock.advance(-1.0)
+
+
+def test_devices_beating_every_interval_stay_alive_over_many_intervals():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1, 2], HeartbeatConfig(), clock)
+    for _ in range(100):
+        clock.advance(1.0)
+        for device in (0, 1, 2):
+            monitor.beat(device)
+        assert monitor.check() == []
+    assert monitor.alive() == (0, 1, 2)
+    assert monitor.dead() == ()
+
+
+def test_every_device_counts_as_having_beaten_at_construction():
+    clock = FakeClock(start=10.0)
+    monitor = HeartbeatMonitor([3, 1], HeartbeatConfig(), clock)
+    assert monitor.last_beat(1) == monitor.last_beat(3) == 10.0
+    assert monitor.alive() == (1, 3)
+
+
+def test_silent_device_is_alive_at_exactly_timeout_and_dead_just_after():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(interval_s=1.0, timeout_s=5.0), clock)
+    # device 1 stops beating at t=0; device 0 keeps beating
+    while clock() < 5.0:
+        clock.advance(0.25)
+        monitor.beat(0)
+        if clock() <= 5.0:
+            assert monitor.check() == [], f"declared dead too early at t={clock()}"
+    assert clock() - monitor.last_beat(1) == 5.0  # exactly the timeout: still alive
+    assert monitor.alive() == (0, 1)
+
+    clock.advance(0.25)
+    monitor.beat(0)
+    assert monitor.check() == [Detection(device=1, last_beat_at=0.0, declared_at=5.25)]
+    assert monitor.alive() == (0,)
+    assert monitor.dead() == (1,)
+
+
+def test_dead_device_is_declared_only_once():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(), clock)
+    clock.advance(6.0)
+    assert [d.device for d in monitor.check()] == [0]
+    for _ in range(5):
+        clock.advance(1.0)
+        assert monitor.check() == []
+    assert monitor.dead() == (0,)
+
+
+def test_slow_but_beating_worker_every_4_9_seconds_stays_alive():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(interval_s=1.0, timeout_s=5.0), clock)
+    for _ in range(50):
+        clock.advance(4.9)
+        assert monitor.check() == []  # checked just before the late beat: 4.9 s of silence
+        monitor.beat(0)
+    assert monitor.alive() == (0,)
+
+
+def test_detection_latency_is_at_most_timeout_plus_poll_period():
+    config = HeartbeatConfig(interval_s=1.0, timeout_s=5.0)
+    poll = config.interval_s / 4
+    for crash_at in (3.0, 3.1, 3.3, 3.9):  # crashes at various phases of the poll cycle
+        clock = FakeClock()
+        monitor = HeartbeatMonitor([0], config, clock)
+        detections: list[Detection] = []
+        next_beat = 0.0
+        while not detections:
+            clock.advance(poll)
+            if clock() >= next_beat and clock() < crash_at:
+                monitor.beat(0)
+                next_beat += config.interval_s
+            detections = monitor.check()
+        (found,) = detections
+        silence_start = found.last_beat_at  # the last beat before the crash
+        assert silence_start < crash_at
+        latency = found.declared_at - silence_start
+        assert found.silence_s == latency
+        assert config.timeout_s < latency <= config.timeout_s + poll
+
+
+def test_removed_device_is_no_longer_watched_and_its_beats_are_ignored():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(), clock)
+    monitor.remove(1)
+    monitor.beat(1)
+    clock.advance(10.0)
+    monitor.beat(0)
+    assert monitor.check() == []
+    assert monitor.alive() == (0,)
+    with pytest.raises(KeyError):
+        monitor.last_beat(1)
+
+
+# --- fencing -----------------------------------------------------------------------------------------
+
+
+def test_beat_from_a_device_already_declared_dead_is_ignored():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(), clock)
+    clock.advance(6.0)
+    assert len(monitor.check()) == 1
+    monitor.beat(0)  # the hung device wakes up
+    assert monitor.last_beat(0) == 0.0
+    assert monitor.dead() == (0,)
+    assert monitor.alive() == ()
+
+
+def test_beat_with_a_stale_epoch_is_ignored_after_advance_epoch():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(), clock)
+    assert monitor.epoch == 0
+    assert monitor.advance_epoch() == 1
+    assert monitor.epoch == 1
+    clock.advance(1.0)
+    monitor.beat(0, epoch=0)
+    assert monitor.last_beat(0) == 0.0
+    monitor.beat(0, epoch=1)
+    assert monitor.last_beat(0) == 1.0
+
+
+# --- real threads ----------------------------------------------------------------------------------
+
+
+def _our_threads_alive(before: set[threading.Thread]) -> list[str]:
+    return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+def test_sender_beats_immediately_at_start_and_stop_joins_promptly():
+    clock = FakeClock(start=0.0)
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(interval_s=10.0, timeout_s=50.0), clock)
+    clock.advance(3.0)
+    sender = HeartbeatSender(0, monitor, interval_s=10.0)
+    started = time.monotonic()
+    sender.start()
+    deadline = started + 1.0
+    while monitor.last_beat(0) != 3.0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sender.stop()
+    assert monitor.last_beat(0) == 3.0
+    assert time.monotonic() - started < 1.0  # did not wait out the 10 s interval
+
+
+def test_silenced_sender_is_detected_within_timeout_plus_interval_and_live_ones_are_not():
+    before = set(threading.enumerate())
+    config = HeartbeatConfig(interval_s=INTERVAL, timeout_s=TIMEOUT)
+    monitor = HeartbeatMonitor([0, 1, 2], config)
+    detected: list[tuple[Detection, float]] = []
+    got_one = threading.Event()
+
+    def on_dead(detection: Detection) -> None:
+        detected.append((detection, time.monotonic()))
+        got_one.set()
+
+    senders = [HeartbeatSender(d, monitor, INTERVAL, epoch_fn=lambda: monitor.epoch) for d in (0, 1, 2)]
+    watcher = MonitorThread(monitor, on_dead, poll_s=INTERVAL / 4)
+    try:
+        for sender in senders:
+            sender.start()
+        watcher.start()
+        time.sleep(2 * TIMEOUT)  # everybody healthy for a while
+        assert detected == []
+
+        silenced_at = time.monotonic()
+        senders[1].silence()
+        assert got_one.wait(timeout=2.0), "silenced device was never declared dead"
+        time.sleep(TIMEOUT)  # the others keep living meanwhile
+    finally:
+        for sender in senders:
+            sender.stop()
+        watcher.stop()
+
+    assert [d.device for d, _ in detected] == [1]
+    latency = detected[0][1] - silenced_at
+    assert latency <= TIMEOUT + INTERVAL + SLACK, f"detection took {latency:.3f} s"
+    assert monitor.alive() == (0, 2)
+    assert _our_threads_alive(before) == []
+
+
+def test_sender_keeps_beating_through_long_torch_compute_without_false_detection():
+    before = set(threading.enumerate())
+    config = HeartbeatConfig(interval_s=INTERVAL, timeout_s=TIMEOUT)
+    monitor = HeartbeatMonitor([0], config)
+    detected: list[Detection] = []
+    sender = HeartbeatSender(0, monitor, INTERVAL)
+    watcher = MonitorThread(monitor, detected.append, poll_s=INTERVAL / 4)
+    a = torch.randn(1024, 1024)
+    try:
+        sender.start()
+        watcher.start()
+        compute_start = time.monotonic()
+        while time.monotonic() - compute_start < 0.6:  # the device's "long compute"
+            a = torch.mm(a, a).clamp_(-1.0, 1.0)
+        compute_end = time.monotonic()
+        last = monitor.last_beat(0)
+    finally:
+        sender.stop()
+        watcher.stop()
+
+    assert detected == []
+    assert compute_end - last <= TIMEOUT  # beats really kept coming while the main thread computed
+    assert last > compute_start
+    assert _our_threads_alive(before) == []
+
+
+def test_exception_in_on_dead_does_not_stop_watching_and_is_reraised_from_stop():
+    before = set(threading.enumerate())
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(), clock)
+    calls: list[int] = []
+    first, second = threading.Event(), threading.Event()
+
+    def on_dead(detection: Detection) -> None:
+        calls.append(detection.device)
+        (first if len(calls) == 1 else second).set()
+        raise RuntimeError(f"handler failed for {detection.device}")
+
+    watcher = MonitorThread(monitor, on_dead, poll_s=0.005)
+    watcher.start()
+    clock.advance(3.0)
+    monitor.beat(1)
+    clock.advance(3.0)  # device 0 silent 6 s: dead; device 1 silent 3 s: alive
+    assert first.wait(timeout=2.0)
+    clock.advance(3.0)  # now device 1 too, after the handler already failed once
+    assert second.wait(timeout=2.0), f"watching stopped after the first failure (calls: {calls})"
+    with pytest.raises(RuntimeError, match="handler failed for 0"):
+        watcher.stop()
+    assert calls == [0, 1]
+    assert _our_threads_alive(before) == []
+
