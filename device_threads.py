@@ -7,7 +7,7 @@ gets `StepAbandoned`) and redone after recovery, so a dead device never deadlock
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from queue import SimpleQueue
 from typing import Any, Callable, Sequence
 
@@ -20,6 +20,13 @@ class StepAbandoned(Exception):
     """The step could not finish because a device of its group is gone (or the run is stopping)."""
 
 
+class DeviceCrashed(Exception):
+    """Raised inside a device's own thread when failure injection kills it: the thread ends."""
+
+
+FaultHook = Callable[[int], None]  # called with the device at every collective call; may raise or block
+
+
 class ThreadCollective:
     """All-reduce and all-gather between device threads, for one fixed group of devices (an epoch).
 
@@ -28,17 +35,17 @@ class ThreadCollective:
     run in device order, so results do not depend on thread timing.
     """
 
-    def __init__(self, devices: Sequence[int], epoch: int = 0):
+    def __init__(self, devices: Sequence[int], epoch: int = 0, fault_hook: FaultHook | None = None):
         self.devices = tuple(devices)
         self.epoch = epoch
+        self.fault_hook = fault_hook
         self._slot = {d: i for i, d in enumerate(self.devices)}
         self._inbox: list[Any] = [None] * len(self.devices)
         self._result: Any = None
         self._barrier = threading.Barrier(len(self.devices))
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        self._inbox[self._slot[device]] = tensor
-        self._wait()
+        self._deposit(device, tensor)
         if self._slot[device] == 0:
             total = self._inbox[0].clone()
             for part in self._inbox[1:]:
@@ -48,11 +55,23 @@ class ThreadCollective:
         return self._result
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self._inbox[self._slot[device]] = tensor
-        self._wait()
+        self._deposit(device, tensor)
         gathered = list(self._inbox)
         self._wait()
         return gathered
+
+    def ring_pass(self, device: int, payload: Any) -> Any:
+        """Send `payload` to the next device in ring order; receive the previous device's."""
+        self._deposit(device, payload)
+        received = self._inbox[self._slot[device] - 1]
+        self._wait()
+        return received
+
+    def _deposit(self, device: int, payload: Any) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(device)
+        self._inbox[self._slot[device]] = payload
+        self._wait()
 
     def abort(self) -> None:
         """Release every waiting device with StepAbandoned; later calls fail at once too."""
@@ -103,11 +122,25 @@ class DeviceWorker:
                 continue
             try:
                 future.set_result(task(self))
+            except DeviceCrashed as crash:
+                self.state = None  # its memory is gone with it
+                future.set_exception(crash)
+                return
             except BaseException as error:  # handed to whoever waits on the future
                 future.set_exception(error)
 
 
 def run_on_devices(workers: Sequence[DeviceWorker], task: Task) -> dict[int, Any]:
-    """Run `task` on every device at once and wait for all; the first failure is raised."""
+    """Run `task` on every device at once and wait for all of them.
+
+    If any device crashed or the step was abandoned, the whole step raises StepAbandoned: it is
+    redone after recovery. Any other error is raised as it is.
+    """
     futures = {w.device: w.submit(task) for w in workers}
+    wait(futures.values())
+    errors = [f.exception() for f in futures.values() if f.exception() is not None]
+    if any(isinstance(e, (StepAbandoned, DeviceCrashed)) for e in errors):
+        raise StepAbandoned("a device failed during the step")
+    if errors:
+        raise errors[0]
     return {device: future.result() for device, future in futures.items()}

@@ -342,29 +342,35 @@ class Checkpoint:
                 raise CheckpointError(f"{where}: tensor {name} has dtype {self.dtypes[name]}, "
                                       f"expected a float type (BF16, F16, F32)")
 
-    def read(self, name: str, dtype: torch.dtype, rows: Sequence[Range] = (), cols: Sequence[Range] = ()) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype, rows: Sequence[Range] | None = None,
+             cols: Sequence[Range] | None = None) -> torch.Tensor:
         """The tensor, or only the given row ranges / column ranges of it, converted to `dtype`.
 
-        Ranges are concatenated in order. Big reads go chunk by chunk so that the stored copy
-        and the converted copy never both exist in full.
+        Ranges are concatenated in order (an empty list selects nothing). Big reads go chunk by
+        chunk so that the stored copy and the converted copy never both exist in full.
         """
         shape = self.shapes[name]
-        rows = rows or [(0, shape[0])]
+        rows = [(0, shape[0])] if rows is None else rows
         parts = [self._read_rows(name, start, stop, cols, dtype) for start, stop in rows]
+        if not parts:
+            width = sum(b - a for a, b in cols) if cols is not None else _numel(shape[1:])
+            return torch.empty((0, width) if len(shape) > 1 else (0,), dtype=dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _read_rows(self, name: str, start: int, stop: int, cols: Sequence[Range], dtype: torch.dtype) -> torch.Tensor:
+    def _read_rows(self, name: str, start: int, stop: int, cols: Sequence[Range] | None,
+                   dtype: torch.dtype) -> torch.Tensor:
         shape = self.shapes[name]
         row_bytes = _numel(shape[1:]) * FLOAT_DTYPES[self.dtypes[name]].itemsize
-        width = sum(b - a for a, b in cols) if cols else _numel(shape[1:])
+        width = sum(b - a for a, b in cols) if cols is not None else _numel(shape[1:])
         out = torch.empty((stop - start, *(([width]) if len(shape) > 1 else [])), dtype=dtype)
         step = max(1, self.CHUNK_BYTES // max(row_bytes, 1))
         for chunk_start in range(start, stop, step):
             chunk_stop = min(stop, chunk_start + step)
             with _open_safetensors(self.files[name]) as handle:
                 piece = handle.get_slice(name)
-                block = piece[chunk_start:chunk_stop] if not cols else torch.cat(
-                    [piece[chunk_start:chunk_stop, a:b] for a, b in cols], dim=1)
+                block = piece[chunk_start:chunk_stop] if cols is None else torch.cat(
+                    [piece[chunk_start:chunk_stop, a:b] for a, b in cols] or [torch.empty(chunk_stop - chunk_start, 0)],
+                    dim=1)
                 out[chunk_start - start:chunk_stop - start] = block
         return out
 

