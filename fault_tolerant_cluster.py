@@ -11,12 +11,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-from device_threads import DeviceCrashed, DeviceWorker, ThreadCollective, run_on_devices
+from device_threads import DeviceCrashed, DeviceWorker, StepAbandoned, ThreadCollective, run_on_devices
 from head_assignment import Assignment
-from kv_cache_reused import replicate_new_kv
+from kv_cache_reused import RecoveryStrategy, replicate_new_kv
 from heartbeat_detection import Clock, Detection, HeartbeatConfig, HeartbeatMonitor, HeartbeatSender, MonitorThread
 from llama_model_loader import Checkpoint
 from task_reassign import ReassignmentPlan, ReassignStrategy
@@ -88,6 +89,17 @@ class PostFailureState:
     def copy(self) -> "PostFailureState":
         return PostFailureState(self.plan, self.context_ids, {d: s.copy() for d, s in self.survivors.items()},
                                 self.failed_replica_holder)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One recovery as it happened."""
+
+    event: FailureEvent
+    plan: ReassignmentPlan
+    strategy: str
+    weight_load_s: float
+    rebuild_s: float
 
 
 class FaultTolerantLlama(TensorParallelLlama):
@@ -218,6 +230,19 @@ class FaultTolerantLlama(TensorParallelLlama):
 
     # ---------------------------------------------------------------------------------------
 
+    def recover(self, event: FailureEvent, reassign: ReassignStrategy, recovery: RecoveryStrategy) -> Recovery:
+        """The whole recovery with one strategy: plan, inherit weights, rebuild KV, adopt."""
+        plan = self.plan_recovery(event, reassign)
+        started = time.perf_counter()
+        shards = self.inherit_weights(plan)
+        loaded = time.perf_counter()
+        post = self.post_failure_state(plan, shards)
+        self.retire(plan)
+        self.adopt(recovery.recover(self, post))
+        if self.replication:
+            self.reprotect()
+        return Recovery(event, plan, recovery.name, loaded - started, time.perf_counter() - loaded)
+
     def close(self) -> None:
         self._released.set()
         self.watcher.stop()
@@ -226,3 +251,22 @@ class FaultTolerantLlama(TensorParallelLlama):
         super().close()
         for worker in self.retired:
             worker.stop(timeout=5)
+
+
+def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int], max_new_tokens: int,
+                           failures: Sequence[FailurePlan],
+                           recover: Callable[[FaultTolerantLlama, FailureEvent], object]) -> list[int]:
+    """Greedy generation in which the planned failures strike; each abandoned step is redone after `recover`."""
+    pending = list(failures)
+    tokens: list[int] = []
+    while len(tokens) < max_new_tokens:
+        for plan in [p for p in pending if p.after_tokens == len(tokens)]:
+            model.arm(plan)
+            pending.remove(plan)
+        try:
+            logits = model.prefill(prompt_ids) if not tokens else model.decode(tokens[-1])
+        except StepAbandoned:
+            recover(model, model.wait_for_failure())
+            continue
+        tokens.append(int(logits.argmax()))
+    return tokens

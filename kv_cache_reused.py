@@ -104,6 +104,8 @@ def prefill_context(model: FaultTolerantLlama, states: dict[int, DeviceState], c
 
     Hidden-state checkpoints are not re-recorded: the survivors' stored ones are still valid.
     """
+    if context_ids.numel() == 0:
+        return  # the failure struck during the prefill: nothing was cached
     kept = {d: s.hidden_states for d, s in states.items()}
     for state in states.values():
         state.hidden_states = None
@@ -125,7 +127,7 @@ def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) ->
     config, shard, store = model.config, survivor.shard, survivor.hidden_states
     cache = survivor.cache.regrouped(shard.kv_heads)
     missing = survivor.missing_kv_heads
-    if not missing:
+    if not missing or cache.length == 0:
         return cache
     k_rows, v_rows = kv_rows(shard, missing, config.head_dim)
     rows = torch.cat([k_rows, v_rows])

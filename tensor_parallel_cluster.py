@@ -38,6 +38,14 @@ class LoadReport:
     seconds: float
 
 
+def open_checkpoint(model_dir: str | Path | None = None, log=print) -> tuple[CheckpointLocation, Checkpoint, float]:
+    """Resolve and check the checkpoint (headers only; no weights read yet) and time it."""
+    started = time.perf_counter()
+    location = resolve_checkpoint(model_dir)
+    folder = location.path or ensure_synthetic_checkpoint("llama-3.2-1b", log=log)
+    return location, Checkpoint(folder), time.perf_counter() - started
+
+
 class TensorParallelLlama:
     """A model split by heads over device threads, with greedy generation."""
 
@@ -60,19 +68,25 @@ class TensorParallelLlama:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, devices: int = 4, dtype: torch.dtype = torch.float32,
-             assignment: Assignment | None = None, progress: bool = False, log=print) -> "TensorParallelLlama":
-        """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it."""
-        started = time.perf_counter()
-        location = resolve_checkpoint(model_dir)
-        folder = location.path or ensure_synthetic_checkpoint("llama-3.2-1b", log=log)
-        checkpoint = Checkpoint(folder)
+             progress: bool = False, log=print, **options) -> "TensorParallelLlama":
+        """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it
+        evenly over `devices`. `options` go to the constructor (e.g. the fault-tolerant heartbeat)."""
+        location, checkpoint, seconds = open_checkpoint(model_dir, log)
         config = checkpoint.config
-        assignment = assignment or initial_assignment(config.num_attention_heads, config.num_key_value_heads,
-                                                      config.intermediate_size, devices)
-        model = cls(checkpoint, assignment, dtype, progress)
-        model.tokenizer = load_tokenizer(folder, config)
-        model.load_report = LoadReport(location, folder, checkpoint.tensor_count, checkpoint.total_bytes,
-                                       checkpoint.stored_dtype, time.perf_counter() - started)
+        assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
+                                        config.intermediate_size, devices)
+        return cls.from_checkpoint(location, checkpoint, assignment, dtype, progress, seconds, **options)
+
+    @classmethod
+    def from_checkpoint(cls, location: CheckpointLocation, checkpoint: Checkpoint, assignment: Assignment,
+                        dtype: torch.dtype, progress: bool = False, seconds_so_far: float = 0.0,
+                        **options) -> "TensorParallelLlama":
+        """Split an opened checkpoint; the load report covers opening and splitting."""
+        started = time.perf_counter()
+        model = cls(checkpoint, assignment, dtype, progress, **options)
+        model.tokenizer = load_tokenizer(checkpoint.folder, checkpoint.config)
+        model.load_report = LoadReport(location, checkpoint.folder, checkpoint.tensor_count, checkpoint.total_bytes,
+                                       checkpoint.stored_dtype, seconds_so_far + time.perf_counter() - started)
         return model
 
     def _load_state(self, worker: DeviceWorker, on_layer) -> None:

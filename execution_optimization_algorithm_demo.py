@@ -1,0 +1,371 @@
+"""The seed scenario, end to end: what does losing a device cost, and how much does KV reuse save?
+
+Loads Llama-3.2-1B (real if found, else synthetic), splits it by heads over device threads, runs a
+failure-free reference, then the same generation in which a device crashes mid-step. The leader
+detects it by heartbeat timeout, reassigns its heads, the new owners read the weight slices they
+inherit, and the KV cache is rebuilt by every recovery strategy from the same post-failure state:
+timed, counted, checked lossless. The report goes to /tmp/kv_cache_performance_report.txt (+ .json).
+
+    python execution_optimization_algorithm_demo.py --help
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from device_threads import StepAbandoned
+from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama
+from head_assignment import initial_assignment
+from heartbeat_detection import HeartbeatConfig
+from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
+from llama_model_loader import CheckpointError, LlamaConfig
+from performance_comparator import (Timing, compare_device_level, compare_recoveries, measure_step_overhead,
+                                    snapshot_kv)
+from recovery_report import Report, check_writable, json_path, write_report
+from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
+from tensor_parallel_cluster import DTYPES, open_checkpoint
+
+DEFAULT_PROMPT = "The history of fault tolerance in distributed computing begins with"
+DEFAULT_REPORT = Path("/tmp/kv_cache_performance_report.txt")
+
+
+class UsageError(Exception):
+    """Arguments that cannot describe a run (the message is one line)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    model_dir: Path | None
+    devices: int
+    fail_device: int
+    fail_after: int
+    prompt: str
+    context_tokens: int | None
+    new_tokens: int
+    reassign: str
+    recovery: tuple[str, ...]
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    dtype: str
+    repeats: int
+    report: Path
+    seed: int
+    quiet: bool
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        description="Crash a device in the middle of tensor-parallel generation and compare how fast each "
+                    "strategy rebuilds the KV cache (all measured in this run).")
+    add = parser.add_argument
+    add("--model-dir", type=Path, help="checkpoint folder (config.json + safetensors); default: $LLAMA_CHECKPOINT, "
+                                       "the Hugging Face cache, else a synthetic Llama-3.2-1B")
+    add("--devices", type=int, default=4, help="simulated devices (threads) (default 4)")
+    add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
+    add("--fail-after", type=int, default=4, help="generated tokens before the crash (default 4)")
+    add("--prompt", default=DEFAULT_PROMPT, help="the prompt text")
+    add("--context-tokens", type=int, default=512,
+        help="pad the prompt (repeating it) to this many tokens, to time recovery at a chosen length (default 512; "
+             "0 keeps the prompt as it is)")
+    add("--new-tokens", type=int, default=8, help="tokens to generate in all (default 8)")
+    add("--reassign", choices=REASSIGN_STRATEGIES, default="random",
+        help="who takes the lost heads: random (all to one survivor, seeded) or balanced (spread, KV groups whole)")
+    add("--recovery", choices=("all", *RECOVERY_STRATEGIES), default="all", help="strategies to compare (default all)")
+    add("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
+    add("--heartbeat-timeout", type=float, default=5.0, help="silence before a device is declared dead (default 5)")
+    add("--dtype", choices=tuple(DTYPES), default="float32",
+        help="compute dtype (default float32: measured faster than bf16 on CPUs without AMX; see README)")
+    add("--repeats", type=int, default=3, help="timed runs of each strategy (default 3)")
+    add("--report", type=Path, default=DEFAULT_REPORT, help=f"report path (default {DEFAULT_REPORT}; JSON beside it)")
+    add("--seed", type=int, default=0, help="seed of the random reassignment (default 0)")
+    add("--quiet", action="store_true", help="print only the report's path and the comparison table")
+    args = parser.parse_args(argv)
+    options = Options(args.model_dir, args.devices, args.fail_device, args.fail_after, args.prompt,
+                      args.context_tokens or None, args.new_tokens, args.reassign,
+                      tuple(RECOVERY_STRATEGIES) if args.recovery == "all" else (args.recovery,),
+                      args.heartbeat_interval, args.heartbeat_timeout, args.dtype, args.repeats, args.report,
+                      args.seed, args.quiet)
+    check_options(options)
+    return options
+
+
+def check_options(o: Options) -> None:
+    """Everything that can be refused before reading the model."""
+    if o.devices < 2:
+        raise UsageError(f"--devices must be at least 2 (one to fail, one to survive), got {o.devices}")
+    if not 0 <= o.fail_device < o.devices:
+        raise UsageError(f"--fail-device {o.fail_device} does not exist (devices are 0..{o.devices - 1})")
+    if o.new_tokens < 2:
+        raise UsageError(f"--new-tokens must be at least 2 (tokens before and after the failure), got {o.new_tokens}")
+    if not 1 <= o.fail_after < o.new_tokens:
+        raise UsageError(f"--fail-after must be between 1 and --new-tokens - 1 ({o.new_tokens - 1}), got {o.fail_after}")
+    if o.context_tokens is not None and o.context_tokens < 0:
+        raise UsageError(f"--context-tokens must not be negative, got {o.context_tokens}")
+    if o.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {o.repeats}")
+    try:
+        HeartbeatConfig(o.heartbeat_interval, o.heartbeat_timeout)
+    except ValueError as bad:
+        raise UsageError(str(bad)) from None
+    try:
+        check_writable(o.report)
+    except OSError as bad:
+        raise UsageError(f"--report {o.report}: {bad}") from None
+
+
+def check_against_model(o: Options, config: LlamaConfig, prompt_length: int) -> None:
+    """What can only be refused once the config is known."""
+    if o.devices > config.num_attention_heads:
+        raise UsageError(f"--devices {o.devices} is more than the model's {config.num_attention_heads} query heads")
+    length = max(prompt_length, o.context_tokens or 0) + o.new_tokens
+    if length > config.max_position_embeddings:
+        raise UsageError(f"context plus new tokens ({length}) exceed the model's {config.max_position_embeddings} positions")
+
+
+def build_prompt(tokenizer, prompt: str, context_tokens: int | None) -> list[int]:
+    """The tokenized prompt, padded in front with repetitions of itself to `context_tokens`."""
+    ids = tokenizer.encode(prompt)
+    if context_tokens is None or context_tokens <= len(ids):
+        return ids
+    bos = ids[:1] if tokenizer.bos_token_id is not None else []
+    body = ids[len(bos):] or tokenizer.encode(" ")[len(bos):]
+    filler = (body * (context_tokens // len(body) + 1))[:context_tokens - len(ids)]
+    return bos + filler + body
+
+
+# --------------------------------------------------------------------------------------------
+# The scenario
+
+
+def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    location, checkpoint, open_seconds = open_checkpoint(o.model_dir, log)
+    config = checkpoint.config
+    check_against_model(o, config, 0)
+    log(f"model: {checkpoint.folder} ({'synthetic' if location.is_synthetic else 'real'}: {location.reason})")
+    assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
+                                    config.intermediate_size, o.devices)
+    model = FaultTolerantLlama.from_checkpoint(location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet,
+                                               open_seconds, heartbeat=HeartbeatConfig(o.heartbeat_interval,
+                                                                                       o.heartbeat_timeout))
+    try:
+        return run_on_model(o, model, started_at, log)
+    finally:
+        model.close()
+
+
+def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Callable[[str], None]) -> Report:
+    prompt_ids = build_prompt(model.tokenizer, o.prompt, o.context_tokens)
+    check_against_model(o, model.config, len(prompt_ids))
+    initial = model.assignment
+    system = describe_system(model)
+
+    log(f"failure-free reference run: {len(prompt_ids)}-token context, {o.new_tokens} new tokens")
+    reference = generate_reference(model, prompt_ids, o.new_tokens, o.fail_after)
+
+    keeping = keep_state_for(model, o.recovery)
+    log(f"run with a failure: Device-{o.fail_device} crashes after {o.fail_after} tokens (keeping {keeping})")
+    before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o)
+    if before != reference["tokens"][:o.fail_after]:
+        raise RuntimeError("the run diverged from the failure-free run before the failure")
+    log(f"waiting for the heartbeat monitor (timeout {o.heartbeat_timeout} s)...")
+    event = model.wait_for_failure()
+    plan = model.plan_recovery(event, make_strategy(o.reassign, o.seed))
+    started = time.perf_counter()
+    shards = model.inherit_weights(plan)
+    weight_load_s = time.perf_counter() - started
+    post = model.post_failure_state(plan, shards)
+    model.retire(plan)
+    log(f"Device-{event.device} declared dead after {event.detection_latency_s:.2f} s; "
+        f"comparing {len(o.recovery)} recovery strategies x {o.repeats}")
+    outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference["kv"],
+                                  reference["tokens"][o.fail_after:], before[-1])
+    device_level = compare_device_level(model, post, o.repeats)
+    if model.replication:
+        model.reprotect()
+    overhead = measure_step_overhead(model, before[-1], max(3, o.repeats)) if keeping != "nothing" else None
+
+    system |= {"prefill_seconds": reference["prefill_s"], "prefill_seconds_keeping": prefill_keeping_s,
+               "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
+               "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, post.context_ids.numel())
+                                        for row in outcomes if row.kept_bytes}}
+    return {
+        "run": {"started": started_at, "options": {k: str(v) for k, v in vars(o).items()}},
+        "model": describe_model(model, o.dtype),
+        "system": system,
+        "failure": {"device": event.device, "mode": "crash", "after_tokens": o.fail_after,
+                    "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
+                    "detection_latency_s": event.detection_latency_s, "leader": event.leader,
+                    "reassign": o.reassign, "plan": plan.describe(), "weight_load_seconds": weight_load_s,
+                    "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
+                    "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}},
+        "comparison_meta": {"repeats": o.repeats, "context_tokens": post.context_ids.numel()},
+        "comparison": comparison_rows(outcomes),
+        "device_level": device_level_row(device_level),
+        "overhead": {mode: timing_row(t) for mode, t in overhead.items()} if overhead else None,
+        "text": describe_text(model, o.prompt, prompt_ids, before, reference["tokens"], outcomes, o.fail_after),
+        "environment": describe_environment(),
+    }
+
+
+def generate_reference(model: FaultTolerantLlama, prompt_ids: list[int], new_tokens: int, fail_after: int) -> dict:
+    """The failure-free run: its tokens and, for checking only, its KV at the failure point."""
+    started = time.perf_counter()
+    logits = model.prefill(prompt_ids)
+    prefill_s = time.perf_counter() - started
+    tokens, kv = [], None
+    while len(tokens) < new_tokens:
+        tokens.append(int(logits.argmax()))
+        if len(tokens) == fail_after:
+            kv = snapshot_kv(model)
+        if len(tokens) < new_tokens:
+            logits = model.decode(tokens[-1])
+    return {"tokens": tokens, "kv": kv, "prefill_s": prefill_s}
+
+
+def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:
+    """Switch on, before the failure, what the chosen strategies need kept during normal running."""
+    kept = []
+    if "reuse-hidden" in strategies:
+        model.enable_hidden_states()
+        kept.append("hidden states")
+    if "replicate" in strategies:
+        model.replication = True
+        kept.append("KV replica")
+    return " and ".join(kept) or "nothing"
+
+
+def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: Options) -> tuple[list[int], float]:
+    """Generate `fail_after` tokens, then run the step in which the armed device crashes."""
+    started = time.perf_counter()
+    logits = model.prefill(prompt_ids)
+    prefill_s = time.perf_counter() - started
+    tokens = [int(logits.argmax())]
+    while len(tokens) < o.fail_after:
+        tokens.append(int(model.decode(tokens[-1]).argmax()))
+    model.arm(FailurePlan(o.fail_device, o.fail_after))
+    try:
+        model.decode(tokens[-1])
+    except StepAbandoned:
+        return tokens, prefill_s
+    raise RuntimeError("the injected failure did not abandon the step")
+
+
+# --------------------------------------------------------------------------------------------
+# Describing the run for the report
+
+
+def describe_model(model: FaultTolerantLlama, dtype: str) -> dict:
+    load = model.load_report
+    return {"path": str(load.folder), "source": load.location.source, "reason": load.location.reason,
+            "synthetic": load.location.is_synthetic, "config": model.config.to_dict(),
+            "tensor_count": load.tensor_count, "stored_bytes": load.stored_bytes, "stored_dtype": load.stored_dtype,
+            "compute_dtype": dtype, "load_seconds": load.seconds}
+
+
+def describe_system(model: FaultTolerantLlama) -> dict:
+    a = model.assignment
+    return {"devices": len(a.devices), "leader": model.leader,
+            "assignment": [{"device": d, "heads": a.describe_heads(d),
+                            "kv_heads": ", ".join(str(g + 1) for g in a.kv_heads(d)),
+                            "mlp": ", ".join(f"{s}-{e}" for s, e in a.mlp[d]),
+                            "weight_bytes": model.workers[d].state.shard.nbytes} for d in a.devices],
+            "duplicated_kv": "; ".join(f"KV head {g + 1} on " + ", ".join(f"Device-{d}" for d in ds)
+                                       for g, ds in a.duplicated_kv_heads().items())}
+
+
+def timing_row(t: Timing) -> dict:
+    return {"min_s": t.min, "median_s": t.median, "max_s": t.max, "seconds": list(t.seconds)}
+
+
+def comparison_rows(outcomes) -> list[dict]:
+    baseline = next((o for o in outcomes if o.name == "full-recompute" and o.timing), None)
+    rows = []
+    for o in outcomes:
+        row = {"name": o.name, "keeps": o.keeps, "flops": o.flops, "reuse_rate": o.reuse_rate,
+               "kept_bytes": o.kept_bytes, "kv_max_error": o.kv_max_error, "kv_tolerance": o.kv_tolerance,
+               "tokens_identical": o.tokens_identical, "continuation_ids": o.continuation,
+               "lossless": o.lossless, "error": o.error, "speedup": None, "flop_ratio": None}
+        if o.timing:
+            row |= timing_row(o.timing)
+        if baseline and o.timing:
+            row["speedup"] = baseline.timing.median / o.timing.median
+            row["flop_ratio"] = baseline.flops / o.flops if o.flops else float("inf")
+        rows.append(row)
+    return rows
+
+
+def device_level_row(d) -> dict | None:
+    if d is None:
+        return None
+    return {"device": d.device, "all_query_heads": d.all_query_heads, "inherited_query_heads": d.inherited_query_heads,
+            "all_kv_heads": d.all_kv_heads, "inherited_kv_heads": d.inherited_kv_heads,
+            "rebuild_all_median_s": d.rebuild_all.median, "rebuild_inherited_median_s": d.rebuild_inherited.median,
+            "rebuild_all": timing_row(d.rebuild_all), "rebuild_inherited": timing_row(d.rebuild_inherited),
+            "speedup": d.speedup}
+
+
+def describe_text(model, prompt: str, prompt_ids: list[int], before: list[int], reference: list[int], outcomes,
+                  fail_after: int) -> dict:
+    decode = model.tokenizer.decode
+    return {"prompt": prompt, "prompt_ids": prompt_ids, "before_ids": before, "before_text": decode(before),
+            "reference_ids": reference, "reference_text": decode(reference),
+            "reference_after_ids": reference[fail_after:],
+            "after_ids": {o.name: o.continuation for o in outcomes if o.error is None},
+            "after_texts": {o.name: decode(before + o.continuation) for o in outcomes if o.error is None}}
+
+
+def describe_environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": f"{torch.get_num_threads()} intra-op in the main thread, 1 per device thread",
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_summary(report: Report, path: Path) -> None:
+    from recovery_report import _comparison
+    print(_comparison(report))
+    print(f"\nreport: {path} (and {json_path(path)})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        options = parse_args(argv)
+        log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr))
+        report = run_scenario(options, log)
+        write_report(options.report, report)
+    except (UsageError, CheckpointError) as bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped every device, no report written", file=sys.stderr)
+        return 130
+    if options.quiet:
+        print_summary(report, options.report)
+    else:
+        from recovery_report import render
+        print(render(report))
+        print(f"report written to {options.report} and {json_path(options.report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

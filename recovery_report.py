@@ -1,0 +1,191 @@
+"""The report of a run: one dict of measured figures, rendered as text and written with its JSON twin.
+
+The text is rendered from the same dict that is saved as JSON, so the two never disagree. Both
+files are written atomically: an interrupted run leaves the previous report or none, never half.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+Report = dict[str, Any]
+
+
+def json_path(report_path: Path) -> Path:
+    return report_path.with_suffix(".json")
+
+
+def write_report(report_path: Path, report: Report) -> None:
+    """Write the text report and its JSON twin (same name, .json), each atomically."""
+    _write_atomically(report_path, render(report))
+    _write_atomically(json_path(report_path), json.dumps(report, indent=2))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(report_path: Path) -> None:
+    """Fail before any work if the report cannot be written (a one-line OSError)."""
+    folder = report_path.parent
+    if not folder.is_dir():
+        raise OSError(f"report folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"report folder {folder} is not writable")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(report: Report) -> str:
+    sections = [_title(report), _model(report), _system(report), _failure(report), _comparison(report),
+                _device_level(report), _overhead(report), _lossless(report), _text(report), _environment(report)]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _heading(title: str) -> str:
+    return f"{title}\n{'-' * len(title)}"
+
+
+def _title(r: Report) -> str:
+    return (f"KV-cache reuse after a device failure: performance report\n{'=' * 57}\n"
+            f"Every figure below was measured in this run ({r['run']['started']}), "
+            f"unless it is marked as counted from shapes.")
+
+
+def _model(r: Report) -> str:
+    m = r["model"]
+    c = m["config"]
+    kind = "SYNTHETIC (random weights, real shapes)" if m["synthetic"] else "real checkpoint"
+    return "\n".join([
+        _heading("1. Model loading"),
+        f"checkpoint        {m['path']}",
+        f"kind              {kind}: {m['reason']}",
+        f"architecture      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"{c['num_attention_heads']} query heads, {c['num_key_value_heads']} KV heads, head_dim {c['head_dim']}, "
+        f"MLP {c['intermediate_size']}, vocab {c['vocab_size']}",
+        f"rope              theta {c['rope_theta']}, scaling {c['rope_scaling']}",
+        f"tensors           {m['tensor_count']} ({m['stored_bytes'] / 1e9:.3f} GB stored as {m['stored_dtype']})",
+        f"compute dtype     {m['compute_dtype']}",
+        f"load time         {m['load_seconds']:.2f} s (every device reads only its own slices)",
+    ])
+
+
+def _system(r: Report) -> str:
+    s = r["system"]
+    lines = [_heading("2. System initialisation"),
+             f"devices           {s['devices']} threads; leader Device-{s['leader']}",
+             f"context           {s['context_tokens']} tokens; {s['new_tokens']} new tokens to generate"]
+    for d in s["assignment"]:
+        lines.append(f"  Device-{d['device']}: query heads {d['heads']}, KV heads {d['kv_heads']}, "
+                     f"MLP columns {d['mlp']}, {d['weight_bytes'] / 1e6:.1f} MB of weight slices")
+    lines.append(f"KV heads held twice: {s['duplicated_kv'] or 'none'}")
+    lines.append(f"KV cache filled by the prefill: {s['prefill_seconds']:.3f} s (failure-free run, "
+                 f"nothing extra kept) and {s['prefill_seconds_keeping']:.3f} s (keeping {s['keeping']})")
+    return "\n".join(lines)
+
+
+def _failure(r: Report) -> str:
+    f = r["failure"]
+    lines = [_heading("3. Failure detection and recovery"),
+             f"injected          Device-{f['device']} {f['mode']}ed in the middle of the step after "
+             f"{f['after_tokens']} generated tokens",
+             f"heartbeats        every {f['heartbeat_interval_s']} s, declared dead after {f['heartbeat_timeout_s']} s "
+             f"of silence",
+             f"detection         {f['detection_latency_s']:.3f} s from failure to declaration "
+             f"(bound: timeout + one interval = {f['heartbeat_timeout_s'] + f['heartbeat_interval_s']:.1f} s)",
+             f"led by            Device-{f['leader']}",
+             f"reassignment      {f['reassign']}"]
+    lines += [f"  {line}" for line in f["plan"]]
+    lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to read what they inherit")
+    return "\n".join(lines)
+
+
+def _comparison(r: Report) -> str:
+    rows = r["comparison"]
+    lines = [_heading("4. KV-cache rebuild: every strategy from the same post-failure state"),
+             f"{r['comparison_meta']['repeats']} alternating runs each; context {r['comparison_meta']['context_tokens']} "
+             f"tokens; FLOPs counted from shapes",
+             f"{'strategy':<16}{'min s':>9}{'median s':>10}{'max s':>9}{'speedup':>9}{'GFLOP':>10}"
+             f"{'FLOP ratio':>11}{'reuse':>7}{'kept MB':>9}{'lossless':>10}"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"{row['name']:<16}  could not run: {row['error']}")
+            continue
+        lines.append(f"{row['name']:<16}{row['min_s']:>9.4f}{row['median_s']:>10.4f}{row['max_s']:>9.4f}"
+                     f"{_ratio(row['speedup']):>9}{row['flops'] / 1e9:>10.2f}{_ratio(row['flop_ratio']):>11}"
+                     f"{row['reuse_rate']:>7.0%}{row['kept_bytes'] / 1e6:>9.1f}{'yes' if row['lossless'] else 'NO':>10}")
+    lines.append("speedup = median of full-recompute / median of the strategy; FLOP ratio likewise from FLOPs; "
+                 "kept MB = state kept during normal running for the strategy (all survivors)")
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if value == float("inf") else f"{value:.1f}x"
+
+
+def _device_level(r: Report) -> str:
+    d = r.get("device_level")
+    if not d:
+        return ""
+    return "\n".join([
+        _heading("5. Device-level comparison (the seed's): the new owner's rebuild from hidden states"),
+        f"Device-{d['device']} now holds {d['all_query_heads']} query heads ({d['all_kv_heads']} KV heads), "
+        f"of which {d['inherited_query_heads']} inherited ({d['inherited_kv_heads']} KV heads)",
+        f"rebuild all its heads ('traditional')     median {d['rebuild_all_median_s']:.4f} s",
+        f"rebuild only the inherited ('optimized')  median {d['rebuild_inherited_median_s']:.4f} s",
+        f"speedup                                   {d['speedup']:.2f}x",
+    ])
+
+
+def _overhead(r: Report) -> str:
+    o = r.get("overhead")
+    if not o:
+        return ""
+    base = o["nothing kept"]["median_s"]
+    lines = [_heading("6. Cost in normal running (decode step, same position, alternating)")]
+    for mode, t in o.items():
+        extra = "" if mode == "nothing kept" else f"  (+{(t['median_s'] - base) * 1e3:.2f} ms, " \
+                                                  f"{(t['median_s'] / base - 1):+.1%})"
+        lines.append(f"{mode:<15} median {t['median_s'] * 1e3:.2f} ms per step{extra}")
+    for name, per_token in r["system"]["kept_bytes_per_token"].items():
+        lines.append(f"{name:<15} keeps {per_token / 1024:.1f} KiB per token of context")
+    return "\n".join(lines)
+
+
+def _lossless(r: Report) -> str:
+    lines = [_heading("7. Lossless checks (against a failure-free run of the same prompt)")]
+    for row in r["comparison"]:
+        if row["error"]:
+            lines.append(f"{row['name']:<16} not run: {row['error']}")
+            continue
+        lines.append(f"{row['name']:<16} KV max |diff| {row['kv_max_error']:.3g} (tolerance {row['kv_tolerance']:.3g}); "
+                     f"next {len(r['text']['reference_after_ids'])} tokens "
+                     f"{'identical' if row['tokens_identical'] else 'DIFFERENT'} to the failure-free run")
+    return "\n".join(lines)
+
+
+def _text(r: Report) -> str:
+    t = r["text"]
+    lines = [_heading("8. Generated text"),
+             f"prompt ({len(t['prompt_ids'])} tokens): {t['prompt']!r}",
+             f"before the failure:  {t['before_text']!r}",
+             f"failure-free run:    {t['reference_text']!r}"]
+    for name, text in t["after_texts"].items():
+        lines.append(f"after, {name + ':':<14}{text!r}")
+    return "\n".join(lines)
+
+
+def _environment(r: Report) -> str:
+    e = r["environment"]
+    return "\n".join([_heading("9. Environment")] + [f"{k:<17} {v}" for k, v in e.items()])
