@@ -2,7 +2,7 @@
 
     full-recompute   drop every cache, prefill the whole context again on the new assignment
     reuse-replay     keep survivors' KV; one forward pass in which only lost K/V are projected
-    reuse-hidden     keep survivors' KV; rebuild only the lost heads from stored layer inputs x_l
+    reuse-hidden     keep survivors' KV; rebuild only the lost heads from stored layer inputs h_l
     replicate        keep survivors' KV; promote the buddy's copy of the lost KV
 
 Each strategy turns a `PostFailureState` into one new `DeviceState` per survivor. The work runs in
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from device_threads import ThreadCollective, run_on_devices
-from tensor_parallel_model import DeviceState, KVCache, Rotary, apply_rope, device_forward, kv_rows, rms_norm
+from tensor_parallel_model import DeviceState, KVCache, Rotary, apply_rope, device_forward, kv_rows
 
 if TYPE_CHECKING:  # the cluster calls replicate_new_kv below, so import it only for type checking
     from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivor
@@ -60,7 +60,7 @@ class ReuseReplay:
 
 
 class ReuseHiddenStates:
-    """HCache-style: K/V of a lost head at layer l is `rope(rmsnorm(x_l) Wk)`, `rmsnorm(x_l) Wv`."""
+    """HCache-style: K/V of a lost head at layer l is `rope(h_l Wk)`, `h_l Wv`, h_l the stored attention input."""
 
     name, keeps = "reuse-hidden", "hidden states"
 
@@ -133,8 +133,7 @@ def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) ->
     rows = torch.cat([k_rows, v_rows])
     cos, sin = Rotary(config, model.dtype).tables(0, cache.length)
     for i, layer in enumerate(shard.layers):
-        h = rms_norm(store.layer_inputs(i), layer.input_norm, config.rms_norm_eps)
-        k, v = F.linear(h, layer.wqkv[rows]).chunk(2, dim=-1)
+        k, v = F.linear(store.layer_inputs(i), layer.wqkv[rows]).chunk(2, dim=-1)
         k = apply_rope(k.view(cache.length, -1, config.head_dim).transpose(0, 1), cos, sin)
         v = v.view(cache.length, -1, config.head_dim).transpose(0, 1)
         for j, g in enumerate(missing):

@@ -367,12 +367,13 @@ class Checkpoint:
         for chunk_start in range(start, stop, step):
             chunk_stop = min(stop, chunk_start + step)
             with _open_safetensors(self.files[name]) as handle:
-                piece = handle.get_slice(name)
-                block = piece[chunk_start:chunk_stop] if cols is None else torch.cat(
-                    [piece[chunk_start:chunk_stop, a:b] for a, b in cols] or [torch.empty(chunk_stop - chunk_start, 0)],
-                    dim=1)
-                out[chunk_start - start:chunk_stop - start] = block
+                block = handle.get_slice(name)[chunk_start:chunk_stop]  # whole rows: one contiguous read
+            out[chunk_start - start:chunk_stop - start] = block if cols is None else _columns(block, cols)
         return out
+
+
+def _columns(block: torch.Tensor, cols: Sequence[Range]) -> torch.Tensor:
+    return torch.cat([block[:, a:b] for a, b in cols], dim=1) if cols else block[:, :0]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -430,11 +431,21 @@ Tokenizer = ByteTokenizer | JsonTokenizer
 
 
 def load_tokenizer(folder: Path, config: LlamaConfig) -> Tokenizer:
-    """The checkpoint's tokenizer.json if present, else bytes (only for vocabularies >= 256)."""
+    """The checkpoint's tokenizer.json if present, else bytes (only for vocabularies >= 256).
+
+    BOS is prepended unless the folder's tokenizer_config.json says `add_bos_token: false`
+    (SmolLM2 does; Llama 3 does add it, and its tokenizer.json does not do it by itself).
+    """
     path = Path(folder) / "tokenizer.json"
     if path.is_file():
-        return JsonTokenizer(path, config.bos_token_id)
+        return JsonTokenizer(path, config.bos_token_id if _adds_bos(Path(folder)) else None)
     if config.vocab_size < 256:
         raise CheckpointError(f"{folder}: no tokenizer.json and the vocabulary is too small for bytes")
     return ByteTokenizer(config.bos_token_id)
 
+
+def _adds_bos(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("add_bos_token", True))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return True

@@ -138,21 +138,15 @@ def kv_projection_flops(config: LlamaConfig, length: int, kv_heads: int) -> floa
     return 2 * length * config.hidden_size * 2 * config.head_dim * kv_heads * config.num_hidden_layers
 
 
-def norm_flops(config: LlamaConfig, length: int) -> float:
-    """RMSNorm of every layer's input (a rebuild from hidden states starts with it)."""
-    return 4 * length * config.hidden_size * config.num_hidden_layers
-
-
 def recovery_flops(name: str, config: LlamaConfig, post: PostFailureState) -> float:
     """Arithmetic each strategy does to rebuild the cache (replication only copies)."""
     L = post.context_ids.numel()
     missing = sum(len(s.missing_kv_heads) for s in post.survivors.values())
     kept = sum(len(s.shard.kv_heads) for s in post.survivors.values()) - missing
-    rebuilding = sum(1 for s in post.survivors.values() if s.missing_kv_heads)
     full = forward_flops(config, post.plan.after, L)
     return {"full-recompute": full,
             "reuse-replay": full - kv_projection_flops(config, L, kept),
-            "reuse-hidden": kv_projection_flops(config, L, missing) + rebuilding * norm_flops(config, L),
+            "reuse-hidden": kv_projection_flops(config, L, missing),
             "replicate": 0.0}[name]
 
 

@@ -293,10 +293,12 @@ class KVCache:
 
 
 class HiddenStateStore:
-    """Per-layer inputs `x_l` of every past token (HCache-style checkpoints).
+    """Per-layer attention inputs of every past token (HCache-style checkpoints).
 
-    Under tensor parallelism `x_l` is replicated, so any survivor can rebuild a lost KV head from
-    them: `rmsnorm(x_l) Wk/Wv[lost]`, without recomputing the layers below.
+    What is stored is `h_l = rmsnorm(x_l) * w_input`, the input of layer l's K/V projections.
+    Under tensor parallelism it is the same on every device, so any survivor can rebuild a lost
+    KV head from it with one small matmul, `h_l Wk/Wv[lost]`, without the layers below. (Storing
+    h_l rather than the residual x_l costs the same memory and saves the norm at recovery.)
     """
 
     def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, capacity: int = 256):
@@ -432,9 +434,9 @@ def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, coll
     eps = state.config.rms_norm_eps
     x = F.embedding(token_ids, state.replicated.embed)
     for i, layer in enumerate(state.shard.layers):
-        if state.hidden_states is not None:
-            state.hidden_states.record(i, start, x)
         h = rms_norm(x, layer.input_norm, eps)
+        if state.hidden_states is not None:
+            state.hidden_states.record(i, start, h)
         x = x + collective.all_reduce(state.device, attention_partial(state, i, h, start))
         h = rms_norm(x, layer.post_norm, eps)
         x = x + collective.all_reduce(state.device, mlp_partial(layer, h))

@@ -1,0 +1,205 @@
+"""Speed of the tensor-parallel engine against Hugging Face `LlamaForCausalLM`, same weights, same dtype.
+
+What it measures, per dtype (float32, then bfloat16, freeing memory in between):
+  * prefill of each `--lengths` tokens (seconds; logits of the last token only, in both models);
+  * decode: after a `--decode-after`-token prefill, `--decode-steps` single-token steps, each timed
+    on its own; one sample per repeat is the median of its steps (milliseconds per token);
+  * this machine's matmul peak: best of 10 torch.mm of 2048 x 2048 in the same dtype, in the main
+    thread with torch's default thread count; the prefill FLOPs (counted from shapes, see
+    common.prefill_flops) divided by the median time give each model's fraction of that peak.
+
+How: the engine (`--devices` device threads, one intra-op thread each) and the reference
+(`LlamaForCausalLM`, sdpa attention, `use_cache=True`, `torch.inference_mode()`, the main thread's
+default threads) are both loaded, and every case runs one untimed warm-up each, then `--repeats`
+timed runs alternating engine and reference (the first of the pair alternates too). The same token
+ids feed both. Before timing, the last-token logits of the two are compared so that the table
+cannot compare different models.
+
+How to read it: medians (min in brackets); ratio = reference median / engine median, so >1 means
+the engine is faster. On a shared or small machine the numbers are noisy: rerun before quoting.
+
+    python bench/bench_engine.py                  # both dtypes, lengths 128 512, 3 repeats
+    python bench/bench_engine.py --quick          # smoke run: lengths 32, 1 repeat
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from common import DTYPES, machine, matmul_peak, min_median, model_folder, prefill_flops
+
+import torch
+from transformers import LlamaForCausalLM
+
+from llama_model_loader import Checkpoint, LlamaConfig
+from tensor_parallel_cluster import TensorParallelLlama
+
+
+@dataclass
+class Row:
+    what: str
+    unit: str
+    engine: list[float]
+    reference: list[float]
+
+
+class EngineRunner:
+    def __init__(self, folder: Path, devices: int, dtype: torch.dtype):
+        self.model = TensorParallelLlama.load(folder, devices=devices, dtype=dtype, log=lambda m: None)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.prefill(ids.tolist())
+
+    def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
+        self.model.prefill(prompt.tolist())
+        times = []
+        for token in tokens.tolist():
+            started = time.perf_counter()
+            self.model.decode(token)
+            times.append(time.perf_counter() - started)
+        return times
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class ReferenceRunner:
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, cache: bool = False):
+        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
+        return out if cache else out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
+        past = self.prefill(prompt, cache=True).past_key_values
+        times = []
+        for token in tokens:
+            started = time.perf_counter()
+            past = self.model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True,
+                              logits_to_keep=1).past_key_values
+            times.append(time.perf_counter() - started)
+        return times
+
+    def close(self) -> None:
+        del self.model
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def alternate(engine_case: Callable[[], float], reference_case: Callable[[], float],
+              repeats: int) -> tuple[list[float], list[float]]:
+    """One untimed warm-up each, then `repeats` samples of each, alternating which goes first."""
+    engine_case(), reference_case()
+    engine, reference = [], []
+    for r in range(repeats):
+        pair = [(engine_case, engine), (reference_case, reference)]
+        for case, samples in (pair if r % 2 == 0 else pair[::-1]):
+            samples.append(case())
+    return engine, reference
+
+
+def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: torch.Tensor) -> None:
+    dtype = DTYPES[dtype_name]
+    peak = matmul_peak(dtype)
+    started = time.perf_counter()
+    engine = EngineRunner(folder, args.devices, dtype)
+    engine_load = time.perf_counter() - started
+    started = time.perf_counter()
+    reference = ReferenceRunner(folder, dtype)
+    reference_load = time.perf_counter() - started
+    try:
+        check = ids[:min(args.lengths)]
+        ours, theirs = engine.prefill(check), reference.prefill(check)
+        difference = (ours - theirs).abs().max().item() / theirs.abs().max().item()
+        same_top = int(ours.argmax()) == int(theirs.argmax())
+
+        rows: list[Row] = []
+        for length in args.lengths:
+            prompt = ids[:length]
+            e, r = alternate(lambda: timed(lambda: engine.prefill(prompt)),
+                             lambda: timed(lambda: reference.prefill(prompt)), args.repeats)
+            rows.append(Row(f"prefill {length} tokens", "s", e, r))
+        prompt = ids[:args.decode_after]
+        steps = ids[args.decode_after:args.decode_after + args.decode_steps]
+        e, r = alternate(lambda: statistics.median(engine.decode_times(prompt, steps)) * 1e3,
+                         lambda: statistics.median(reference.decode_times(prompt, steps)) * 1e3, args.repeats)
+        rows.append(Row(f"decode after {args.decode_after} tokens ({args.decode_steps} steps)", "ms/token", e, r))
+    finally:
+        engine.close()
+        reference.close()
+        del engine, reference
+        gc.collect()
+
+    print_table(dtype_name, args, rows, peak, Checkpoint(folder).config, engine_load, reference_load,
+                difference, same_top)
+
+
+def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], peak: float, config: LlamaConfig,
+                engine_load: float, reference_load: float, difference: float, same_top: bool) -> None:
+    print(f"\n### {dtype_name}\n")
+    print(f"Machine: {machine()}; main thread {torch.get_num_threads()} torch threads (reference, matmul peak); "
+          f"engine: {args.devices} device threads x 1 intra-op thread. {args.repeats} repeats after 1 warm-up "
+          f"each, alternating. Load: engine {engine_load:.1f} s, reference {reference_load:.1f} s. "
+          f"Last-token logits, engine vs reference: max |diff| / max |ref| = {difference:.1e}, "
+          f"same argmax: {same_top}.\n")
+    print("| what | engine median (min) | reference median (min) | ratio ref/engine |")
+    print("|---|---|---|---|")
+    for row in rows:
+        (e_min, e_med), (r_min, r_med) = min_median(row.engine), min_median(row.reference)
+        fmt = "{:.3f}" if row.unit == "s" else "{:.1f}"
+        print(f"| {row.what} ({row.unit}) | {fmt.format(e_med)} ({fmt.format(e_min)}) | "
+              f"{fmt.format(r_med)} ({fmt.format(r_min)}) | {r_med / e_med:.2f} |")
+    longest = max(args.lengths)
+    flops = prefill_flops(config, longest)
+    row = next(r for r in rows if r.what == f"prefill {longest} tokens")
+    e_rate, r_rate = flops / statistics.median(row.engine), flops / statistics.median(row.reference)
+    print(f"\nMatmul peak (torch.mm 2048x2048 {dtype_name}, main thread, best of 10): {peak / 1e9:.0f} GFLOP/s. "
+          f"Prefill {longest} = {flops / 1e9:.0f} GFLOP (counted from shapes): engine {e_rate / 1e9:.0f} GFLOP/s "
+          f"= {e_rate / peak:.0%} of peak, reference {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B)")
+    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-after", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: lengths 32, 1 repeat, 4 decode steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats, args.decode_after, args.decode_steps = [32], 1, 32, 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    folder = model_folder(args.model_dir)
+    config = Checkpoint(folder).config
+    total = max(max(args.lengths), args.decode_after + args.decode_steps)
+    ids = torch.randint(0, config.vocab_size, (total,), generator=torch.Generator().manual_seed(args.seed))
+    print(f"checkpoint: {folder}")
+    started = time.perf_counter()
+    for dtype_name in (list(DTYPES) if args.dtype == "both" else [args.dtype]):
+        bench_dtype(folder, dtype_name, args, ids)
+        gc.collect()
+    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
