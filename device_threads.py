@@ -7,7 +7,7 @@ gets `StepAbandoned`) and redone after recovery, so a dead device never deadlock
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from queue import SimpleQueue
 from typing import Any, Callable, Sequence
 
@@ -43,6 +43,7 @@ class ThreadCollective:
         self._inbox: list[Any] = [None] * len(self.devices)
         self._result: Any = None
         self._barrier = threading.Barrier(len(self.devices))
+        self._aborted = threading.Event()
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
         self._deposit(device, tensor)
@@ -76,6 +77,11 @@ class ThreadCollective:
     def abort(self) -> None:
         """Release every waiting device with StepAbandoned; later calls fail at once too."""
         self._barrier.abort()
+        self._aborted.set()
+
+    def wait_aborted(self) -> None:
+        """Block until the collective is aborted (the leader waits so for a device that went silent)."""
+        self._aborted.wait()
 
     @property
     def aborted(self) -> bool:
@@ -130,17 +136,31 @@ class DeviceWorker:
                 future.set_exception(error)
 
 
-def run_on_devices(workers: Sequence[DeviceWorker], task: Task) -> dict[int, Any]:
-    """Run `task` on every device at once and wait for all of them.
+def run_on_devices(workers: Sequence[DeviceWorker], task: Task,
+                   collective: ThreadCollective | None = None) -> dict[int, Any]:
+    """Run `task` on every device at once and wait for their answers.
 
-    If any device crashed or the step was abandoned, the whole step raises StepAbandoned: it is
-    redone after recovery. Any other error is raised as it is.
+    A crashed device never answers: the caller learns of it only when the heartbeat monitor
+    declares it dead and aborts `collective`; then, as when any device's step is abandoned, the
+    whole step raises StepAbandoned, to be redone after recovery. Any other error aborts
+    `collective` (so that no device waits for the failed one) and is raised as it is.
     """
     futures = {w.device: w.submit(task) for w in workers}
-    wait(futures.values())
-    errors = [f.exception() for f in futures.values() if f.exception() is not None]
-    if any(isinstance(e, (StepAbandoned, DeviceCrashed)) for e in errors):
-        raise StepAbandoned("a device failed during the step")
-    if errors:
-        raise errors[0]
+    pending, silent = set(futures.values()), False
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+        for future in done:
+            error = future.exception()
+            if isinstance(error, DeviceCrashed):
+                silent = True
+            elif error is not None:
+                if collective is not None:
+                    collective.abort()
+                if isinstance(error, StepAbandoned):
+                    raise StepAbandoned("a device failed during the step")
+                raise error
+    if silent:
+        if collective is not None:
+            collective.wait_aborted()
+        raise StepAbandoned("a device stopped answering during the step")
     return {device: future.result() for device, future in futures.items()}

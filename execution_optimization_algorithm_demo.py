@@ -179,12 +179,8 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         raise RuntimeError("the run diverged from the failure-free run before the failure")
     log(f"waiting for the heartbeat monitor (timeout {o.heartbeat_timeout} s)...")
     event = model.wait_for_failure()
-    plan = model.plan_recovery(event, make_strategy(o.reassign, o.seed))
-    started = time.perf_counter()
-    shards = model.inherit_weights(plan)
-    weight_load_s = time.perf_counter() - started
-    post = model.post_failure_state(plan, shards)
-    model.retire(plan)
+    post, weight_load_s = model.prepare_recovery([event], make_strategy(o.reassign, o.seed))
+    plan = post.plan
     log(f"Device-{event.device} declared dead after {event.detection_latency_s:.2f} s; "
         f"comparing {len(o.recovery)} recovery strategies x {o.repeats}")
     outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference["kv"],

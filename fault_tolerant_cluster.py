@@ -2,44 +2,49 @@
 
 A failure is injected at a chosen point (a device stops in the middle of a step), the survivors'
 step is abandoned when the leader's monitor declares the silent device dead, the heads of the dead
-device are reassigned, their new owners read only the weight slices they inherit, and the KV cache
-is rebuilt by a recovery strategy (kv_cache_reused.py) before the abandoned step is redone.
+device are reassigned, their new owners read only the weight slices they lack, and the KV cache
+is rebuilt by a recovery strategy (kv_cache_reused.py) before the abandoned step is redone. A
+recovery interrupted by another failure starts again from what is left.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from device_threads import DeviceCrashed, DeviceWorker, StepAbandoned, ThreadCollective, run_on_devices
-from head_assignment import Assignment
-from kv_cache_reused import RecoveryStrategy, replicate_new_kv
+from head_assignment import Assignment, Range
 from heartbeat_detection import Clock, Detection, HeartbeatConfig, HeartbeatMonitor, HeartbeatSender, MonitorThread
+from kv_cache_reused import RecoveryImpossible, RecoveryStrategy, make_recovery, replicate_new_kv
 from llama_model_loader import Checkpoint
 from task_reassign import ReassignmentPlan, ReassignStrategy
 from tensor_parallel_cluster import TensorParallelLlama
 from tensor_parallel_model import DeviceShard, DeviceState, HiddenStateStore, KVCache, extend_shard
 
-FAILURE_MODES = ("crash", "hang")
+FAILURE_MODES = ("crash", "hang", "slow")
 
 
 @dataclass(frozen=True)
 class FailurePlan:
-    """Inject a failure: `device` stops after `after_tokens` generated tokens (0: during prefill).
+    """Inject a fault: `device` fails after `after_tokens` generated tokens (0: during the prefill).
 
-    It dies at its `at_call`-th collective call of that step (by default in the middle of the
-    layers), so the other devices are caught mid-step, as with a real crash. A "crash" ends the
-    device's thread; a "hang" leaves it blocked, silent, until the run ends.
+    It strikes at the device's `at_call`-th collective call of that step (by default in the middle
+    of the layers), so the others are caught mid-step. "crash": the thread ends and its memory is
+    gone. "hang": alive but silent and idle until released, then fenced out. "slow": its compute
+    stalls for `delay_s` while its heartbeats go on (it must not be declared dead). With
+    `during_recovery`, it fails when it is next asked to help rebuild the KV cache instead.
     """
 
     device: int
-    after_tokens: int
+    after_tokens: int = 0
     at_call: int | None = None
     mode: str = "crash"
+    delay_s: float = 0.0
+    during_recovery: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class FailureEvent:
 class Survivor:
     """What a surviving device holds right after a failure, before its KV cache is rebuilt."""
 
-    shard: DeviceShard          # after inheriting the dead device's slices
+    shard: DeviceShard          # after inheriting the dead devices' slices
     cache: KVCache              # its KV from before the failure (the KV heads it held then)
     hidden_states: HiddenStateStore | None
     replicas: dict[int, KVCache]
@@ -81,44 +86,72 @@ class Survivor:
 class PostFailureState:
     """The state every recovery strategy starts from (each run gets its own copy)."""
 
-    plan: ReassignmentPlan
+    plans: list[ReassignmentPlan]
     context_ids: torch.Tensor  # every token whose KV was cached before the failure
     survivors: dict[int, Survivor]
-    failed_replica_holder: int | None = None  # the dead device's buddy, if replication was on
+
+    @property
+    def plan(self) -> ReassignmentPlan:
+        """The last plan (with one failure, the only one); its `after` is the new assignment."""
+        return self.plans[-1]
+
+    @property
+    def assignment(self) -> Assignment:
+        return self.plans[-1].after
 
     def copy(self) -> "PostFailureState":
-        return PostFailureState(self.plan, self.context_ids, {d: s.copy() for d, s in self.survivors.items()},
-                                self.failed_replica_holder)
+        return PostFailureState(self.plans, self.context_ids, {d: s.copy() for d, s in self.survivors.items()})
 
 
 @dataclass(frozen=True)
 class Recovery:
     """One recovery as it happened."""
 
-    event: FailureEvent
-    plan: ReassignmentPlan
+    events: tuple[FailureEvent, ...]
+    plans: tuple[ReassignmentPlan, ...]
     strategy: str
+    fallback_reason: str | None   # why the asked-for strategy could not run, if it could not
     weight_load_s: float
     rebuild_s: float
+    attempts: int                 # more than 1 when another failure interrupted the recovery
+
+
+@dataclass
+class EventLog:
+    """Timestamped events per device, for the timeline plot: (time, device, kind, duration)."""
+
+    clock: Clock
+    events: list[tuple[float, int, str, float]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, device: int, kind: str, at: float | None = None, duration: float = 0.0) -> None:
+        with self._lock:
+            self.events.append((self.clock() if at is None else at, device, kind, duration))
+
+    def span(self, device: int, kind: str, started: float) -> None:
+        self.add(device, kind, started, self.clock() - started)
 
 
 class FaultTolerantLlama(TensorParallelLlama):
-    """TensorParallelLlama plus heartbeats, failure injection and recovery steps."""
+    """TensorParallelLlama plus heartbeats, failure injection and recovery."""
 
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
                  progress: bool = False, heartbeat: HeartbeatConfig = HeartbeatConfig(),
                  clock: Clock = time.monotonic):
         super().__init__(checkpoint, assignment, dtype, progress)
         self.clock, self.heartbeat = clock, heartbeat
+        self.log = EventLog(clock)
         self.collective.fault_hook = self._fault_point
         self.replication = False
+        self.retired: list[DeviceWorker] = []  # dead devices' workers, joined at the end of the run
         self._armed: dict[int, FailurePlan] = {}
         self._calls: dict[int, int] = {}
         self._failed_at: dict[int, float] = {}
         self._released = threading.Event()
+        self._recovery_collectives: list[ThreadCollective] = []
         self._detections: queue.SimpleQueue[Detection] = queue.SimpleQueue()
-        self.retired: list[DeviceWorker] = []  # dead devices' workers, joined at the end of the run
-        self.monitor = HeartbeatMonitor(assignment.devices, heartbeat, clock)
+        self.monitor = HeartbeatMonitor(assignment.devices, heartbeat, clock,
+                                        on_beat=lambda d, t: self.log.add(d, "beat", t))
         self.senders = {d: HeartbeatSender(d, self.monitor, heartbeat.interval_s, lambda: self.monitor.epoch)
                         for d in assignment.devices}
         self.watcher = MonitorThread(self.monitor, self._on_dead, poll_s=heartbeat.interval_s / 4)
@@ -128,45 +161,81 @@ class FaultTolerantLlama(TensorParallelLlama):
 
     @property
     def leader(self) -> int:
-        """The lowest-numbered live device leads (runs the monitor and the recovery)."""
+        """The lowest-numbered live device leads: it runs the monitor and the recovery."""
         return min(self.workers)
 
     # ---------------------------------------------------------------------------------------
     # Failure injection
 
     def arm(self, plan: FailurePlan) -> None:
-        """The device will fail at the given collective call of the next step."""
+        """The device will fail at the given collective call of the next step (or its next recovery work)."""
         if plan.device not in self.workers:
             raise ValueError(f"Device-{plan.device} is not a live device")
+        if plan.mode not in FAILURE_MODES:
+            raise ValueError(f"unknown failure mode {plan.mode!r} (choose from {', '.join(FAILURE_MODES)})")
         self._armed[plan.device] = plan
 
-    def step_task(self, ids, start, logits):
+    def step_task(self, ids: torch.Tensor, start: int, logits: str):
         self._calls = {d: 0 for d in self.workers}
-        task = super().step_task(ids, start, logits)
-        if not self.replication:
-            return task
-        collective = self.collective
-        return lambda worker: (task(worker), replicate_new_kv(worker.state, start, ids.numel(), collective))[0]
+        forward = super().step_task(ids, start, logits)
+        collective, replication = self.collective, self.replication
+
+        def task(worker: DeviceWorker):
+            began = self.clock()
+            result = forward(worker)
+            if replication:
+                replicate_new_kv(worker.state, start, ids.numel(), collective)
+            self.log.span(worker.device, "compute", began)
+            return result
+        return task
 
     def _fault_point(self, device: int) -> None:
-        """Called by the collective at every call of every device: where injected failures strike."""
+        """Called at every collective call of every device: where injected failures strike."""
         plan = self._armed.get(device)
-        if plan is None:
+        if plan is None or plan.during_recovery:
             return
         self._calls[device] = self._calls.get(device, 0) + 1
-        at_call = plan.at_call if plan.at_call is not None else self.config.num_hidden_layers
-        if self._calls[device] < at_call:
+        if self._calls[device] >= (plan.at_call or self.config.num_hidden_layers):
+            self._strike(plan)
+
+    def recovery_fault_point(self, device: int) -> None:
+        """Called when a device starts its share of a recovery."""
+        plan = self._armed.get(device)
+        if plan is not None and plan.during_recovery:
+            self._strike(plan)
+
+    def _strike(self, plan: FailurePlan) -> None:
+        del self._armed[plan.device]
+        if plan.mode == "slow":  # a fault simulation: the device stalls, its heartbeats go on
+            self.log.add(plan.device, "stalled", duration=plan.delay_s)
+            self._released.wait(plan.delay_s)
             return
-        del self._armed[device]
-        self._failed_at[device] = self.clock()
-        self.senders[device].silence()
+        self._failed_at[plan.device] = self.clock()
+        self.log.add(plan.device, "died")
+        self.senders[plan.device].silence()
         if plan.mode == "hang":
-            self._released.wait()  # alive but silent and idle until the run ends; then fenced out
-        raise DeviceCrashed(f"Device-{device} {plan.mode}ed (injected)")
+            self._released.wait()  # alive but silent and idle; when it wakes up it is fenced out
+            return
+        raise DeviceCrashed(f"Device-{plan.device} crashed (injected)")
+
+    def release_hung(self) -> None:
+        """Wake hung devices (they resume their stale step, which the fencing must reject)."""
+        self._released.set()
 
     def _on_dead(self, detection: Detection) -> None:
+        self.log.add(detection.device, "declared dead", detection.declared_at)
         self.collective.abort()  # the step in flight is abandoned, never finished with a dead device
+        for collective in self._recovery_collectives:
+            collective.abort()
         self._detections.put(detection)
+
+    def new_collective(self, devices: Sequence[int]) -> ThreadCollective:
+        """A collective for recovery work; aborted like the main one when a device dies."""
+        collective = ThreadCollective(tuple(devices), self.monitor.epoch, self._fault_point)
+        self._recovery_collectives = [c for c in self._recovery_collectives if not c.aborted] + [collective]
+        if set(devices) & set(self.monitor.dead()):
+            collective.abort()
+        return collective
 
     def wait_for_failure(self, timeout_s: float | None = None) -> FailureEvent:
         """The next declared death (blocks until the monitor declares one)."""
@@ -175,37 +244,72 @@ class FaultTolerantLlama(TensorParallelLlama):
             detection = self._detections.get(timeout=timeout_s)
         except queue.Empty:
             raise RuntimeError(f"no device was declared dead within {timeout_s:.1f} s") from None
+        return self._event(detection)
+
+    def pending_failures(self) -> list[FailureEvent]:
+        """Deaths already declared but not yet handled (several devices can die at once)."""
+        events = []
+        while True:
+            try:
+                events.append(self._event(self._detections.get_nowait()))
+            except queue.Empty:
+                return events
+
+    def _event(self, detection: Detection) -> FailureEvent:
         failed_at = self._failed_at.get(detection.device, detection.last_beat_at)
-        survivors = [d for d in self.workers if d != detection.device]
+        survivors = [d for d in self.workers if d not in self.monitor.dead()]
         return FailureEvent(detection.device, failed_at, detection, min(survivors))
 
     # ---------------------------------------------------------------------------------------
     # Recovery steps (the KV rebuild itself is kv_cache_reused.py's)
 
-    def plan_recovery(self, event: FailureEvent, strategy: ReassignStrategy) -> ReassignmentPlan:
-        return strategy.plan(self.assignment, event.device)
+    def plan_recovery(self, dead: Sequence[int], strategy: ReassignStrategy) -> list[ReassignmentPlan]:
+        """One plan per dead device, each applied to the assignment the previous one left."""
+        plans, assignment = [], self.assignment
+        for device in dead:
+            plans.append(strategy.plan(assignment, device))
+            assignment = plans[-1].after
+        return plans
 
-    def inherit_weights(self, plan: ReassignmentPlan) -> dict[int, DeviceShard]:
-        """Each receiver reads the slices it inherits, in its own thread, at the same time."""
-        receivers = [self.workers[d] for d in plan.moved_heads]
-        extended = run_on_devices(receivers, lambda w: extend_shard(
-            w.state.shard, self.checkpoint, plan.moved_heads[w.device], plan.moved_mlp[w.device], self.dtype))
-        return {d: extended.get(d, self.workers[d].state.shard) for d in plan.after.devices}
+    def inherit_weights(self, assignment: Assignment) -> dict[int, DeviceShard]:
+        """Each survivor reads the slices it lacks for `assignment`, in its own thread, all at once."""
+        def extend(worker: DeviceWorker) -> DeviceShard:
+            self.recovery_fault_point(worker.device)
+            began, shard = self.clock(), worker.state.shard
+            heads = [h for h in assignment.heads[worker.device] if h not in shard.query_heads]
+            columns = missing_ranges(assignment.mlp[worker.device], shard.mlp)
+            if not heads and not columns:
+                return shard
+            extended = extend_shard(shard, self.checkpoint, heads, columns, self.dtype)
+            self.log.span(worker.device, "load weights", began)
+            return extended
+        devices = assignment.devices
+        return run_on_devices([self.workers[d] for d in devices], extend, self.new_collective(devices))
 
-    def post_failure_state(self, plan: ReassignmentPlan, shards: dict[int, DeviceShard]) -> PostFailureState:
-        """What survives: each survivor's own KV, hidden-state checkpoints and replicas."""
-        survivors = {d: Survivor(shards[d], self.workers[d].state.cache, self.workers[d].state.hidden_states,
-                                 self.workers[d].state.replicas) for d in plan.after.devices}
-        holder = self._buddy_of(plan.failed, plan.before.devices) if self.replication else None
-        return PostFailureState(plan, torch.tensor(self.cached_ids, dtype=torch.long), survivors, holder)
+    def post_failure_state(self, plans: list[ReassignmentPlan], shards: dict[int, DeviceShard]) -> PostFailureState:
+        """What survives: each survivor's own KV, hidden-state checkpoints and replicas.
 
-    def retire(self, plan: ReassignmentPlan) -> None:
-        """The dead device leaves: the new assignment, a new epoch and a new collective begin."""
-        self.retired.append(self.workers.pop(plan.failed))
-        self.assignment = plan.after
-        self.monitor.remove(plan.failed)
+        Entries past the leader's record (written by the abandoned step) are dropped.
+        """
+        length = self.position
+        survivors = {}
+        for device in plans[-1].after.devices:
+            state = self.workers[device].state
+            for store in (state.cache, state.hidden_states, *state.replicas.values()):
+                if store is not None:
+                    store.length = min(store.length, length)
+            survivors[device] = Survivor(shards[device], state.cache, state.hidden_states, state.replicas)
+        return PostFailureState(plans, torch.tensor(self.cached_ids, dtype=torch.long), survivors)
+
+    def retire(self, dead: Sequence[int], assignment: Assignment) -> None:
+        """The dead devices leave: the new assignment, a new epoch and a new collective begin."""
+        for device in dead:
+            if device in self.workers:
+                self.retired.append(self.workers.pop(device))
+            self.monitor.remove(device)
+        self.assignment = assignment
         epoch = self.monitor.advance_epoch()
-        self.collective = ThreadCollective(plan.after.devices, epoch, self._fault_point)
+        self.collective = ThreadCollective(assignment.devices, epoch, self._fault_point)
 
     def adopt(self, states: dict[int, DeviceState]) -> None:
         """Install recovered device states (each with its rebuilt KV cache)."""
@@ -215,7 +319,8 @@ class FaultTolerantLlama(TensorParallelLlama):
     def reprotect(self) -> None:
         """After a recovery with replication on, every device sends its whole KV to its new buddy."""
         collective, length = self.collective, self.position
-        run_on_devices(list(self.workers.values()), lambda w: replicate_new_kv(w.state, 0, length, collective))
+        run_on_devices(list(self.workers.values()), lambda w: replicate_new_kv(w.state, 0, length, collective),
+                       collective)
 
     def state_for(self, survivor: Survivor, cache: KVCache) -> DeviceState:
         """A device state for a survivor's (extended) shard with a rebuilt cache."""
@@ -223,25 +328,50 @@ class FaultTolerantLlama(TensorParallelLlama):
         state.hidden_states, state.replicas = survivor.hidden_states, survivor.replicas
         return state
 
-    @staticmethod
-    def _buddy_of(device: int, devices: tuple[int, ...]) -> int:
-        """The device that keeps `device`'s KV copy: the next one in ring order."""
-        return devices[(devices.index(device) + 1) % len(devices)]
-
-    # ---------------------------------------------------------------------------------------
+    def prepare_recovery(self, events: Sequence[FailureEvent], reassign: ReassignStrategy
+                         ) -> tuple[PostFailureState, float]:
+        """Plan, inherit weights and collect what survived; returns the state and the weight-load time."""
+        dead = sorted(d for d in {e.device for e in events} | set(self.monitor.dead()) if d in self.workers)
+        plans = self.plan_recovery(dead, reassign)
+        started = time.perf_counter()
+        shards = self.inherit_weights(plans[-1].after)
+        load_s = time.perf_counter() - started
+        post = self.post_failure_state(plans, shards)
+        self.retire(dead, plans[-1].after)
+        return post, load_s
 
     def recover(self, event: FailureEvent, reassign: ReassignStrategy, recovery: RecoveryStrategy) -> Recovery:
-        """The whole recovery with one strategy: plan, inherit weights, rebuild KV, adopt."""
-        plan = self.plan_recovery(event, reassign)
-        started = time.perf_counter()
-        shards = self.inherit_weights(plan)
-        loaded = time.perf_counter()
-        post = self.post_failure_state(plan, shards)
-        self.retire(plan)
-        self.adopt(recovery.recover(self, post))
-        if self.replication:
-            self.reprotect()
-        return Recovery(event, plan, recovery.name, loaded - started, time.perf_counter() - loaded)
+        """The whole recovery: plan, inherit weights, rebuild KV, adopt; restarted if another device dies."""
+        events, attempts = [event, *self.pending_failures()], 0
+        while True:
+            attempts += 1
+            try:
+                post, load_s = self.prepare_recovery(events, reassign)
+                began = self.clock()
+                started = time.perf_counter()
+                strategy, fallback = self._rebuild(post, recovery)
+                rebuild_s = time.perf_counter() - started
+                for device in post.survivors:
+                    self.log.span(device, "rebuild KV", began)
+                if self.replication:
+                    self.reprotect()
+            except StepAbandoned:
+                events += [self.wait_for_failure(), *self.pending_failures()]
+                continue
+            return Recovery(tuple(events), tuple(post.plans), strategy, fallback, load_s, rebuild_s, attempts)
+
+    def _rebuild(self, post: PostFailureState, recovery: RecoveryStrategy) -> tuple[str, str | None]:
+        """Rebuild with the asked strategy, or fall back to one that still works (and say why)."""
+        try:
+            self.adopt(recovery.recover(self, post))
+            return recovery.name, None
+        except RecoveryImpossible as reason:
+            fallback = make_recovery("reuse-hidden" if all(s.hidden_states is not None
+                                                            for s in post.survivors.values()) else "full-recompute")
+            self.adopt(fallback.recover(self, post))
+            return fallback.name, f"{recovery.name} impossible ({reason}); fell back to {fallback.name}"
+
+    # ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
         self._released.set()
@@ -251,6 +381,22 @@ class FaultTolerantLlama(TensorParallelLlama):
         super().close()
         for worker in self.retired:
             worker.stop(timeout=5)
+
+
+def missing_ranges(wanted: Sequence[Range], held: Sequence[Range]) -> tuple[Range, ...]:
+    """The parts of `wanted` column ranges not covered by `held` ones."""
+    missing: list[Range] = []
+    for start, stop in wanted:
+        cursor = start
+        for a, b in sorted(held):
+            if b <= cursor or a >= stop:
+                continue
+            if a > cursor:
+                missing.append((cursor, a))
+            cursor = max(cursor, b)
+        if cursor < stop:
+            missing.append((cursor, stop))
+    return tuple(missing)
 
 
 def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int], max_new_tokens: int,

@@ -74,9 +74,11 @@ class HeartbeatMonitor:
     Beats from devices not watched (never added, or removed) are ignored.
     """
 
-    def __init__(self, devices: Iterable[int], config: HeartbeatConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(self, devices: Iterable[int], config: HeartbeatConfig, clock: Clock = time.monotonic,
+                 on_beat: Callable[[int, float], None] | None = None) -> None:
         self.config = config
         self._clock = clock
+        self._on_beat = on_beat  # told of every accepted beat (device, time), e.g. for a timeline
         self._lock = threading.Lock()
         now = clock()
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
@@ -101,6 +103,8 @@ class HeartbeatMonitor:
             if device not in self._last or device in self._dead or epoch < self._epoch:
                 return
             self._last[device] = self._clock()
+        if self._on_beat is not None:
+            self._on_beat(device, self._last.get(device, 0.0))
 
     def check(self) -> list[Detection]:
         """Declare dead every live device silent for strictly more than timeout_s; each is reported once only."""

@@ -109,9 +109,12 @@ def prefill_context(model: FaultTolerantLlama, states: dict[int, DeviceState], c
     kept = {d: s.hidden_states for d, s in states.items()}
     for state in states.values():
         state.hidden_states = None
-    collective = ThreadCollective(tuple(states))
-    run_on_devices([model.workers[d] for d in states],
-                   lambda w: device_forward(states[w.device], context_ids, 0, collective, logits="none"))
+    collective = model.new_collective(tuple(states))
+
+    def forward(worker) -> None:
+        model.recovery_fault_point(worker.device)
+        device_forward(states[worker.device], context_ids, 0, collective, logits="none")
+    run_on_devices([model.workers[d] for d in states], forward, collective)
     for device, state in states.items():
         state.hidden_states = kept[device]
 
@@ -119,7 +122,11 @@ def prefill_context(model: FaultTolerantLlama, states: dict[int, DeviceState], c
 def run_on_survivors(model: FaultTolerantLlama, post: PostFailureState,
                      rebuild: Callable[[Survivor], DeviceState]) -> dict[int, DeviceState]:
     """Each survivor rebuilds its own cache in its own thread, all at once."""
-    return run_on_devices([model.workers[d] for d in post.survivors], lambda w: rebuild(post.survivors[w.device]))
+    def task(worker) -> DeviceState:
+        model.recovery_fault_point(worker.device)
+        return rebuild(post.survivors[worker.device])
+    devices = tuple(post.survivors)
+    return run_on_devices([model.workers[d] for d in devices], task, model.new_collective(devices))
 
 
 def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) -> KVCache:
@@ -147,10 +154,11 @@ def kv_sources(post: PostFailureState) -> dict[int, KVCache]:
     for survivor in post.survivors.values():
         for g in survivor.cache.kv_heads:
             sources.setdefault(g, survivor.cache)
-    holder = post.survivors.get(post.failed_replica_holder) if post.failed_replica_holder is not None else None
-    replica = holder.replicas.get(post.plan.failed) if holder is not None else None
-    for g in replica.kv_heads if replica is not None else ():
-        sources.setdefault(g, replica)
+    for survivor in post.survivors.values():
+        for replica in survivor.replicas.values():
+            for g in replica.kv_heads:
+                if replica.length == survivor.cache.length:  # a copy that is complete
+                    sources.setdefault(g, replica)
     return sources
 
 

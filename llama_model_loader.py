@@ -111,7 +111,8 @@ class LlamaConfig:
         return config
 
     @classmethod
-    def from_json(cls, path: Path) -> "LlamaConfig":
+    def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
+        path = Path(path)
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:

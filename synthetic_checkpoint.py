@@ -98,6 +98,7 @@ def write_synthetic_checkpoint(preset: str, folder: Path, seed: int = 0) -> Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).unlink(missing_ok=True)
+    _remove_dead_writers_files(folder)
     _write_atomically(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(PRESETS[preset], indent=2)))
     _write_atomically(folder / "model.safetensors",
                       lambda tmp: save_file(synthetic_tensors(config, seed), str(tmp), metadata={"format": "pt"}))
@@ -146,6 +147,24 @@ def _write_atomically(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_dead_writers_files(folder: Path) -> None:
+    """Temporary files left by a writer that was killed (its process is gone): up to 2.5 GB each."""
+    for tmp in folder.glob(".*.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _header_digest(path: Path) -> str:

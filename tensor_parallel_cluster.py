@@ -61,7 +61,8 @@ class TensorParallelLlama:
         self.load_report: LoadReport | None = None
         try:
             with _progress_bar(len(self.workers) * self.config.num_hidden_layers, progress) as bar:
-                run_on_devices(list(self.workers.values()), lambda w: self._load_state(w, bar.update))
+                run_on_devices(list(self.workers.values()), lambda w: self._load_state(w, bar.update),
+                               self.collective)
         except BaseException:
             self.close()
             raise
@@ -83,8 +84,9 @@ class TensorParallelLlama:
                         **options) -> "TensorParallelLlama":
         """Split an opened checkpoint; the load report covers opening and splitting."""
         started = time.perf_counter()
+        tokenizer = load_tokenizer(checkpoint.folder, checkpoint.config)
         model = cls(checkpoint, assignment, dtype, progress, **options)
-        model.tokenizer = load_tokenizer(checkpoint.folder, checkpoint.config)
+        model.tokenizer = tokenizer
         model.load_report = LoadReport(location, checkpoint.folder, checkpoint.tensor_count, checkpoint.total_bytes,
                                        checkpoint.stored_dtype, seconds_so_far + time.perf_counter() - started)
         return model
@@ -105,8 +107,8 @@ class TensorParallelLlama:
 
     @property
     def position(self) -> int:
-        """Tokens in the KV cache (the same on every device)."""
-        return next(iter(self.workers.values())).state.cache.length
+        """Tokens cached on every device (a step abandoned mid-way does not count)."""
+        return len(self.cached_ids)
 
     def forward(self, token_ids: Sequence[int] | torch.Tensor, start: int | None = None,
                 logits: str = "last") -> torch.Tensor | None:
@@ -114,7 +116,7 @@ class TensorParallelLlama:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         start = self.position if start is None else start
         self._check_length(start + ids.numel())
-        results = run_on_devices(list(self.workers.values()), self.step_task(ids, start, logits))
+        results = run_on_devices(list(self.workers.values()), self.step_task(ids, start, logits), self.collective)
         self.cached_ids = self.cached_ids[:start] + ids.tolist()
         leader = results[self.assignment.devices[0]]
         return None if leader is None else leader.float()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ from common import DTYPES, machine, matmul_peak, min_median, model_folder, prefi
 
 import torch
 from transformers import LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
-from llama_model_loader import Checkpoint, LlamaConfig
+from llama_model_loader import Checkpoint
 from tensor_parallel_cluster import TensorParallelLlama
 
 
@@ -71,6 +73,8 @@ class EngineRunner:
 class ReferenceRunner:
     def __init__(self, folder: Path, dtype: torch.dtype):
         self.model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+        # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
+        self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, cache: bool = False):
@@ -79,12 +83,12 @@ class ReferenceRunner:
 
     @torch.inference_mode()
     def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        past = self.prefill(prompt, cache=True).past_key_values
+        past = getattr(self.prefill(prompt, cache=True), self.cache_name)
         times = []
         for token in tokens:
             started = time.perf_counter()
-            past = self.model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True,
-                              logits_to_keep=1).past_key_values
+            out = self.model(input_ids=token.view(1, 1), use_cache=True, logits_to_keep=1, **{self.cache_name: past})
+            past = getattr(out, self.cache_name)
             times.append(time.perf_counter() - started)
         return times
 
@@ -116,10 +120,11 @@ def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: to
     started = time.perf_counter()
     engine = EngineRunner(folder, args.devices, dtype)
     engine_load = time.perf_counter() - started
-    started = time.perf_counter()
-    reference = ReferenceRunner(folder, dtype)
-    reference_load = time.perf_counter() - started
+    reference = None
     try:
+        started = time.perf_counter()
+        reference = ReferenceRunner(folder, dtype)
+        reference_load = time.perf_counter() - started
         check = ids[:min(args.lengths)]
         ours, theirs = engine.prefill(check), reference.prefill(check)
         difference = (ours - theirs).abs().max().item() / theirs.abs().max().item()
@@ -138,20 +143,26 @@ def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: to
         rows.append(Row(f"decode after {args.decode_after} tokens ({args.decode_steps} steps)", "ms/token", e, r))
     finally:
         engine.close()
-        reference.close()
+        if reference is not None:
+            reference.close()
         del engine, reference
         gc.collect()
 
-    print_table(dtype_name, args, rows, peak, Checkpoint(folder).config, engine_load, reference_load,
+    print_table(dtype_name, args, rows, peak, Checkpoint(folder), engine_load, reference_load,
                 difference, same_top)
 
 
-def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], peak: float, config: LlamaConfig,
+def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], peak: float, checkpoint: Checkpoint,
                 engine_load: float, reference_load: float, difference: float, same_top: bool) -> None:
+    config = checkpoint.config
+    stored = {"BF16": "bfloat16", "F32": "float32"}.get(checkpoint.stored_dtype)
+    lazy_note = (" (the stored dtype: transformers memory-maps the file and pages weights in during the warm-up)"
+                 if stored == dtype_name else "")
     print(f"\n### {dtype_name}\n")
     print(f"Machine: {machine()}; main thread {torch.get_num_threads()} torch threads (reference, matmul peak); "
           f"engine: {args.devices} device threads x 1 intra-op thread. {args.repeats} repeats after 1 warm-up "
-          f"each, alternating. Load: engine {engine_load:.1f} s, reference {reference_load:.1f} s. "
+          f"each, alternating. Load: engine {engine_load:.1f} s, reference {reference_load:.1f} s"
+          f"{lazy_note}. "
           f"Last-token logits, engine vs reference: max |diff| / max |ref| = {difference:.1e}, "
           f"same argmax: {same_top}.\n")
     print("| what | engine median (min) | reference median (min) | ratio ref/engine |")
@@ -189,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()
     folder = model_folder(args.model_dir)
     config = Checkpoint(folder).config
     total = max(max(args.lengths), args.decode_after + args.decode_steps)

@@ -165,8 +165,6 @@ def test_missing_or_invalid_config_json(tmp_path):
     assert_one_line(error, "not valid JSON", "config.json")
 
 
-@pytest.mark.xfail(strict=True, reason="LlamaConfig.from_json uses path.parent on the argument as given: a str "
-                                       "path to a missing file raises AttributeError (reported)")
 def test_missing_config_given_as_a_string_path(tmp_path):
     with pytest.raises(CheckpointError):
         LlamaConfig.from_json(str(tmp_path / "config.json"))
@@ -355,7 +353,8 @@ def test_truncated_file_is_named(tiny_checkpoint, tmp_path):
     assert_one_line(error, str(weights))
 
 
-@pytest.mark.parametrize("garbage", [b"", b"\x00" * 7, b"\xff" * 8 + b"{}", (20).to_bytes(8, "little") + b"not json at all!!!!!"])
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 7, b"\xff" * 8 + b"{}",
+                                     (20).to_bytes(8, "little") + b"not json at all!!!!!"])
 def test_garbage_header_is_named(tiny_checkpoint, tmp_path, garbage):
     folder = tmp_path / "garbage"
     shutil.copytree(tiny_checkpoint, folder)
@@ -455,7 +454,8 @@ def test_device_shard_holds_exactly_its_slices_and_reads_only_them(tiny_checkpoi
     assert len(shard.layers) == 3
     for i, layer in enumerate(shard.layers):
         p = f"model.layers.{i}."
-        expected_qkv = torch.cat([full[p + "self_attn.q_proj.weight"][q_rows], full[p + "self_attn.k_proj.weight"][kv_rows],
+        expected_qkv = torch.cat([full[p + "self_attn.q_proj.weight"][q_rows],
+                                  full[p + "self_attn.k_proj.weight"][kv_rows],
                                   full[p + "self_attn.v_proj.weight"][kv_rows]])
         assert torch.equal(layer.wqkv, expected_qkv)
         assert torch.equal(layer.wo, full[p + "self_attn.o_proj.weight"][:, q_rows])
@@ -464,14 +464,17 @@ def test_device_shard_holds_exactly_its_slices_and_reads_only_them(tiny_checkpoi
         assert torch.equal(layer.w_down, full[p + "mlp.down_proj.weight"][:, mlp_cols])
         assert torch.equal(layer.input_norm, full[p + "input_layernorm.weight"])
         assert torch.equal(layer.post_norm, full[p + "post_attention_layernorm.weight"])
-        # what was read from the file: the device's slices and nothing more
+        # What was read from the file: only the device's rows of row-sliced tensors. Column slices
+        # (Wo, Wdown) may be read as whole rows, chunk by chunk (one contiguous read), but once.
         hidden = 128
         read = {k[len(p):]: v for k, v in recorder.elements.items() if k.startswith(p)}
-        assert read == {"self_attn.q_proj.weight": len(q_rows) * hidden, "self_attn.k_proj.weight": len(kv_rows) * hidden,
-                        "self_attn.v_proj.weight": len(kv_rows) * hidden, "self_attn.o_proj.weight": hidden * len(q_rows),
+        assert read.pop("self_attn.o_proj.weight") in (hidden * len(q_rows), hidden * 128)
+        assert read.pop("mlp.down_proj.weight") in (hidden * len(mlp_cols), hidden * 344)
+        assert read == {"self_attn.q_proj.weight": len(q_rows) * hidden,
+                        "self_attn.k_proj.weight": len(kv_rows) * hidden,
+                        "self_attn.v_proj.weight": len(kv_rows) * hidden,
                         "mlp.gate_proj.weight": len(mlp_cols) * hidden, "mlp.up_proj.weight": len(mlp_cols) * hidden,
-                        "mlp.down_proj.weight": hidden * len(mlp_cols), "input_layernorm.weight": hidden,
-                        "post_attention_layernorm.weight": hidden}
+                        "input_layernorm.weight": hidden, "post_attention_layernorm.weight": hidden}
     assert "model.embed_tokens.weight" not in recorder.elements  # replicated parts are loaded separately
 
 
@@ -493,7 +496,8 @@ def test_llama3_tokenizer_adds_bos_and_round_trips(llama3_tokenizer_folder):
     ids = tokenizer.encode("Hello world")
     assert ids == [128000, 9906, 1917]
     assert tokenizer.tokenizer.get_vocab_size(with_added_tokens=True) == 128256
-    for text in ["Hello world", "The capital of France is Paris.", "  spaces\tand\nnewlines", "naïve café ✓ 東京"]:
+    texts = ["Hello world", "The capital of France is Paris.", "  spaces\tand\nnewlines", "naïve café ✓ 東京"]
+    for text in texts:
         ids = tokenizer.encode(text)
         assert ids[0] == 128000 and ids.count(128000) == 1
         assert tokenizer.decode(ids) == text

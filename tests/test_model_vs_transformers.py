@@ -9,10 +9,9 @@ synthetic Llama-3.2-1B against the reference on a short prompt (slow).
 from __future__ import annotations
 
 import copy
-import gc
 import json
-import math
 import threading
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,9 +199,10 @@ def test_bf16_is_no_further_from_exact_than_the_reference_in_bf16(tiny_checkpoin
     bf16 keeps 8 significant bits, so any bf16 implementation differs from exact by rounding noise
     whose size depends on where it rounds, not on whether it is right. The fair yardstick is the
     reference's own bf16 error: e_ref = |HF bf16 - HF fp32|, e_ours = |ours bf16 - HF fp32|, over
-    all 48 x 384 logits (prefill and decode). Measured on this checkpoint (8 prompts, 1-4 devices
-    and split groups): max e_ref ~0.11-0.15 (about 1.5 % of max |logit| ~8.4); max e_ours / max e_ref
-    between 0.74 and 1.31; RMS e_ours / RMS e_ref between 0.98 and 1.12. Two different rounding
+    all 48 x 384 logits (prefill and decode). Measured on this checkpoint (9 prompts, 1-4 devices
+    and split groups): max e_ref 0.11-0.15, RMS e_ref ~0.024 (max |logit| 8.4-9.4); max e_ours / max
+    e_ref between 0.74 and 1.31; RMS e_ours / RMS e_ref between 0.98 and 1.12 (this prompt: e_ref max
+    0.116, RMS 0.024; ratios 0.89-1.15 and 1.00-1.10). Two different rounding
     orders give errors of the same size, and a maximum over ~18k values fluctuates by tens of per
     cent, so we allow 2x on the maximum, plus half a bf16 ulp of the largest logit (the rounding of
     the logit itself, which no implementation can avoid), and 1.5x on the RMS, which averages over
@@ -323,12 +323,10 @@ def test_python_api_load_tokenize_generate(tiny_checkpoint, hf_reference):
     assert int(last.argmax()) == tokens[0]
 
 
-@pytest.mark.xfail(strict=True, reason="TensorParallelLlama.from_checkpoint does not close the model when "
-                                       "load_tokenizer raises: its Device threads stay alive (reported)")
-def test_failed_load_leaves_no_device_threads(tmp_path):
+def test_failed_load_leaves_no_device_threads(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from device_threads import DeviceWorker
+    import tensor_parallel_cluster
     from llama_model_loader import CheckpointError
     from synthetic_checkpoint import synthetic_tensors
     raw = {**copy.deepcopy(PRESETS["tiny"]), "vocab_size": 200, "bos_token_id": 1, "eos_token_id": 2}
@@ -336,15 +334,22 @@ def test_failed_load_leaves_no_device_threads(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(raw))
     save_file(synthetic_tensors(LlamaConfig.from_dict(raw), 0), str(folder / "model.safetensors"))
-    before = set(threading.enumerate())
+    started = []
+
+    class RecordedWorker(tensor_parallel_cluster.DeviceWorker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(tensor_parallel_cluster, "DeviceWorker", RecordedWorker)
     try:
         with pytest.raises(CheckpointError, match="tokenizer"):
             TensorParallelLlama.load(folder, devices=2, log=lambda *_: None)
-        assert not [t.name for t in threading.enumerate() if t not in before and t.name.startswith("Device-")]
-    finally:  # stop what the bug left behind, so that later tests start clean
-        for worker in [o for o in gc.get_objects() if isinstance(o, DeviceWorker)]:
-            if worker.is_alive():
-                worker.stop(timeout=2)
+        assert not [w.device for w in started if w.is_alive()]
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("Device-")]
+    finally:  # stop what the bug leaves behind, so that later tests start clean
+        for worker in started:
+            worker.stop(timeout=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,11 +368,13 @@ def test_llama_1b_synthetic_matches_transformers(llama_1b_checkpoint, hf_referen
     if SHARED_REFERENCE.is_file():
         assert checkpoint.config == LlamaConfig.from_json(SHARED_REFERENCE)
 
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(0)  # its fp32 top-1 margin is 0.54 (seed 3's is only 0.002)
     prompt = [128000] + torch.randint(0, 128000, (15,), generator=generator).tolist()
     hf = hf_reference(llama_1b_checkpoint, torch.float32, keep=False)
     reference = hf_logits(hf, prompt)
     hf_next = int(reference[-1].argmax())
+    top2 = reference[-1].topk(2).values
+    assert top2[0] - top2[1] > 0.1, "the next token must not be a near-tie for the comparison to mean anything"
     del hf
     assignment = initial_assignment(32, 8, 8192, 4)
     with TensorParallelLlama(checkpoint, assignment, torch.float32) as model:
