@@ -62,8 +62,15 @@ class Options:
     quiet: bool
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (UsageError) instead of usage text and exit."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Crash a device in the middle of tensor-parallel generation and compare how fast each "
                     "strategy rebuilds the KV cache (all measured in this run).")
     add = parser.add_argument

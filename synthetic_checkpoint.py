@@ -47,6 +47,9 @@ PRESETS: dict[str, dict] = {
         "vocab_size": 384,
     },
 }
+# Like tiny, but every KV head serves two query heads: four devices then hold disjoint KV heads, so
+# losing a device and its buddy loses KV that no survivor holds (the replicate fallback's case).
+PRESETS["tiny-4kv"] = {**PRESETS["tiny"], "num_key_value_heads": 4}
 MARKER = "synthetic.json"
 FORMAT_VERSION = 2  # bump when synthetic_tensors changes, so that caches are rewritten
 
