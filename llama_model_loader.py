@@ -7,7 +7,9 @@ against the config before any compute, and every problem is one line naming the 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -261,8 +263,9 @@ FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 class Checkpoint:
     """A checked checkpoint folder: every expected tensor present, with the right shape and dtype.
 
-    Reads open the file per tensor (and per chunk for big ones), so that memory-mapped pages are
-    released as soon as a tensor is copied: loading never holds the file twice.
+    The header is read (and checked) by safetensors; reads then copy each slice straight from
+    a memory map of the file, chunk by chunk, into the result in the compute dtype: no temporary
+    tensor, and each chunk is unmapped after use, so loading never holds the model twice.
     """
 
     CHUNK_BYTES = 64 << 20
@@ -274,6 +277,7 @@ class Checkpoint:
         self.config = config or LlamaConfig.from_json(self.folder / "config.json")
         self.files = self._tensor_files()
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self._offsets: dict[str, int] = {}
         self.dtypes: dict[str, str] = {}
         for file, names in self._names_by_file().items():
             self._read_header(file, names)
@@ -344,37 +348,63 @@ class Checkpoint:
                                       f"expected a float type (BF16, F16, F32)")
 
     def read(self, name: str, dtype: torch.dtype, rows: Sequence[Range] | None = None,
-             cols: Sequence[Range] | None = None) -> torch.Tensor:
+             cols: Sequence[Range] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, or only the given row ranges / column ranges of it, converted to `dtype`.
 
-        Ranges are concatenated in order (an empty list selects nothing). Big reads go chunk by
-        chunk so that the stored copy and the converted copy never both exist in full.
+        Ranges are concatenated in order (an empty list selects nothing). Values are copied
+        straight from the memory-mapped file into `out` (allocated if not given), chunk by chunk:
+        no temporary tensor is made, so loading allocates nothing but the result, and the file's
+        pages are unmapped after each chunk.
         """
         shape = self.shapes[name]
         rows = [(0, shape[0])] if rows is None else rows
-        parts = [self._read_rows(name, start, stop, cols, dtype) for start, stop in rows]
-        if not parts:
-            width = sum(b - a for a, b in cols) if cols is not None else _numel(shape[1:])
-            return torch.empty((0, width) if len(shape) > 1 else (0,), dtype=dtype)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _read_rows(self, name: str, start: int, stop: int, cols: Sequence[Range] | None,
-                   dtype: torch.dtype) -> torch.Tensor:
-        shape = self.shapes[name]
-        row_bytes = _numel(shape[1:]) * FLOAT_DTYPES[self.dtypes[name]].itemsize
+        height = sum(b - a for a, b in rows)
         width = sum(b - a for a, b in cols) if cols is not None else _numel(shape[1:])
-        out = torch.empty((stop - start, *(([width]) if len(shape) > 1 else [])), dtype=dtype)
-        step = max(1, self.CHUNK_BYTES // max(row_bytes, 1))
-        for chunk_start in range(start, stop, step):
-            chunk_stop = min(stop, chunk_start + step)
-            with _open_safetensors(self.files[name]) as handle:
-                block = handle.get_slice(name)[chunk_start:chunk_stop]  # whole rows: one contiguous read
-            out[chunk_start - start:chunk_stop - start] = block if cols is None else _columns(block, cols)
+        if out is None:
+            out = torch.empty((height, width) if len(shape) > 1 else (height,), dtype=dtype)
+        at = 0
+        for start, stop in rows:
+            self._read_rows_into(name, start, stop, cols, out[at:at + stop - start])
+            at += stop - start
         return out
 
+    def _read_rows_into(self, name: str, start: int, stop: int, cols: Sequence[Range] | None,
+                        out: torch.Tensor) -> None:
+        shape, stored = self.shapes[name], FLOAT_DTYPES[self.dtypes[name]]
+        row_numel = _numel(shape[1:])
+        step = max(1, self.CHUNK_BYTES // max(row_numel * stored.itemsize, 1))
+        with open(self.files[name], "rb") as f:
+            for chunk_start in range(start, stop, step):
+                chunk_stop = min(stop, chunk_start + step)
+                begin = self._data_offset(name) + chunk_start * row_numel * stored.itemsize
+                aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+                length = begin - aligned + (chunk_stop - chunk_start) * row_numel * stored.itemsize
+                with mmap.mmap(f.fileno(), length, offset=aligned, access=mmap.ACCESS_READ) as mapped:
+                    with warnings.catch_warnings():  # read-only buffer: the view is only read from
+                        warnings.simplefilter("ignore", UserWarning)
+                        view = torch.frombuffer(mapped, dtype=stored, offset=begin - aligned,
+                                                count=(chunk_stop - chunk_start) * row_numel)
+                    view = view.view(chunk_stop - chunk_start, *shape[1:])
+                    target = out[chunk_start - start:chunk_stop - start]
+                    if cols is None:
+                        target.copy_(view)
+                    else:
+                        at = 0
+                        for a, b in cols:
+                            target[:, at:at + b - a].copy_(view[:, a:b])
+                            at += b - a
+                    del view, target  # no view may outlive the mapping
 
-def _columns(block: torch.Tensor, cols: Sequence[Range]) -> torch.Tensor:
-    return torch.cat([block[:, a:b] for a, b in cols], dim=1) if cols else block[:, :0]
+    def _data_offset(self, name: str) -> int:
+        """Byte offset of the tensor's data in its file (from the safetensors header)."""
+        if name not in self._offsets:
+            with open(self.files[name], "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self._offsets[key] = 8 + size + entry["data_offsets"][0]
+        return self._offsets[name]
 
 
 def _numel(shape: Sequence[int]) -> int:

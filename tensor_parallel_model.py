@@ -145,13 +145,18 @@ def load_layer_shard(checkpoint: Checkpoint, layer: int, query_heads: Sequence[i
     hd, p = checkpoint.config.head_dim, f"model.layers.{layer}."
     q_rows, kv_rows = head_rows(query_heads, hd), head_rows(kv_heads, hd)
     read = checkpoint.read
+    nq, nkv, width = (sum(b - a for a, b in r) for r in (q_rows, kv_rows, mlp))
+    wqkv = torch.empty(nq + 2 * nkv, checkpoint.config.hidden_size, dtype=dtype)  # read in place: no cat copy
+    read(p + "self_attn.q_proj.weight", dtype, rows=q_rows, out=wqkv[:nq])
+    read(p + "self_attn.k_proj.weight", dtype, rows=kv_rows, out=wqkv[nq:nq + nkv])
+    read(p + "self_attn.v_proj.weight", dtype, rows=kv_rows, out=wqkv[nq + nkv:])
+    w_gate_up = torch.empty(2 * width, checkpoint.config.hidden_size, dtype=dtype)
+    read(p + "mlp.gate_proj.weight", dtype, rows=mlp, out=w_gate_up[:width])
+    read(p + "mlp.up_proj.weight", dtype, rows=mlp, out=w_gate_up[width:])
     return LayerShard(
-        wqkv=torch.cat([read(p + "self_attn.q_proj.weight", dtype, rows=q_rows),
-                        read(p + "self_attn.k_proj.weight", dtype, rows=kv_rows),
-                        read(p + "self_attn.v_proj.weight", dtype, rows=kv_rows)]),
+        wqkv=wqkv,
         wo=read(p + "self_attn.o_proj.weight", dtype, cols=q_rows),
-        w_gate_up=torch.cat([read(p + "mlp.gate_proj.weight", dtype, rows=mlp),
-                             read(p + "mlp.up_proj.weight", dtype, rows=mlp)]),
+        w_gate_up=w_gate_up,
         w_down=read(p + "mlp.down_proj.weight", dtype, cols=mlp),
         input_norm=read(p + "input_layernorm.weight", dtype),
         post_norm=read(p + "post_attention_layernorm.weight", dtype),

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in (list(DTYPES) if args.dtype == "both" else [args.dtype]):
         print(report(run_child(folder, dtype_name, args.devices)), flush=True)
+    print("\nWeights held: the tensors the engine keeps (shards, and the replicated embedding and norms once). "
+          "Load time includes reading the file: after the page cache was emptied it comes from disk (slower).")
 
 
 if __name__ == "__main__":

@@ -395,44 +395,18 @@ def test_folder_without_weights_is_named(tiny_checkpoint, tmp_path):
 # Loading only a device's slices
 
 
-class RecordingSlices:
-    """Wraps safe_open so that every slice a device reads is recorded as (tensor, elements)."""
+class RecordingReads:
+    """Wraps Checkpoint._read_rows_into so that every row range read is recorded as (tensor, elements)."""
 
-    def __init__(self, real_open):
-        self.real_open, self.elements = real_open, {}
+    def __init__(self, real_read):
+        self.real_read, self.elements = real_read, {}
 
-    def __call__(self, file):
-        recorder, handle = self, self.real_open(file)
-
-        class Handle:
-            def __enter__(self):
-                self.inner = handle.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return handle.__exit__(*exc)
-
-            def keys(self):
-                return self.inner.keys()
-
-            def get_slice(self, name):
-                piece = self.inner.get_slice(name)
-
-                class Piece:
-                    def get_shape(self):
-                        return piece.get_shape()
-
-                    def get_dtype(self):
-                        return piece.get_dtype()
-
-                    def __getitem__(self, key):
-                        block = piece[key]
-                        recorder.elements[name] = recorder.elements.get(name, 0) + block.numel()
-                        return block
-
-                return Piece()
-
-        return Handle()
+    def __call__(self, checkpoint, name, start, stop, cols, out):
+        row_numel = 1
+        for size in checkpoint.shapes[name][1:]:
+            row_numel *= size
+        self.elements[name] = self.elements.get(name, 0) + (stop - start) * row_numel
+        return self.real_read(checkpoint, name, start, stop, cols, out)
 
 
 @pytest.mark.parametrize("case", ["device-1-of-4", "split-groups-device-0"])
@@ -445,8 +419,8 @@ def test_device_shard_holds_exactly_its_slices_and_reads_only_them(tiny_checkpoi
     else:
         assignment, device = custom_assignment({0: (0, 1, 2, 5), 1: (3, 4, 6, 7)}, 8, 2, 344), 0
         q_rows, kv_rows, mlp_cols = list(range(0, 48)) + list(range(80, 96)), list(range(0, 32)), list(range(0, 172))
-    recorder = RecordingSlices(loader._open_safetensors)
-    monkeypatch.setattr(loader, "_open_safetensors", recorder)
+    recorder = RecordingReads(Checkpoint._read_rows_into)
+    monkeypatch.setattr(Checkpoint, "_read_rows_into", lambda self, *args: recorder(self, *args))
     shard = load_device_shard(checkpoint, assignment, device, torch.float32)
     monkeypatch.undo()
 
