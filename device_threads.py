@@ -28,51 +28,60 @@ FaultHook = Callable[[int], None]  # called with the device at every collective 
 
 
 class ThreadCollective:
-    """All-reduce and all-gather between device threads, for one fixed group of devices (an epoch).
+    """All-reduce, all-gather and ring pass between device threads, for one group of devices (an epoch).
 
-    Two barriers per call: one when every partial is in, one when the result is out, so that no
-    device can overwrite its slot before every other device has read the previous result. Sums
-    run in device order, so results do not depend on thread timing.
+    Every call is a round: each device deposits its tensor, waits at a barrier, and reads the
+    others'. Rounds alternate between two sets of slots, so that a fast device depositing the
+    next round never overwrites what a slow one is still reading: one barrier per round. Sums
+    run in device order on every device, so results do not depend on thread timing. Large sums
+    are shared out by rows (each device adds its own rows for everyone) at the cost of a second
+    barrier; small ones (decode) each device does whole.
     """
+
+    SHARED_SUM_ELEMENTS = 1 << 16
 
     def __init__(self, devices: Sequence[int], epoch: int = 0, fault_hook: FaultHook | None = None):
         self.devices = tuple(devices)
         self.epoch = epoch
         self.fault_hook = fault_hook
         self._slot = {d: i for i, d in enumerate(self.devices)}
-        self._inbox: list[Any] = [None] * len(self.devices)
-        self._result: Any = None
+        self._rounds = [0] * len(self.devices)  # calls made by each device (all make the same calls)
+        self._inbox: list[list[Any]] = [[None] * len(self.devices) for _ in range(2)]
+        self._sums: list[torch.Tensor | None] = [None, None]
         self._barrier = threading.Barrier(len(self.devices))
         self._aborted = threading.Event()
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        self._deposit(device, tensor)
-        if self._slot[device] == 0:
-            total = self._inbox[0].clone()
-            for part in self._inbox[1:]:
-                total += part
-            self._result = total
+        shared = tensor.numel() > self.SHARED_SUM_ELEMENTS
+        parity, parts = self._exchange(device, tensor, shared)
+        if not shared:
+            return _sum_in_order(parts)
+        total = self._sums[parity]  # allocated by the first device before the barrier
+        slot, n = self._slot[device], len(self.devices)
+        rows = slice(slot * tensor.shape[0] // n, (slot + 1) * tensor.shape[0] // n)
+        total[rows] = _sum_in_order([p[rows] for p in parts])
         self._wait()
-        return self._result
+        return total
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self._deposit(device, tensor)
-        gathered = list(self._inbox)
-        self._wait()
-        return gathered
+        return self._exchange(device, tensor)[1]
 
     def ring_pass(self, device: int, payload: Any) -> Any:
         """Send `payload` to the next device in ring order; receive the previous device's."""
-        self._deposit(device, payload)
-        received = self._inbox[self._slot[device] - 1]
-        self._wait()
-        return received
+        return self._exchange(device, payload)[1][self._slot[device] - 1]
 
-    def _deposit(self, device: int, payload: Any) -> None:
+    def _exchange(self, device: int, payload: Any, shared_sum: bool = False) -> tuple[int, list[Any]]:
+        """Deposit, wait for everyone, and read every device's deposit of this round."""
         if self.fault_hook is not None:
             self.fault_hook(device)
-        self._inbox[self._slot[device]] = payload
+        slot = self._slot[device]
+        parity = self._rounds[slot] % 2
+        self._rounds[slot] += 1
+        if shared_sum and slot == 0:
+            self._sums[parity] = torch.empty_like(payload)
+        self._inbox[parity][slot] = payload
         self._wait()
+        return parity, list(self._inbox[parity])
 
     def abort(self) -> None:
         """Release every waiting device with StepAbandoned; later calls fail at once too."""
@@ -92,6 +101,13 @@ class ThreadCollective:
             self._barrier.wait()
         except threading.BrokenBarrierError:
             raise StepAbandoned(f"epoch {self.epoch} collective aborted") from None
+
+
+def _sum_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 Task = Callable[["DeviceWorker"], Any]

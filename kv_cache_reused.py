@@ -138,10 +138,10 @@ def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) ->
         return cache
     k_rows, v_rows = kv_rows(shard, missing, config.head_dim)
     rows = torch.cat([k_rows, v_rows])
-    cos, sin = Rotary(config, model.dtype).tables(0, cache.length)
+    rope = Rotary(config, model.dtype).factors(0, cache.length)
     for i, layer in enumerate(shard.layers):
         k, v = F.linear(store.layer_inputs(i), layer.wqkv[rows]).chunk(2, dim=-1)
-        k = apply_rope(k.view(cache.length, -1, config.head_dim).transpose(0, 1), cos, sin)
+        k = apply_rope(k.view(cache.length, -1, config.head_dim).transpose(0, 1), *rope)
         v = v.view(cache.length, -1, config.head_dim).transpose(0, 1)
         for j, g in enumerate(missing):
             cache.put_head(i, g, k[j], v[j])

@@ -58,29 +58,41 @@ class Rotary:
     def __init__(self, config: LlamaConfig, dtype: torch.dtype):
         self.inv_freq = rope_inverse_frequencies(config)
         self.dtype = dtype
-        self.cos = self.sin = torch.empty(0, config.head_dim, dtype=dtype)
+        self.cos = self.sin = self.signed_sin = torch.empty(0, config.head_dim, dtype=dtype)
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if start + length > self.cos.shape[0]:
-            self._grow(max(start + length, 2 * self.cos.shape[0], 256))
+        """cos and sin for positions start..start+length: [length, head_dim] each (HF's tables)."""
+        self._reserve(start + length)
         return self.cos[start:start + length], self.sin[start:start + length]
 
-    def _grow(self, positions: int) -> None:
+    def factors(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and `signed_sin` (sin with its first half negated), the factors `apply_rope` takes."""
+        self._reserve(start + length)
+        return self.cos[start:start + length], self.signed_sin[start:start + length]
+
+    def _reserve(self, positions: int) -> None:
+        if positions <= self.cos.shape[0]:
+            return
+        positions = max(positions, 2 * self.cos.shape[0], 256)
         freqs = torch.outer(torch.arange(positions, dtype=torch.float32), self.inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
+        sign = torch.cat([-torch.ones_like(freqs[0]), torch.ones_like(freqs[0])])
         self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        self.signed_sin = (angles.sin() * sign).to(self.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, T, head_dim]; cos/sin: [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's `x * cos + rotate_half(x) * sin` for x: [..., T, heads, head_dim] or [heads, T, head_dim].
+
+    rotate_half(x) = (-x2, x1) is a roll by half a head with the first half negated, so with the
+    sign folded into `signed_sin` it is one roll and three elementwise ops.
+    """
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    """As HF: normalise in fp32, cast back, then scale by the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,10 +129,13 @@ class DeviceShard:
     layers: list[LayerShard]
     group_size: int
     kv_slot_of_query: torch.Tensor = field(init=False)  # local KV index read by each local query head
+    grouped_in_order: bool = field(init=False)  # query heads come in equal runs per KV slot (SDPA's GQA)
 
     def __post_init__(self) -> None:
         slots = [self.kv_heads.index(h // self.group_size) for h in self.query_heads]
         self.kv_slot_of_query = torch.tensor(slots, dtype=torch.long)
+        nq, nkv = len(slots), len(self.kv_heads)
+        self.grouped_in_order = nq % nkv == 0 and slots == [i // (nq // nkv) for i in range(nq)]
 
     @property
     def nbytes(self) -> int:
@@ -361,33 +376,33 @@ class DeviceState:
             self.hidden_states.length = length
 
 
-def project_kv(config: LlamaConfig, layer: LayerShard, num_q: int, num_kv: int, h: torch.Tensor,
-               rotary: Rotary, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K (both rotated) and V of a device's heads for normed input h: [heads, T, head_dim] each."""
-    hd, T = config.head_dim, h.shape[0]
+def project_qkv(layer: LayerShard, num_q: int, num_kv: int, head_dim: int, h: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K (both rotated, in one op) and V of a device's heads for normed input h: [heads, T, head_dim]."""
+    T = h.shape[0]
     qkv = F.linear(h, layer.wqkv)
-    q, k, v = qkv.split([num_q * hd, num_kv * hd, num_kv * hd], dim=-1)
-    cos, sin = rotary.tables(start, T)
-    q = apply_rope(q.view(T, num_q, hd).transpose(0, 1), cos, sin)
-    k = apply_rope(k.view(T, num_kv, hd).transpose(0, 1), cos, sin)
-    return q, k, v.view(T, num_kv, hd).transpose(0, 1)
+    qk = apply_rope(qkv[:, :(num_q + num_kv) * head_dim].view(T, num_q + num_kv, head_dim).transpose(0, 1), *rope)
+    q, k = qk.split([num_q, num_kv])
+    return q, k, qkv[:, (num_q + num_kv) * head_dim:].view(T, num_kv, head_dim).transpose(0, 1)
 
 
-def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, start: int) -> torch.Tensor:
+def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, start: int,
+                      rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """This device's heads' share of the attention output, before the sum over devices: [T, hidden]."""
-    shard, layer = state.shard, state.shard.layers[layer_index]
+    shard, layer, hd = state.shard, state.shard.layers[layer_index], state.config.head_dim
     T = h.shape[0]
     if state.kv_to_fill is None:
-        q, k, v = project_kv(state.config, layer, len(shard.query_heads), len(shard.kv_heads), h, state.rotary, start)
+        q, k, v = project_qkv(layer, len(shard.query_heads), len(shard.kv_heads), hd, h, rope)
         state.cache.write(layer_index, start, k, v)
     else:
-        q = project_queries_and_fill_kv(state, layer_index, h, start)
+        q = project_queries_and_fill_kv(state, layer_index, h, start, rope)
     keys, values = state.cache.upto(layer_index, start + T)
-    if len(shard.kv_heads) != len(shard.query_heads):  # GQA: each query head reads its KV head
+    if not shard.grouped_in_order:  # a GQA group split unevenly: give each query head its KV head
         keys = keys.index_select(0, shard.kv_slot_of_query)
         values = values.index_select(0, shard.kv_slot_of_query)
     mask = causal_mask(T, start, h.dtype) if T > 1 and start > 0 else None
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=T > 1 and start == 0)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=T > 1 and start == 0,
+                                         enable_gqa=shard.grouped_in_order)
     return F.linear(out.transpose(0, 1).reshape(T, -1), layer.wo)
 
 
@@ -399,16 +414,16 @@ def kv_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -> tuple
     return nq * head_dim + within, (nq + nkv) * head_dim + within
 
 
-def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.Tensor, start: int) -> torch.Tensor:
+def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.Tensor, start: int,
+                                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Replay: Q of own heads, K/V only for the KV heads in `state.kv_to_fill` (the others are cached)."""
     config, shard, layer = state.config, state.shard, state.shard.layers[layer_index]
     hd, T, nq = config.head_dim, h.shape[0], len(shard.query_heads)
-    cos, sin = state.rotary.tables(start, T)
-    q = apply_rope(F.linear(h, layer.wqkv[:nq * hd]).view(T, nq, hd).transpose(0, 1), cos, sin)
+    q = apply_rope(F.linear(h, layer.wqkv[:nq * hd]).view(T, nq, hd).transpose(0, 1), *rope)
     if state.kv_to_fill:
         k_rows, v_rows = kv_rows(shard, state.kv_to_fill, hd)
         k, v = F.linear(h, layer.wqkv[torch.cat([k_rows, v_rows])]).chunk(2, dim=-1)
-        k = apply_rope(k.view(T, -1, hd).transpose(0, 1), cos, sin)
+        k = apply_rope(k.view(T, -1, hd).transpose(0, 1), *rope)
         for i, g in enumerate(state.kv_to_fill):
             state.cache.put_head_at(layer_index, g, start, k[i], v.view(T, -1, hd)[:, i])
     return q
@@ -437,12 +452,13 @@ def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, coll
     "all" ([T, vocab]) or "none" (only fill the KV cache, as a recovery does).
     """
     eps = state.config.rms_norm_eps
+    rope = state.rotary.factors(start, token_ids.shape[0])
     x = F.embedding(token_ids, state.replicated.embed)
     for i, layer in enumerate(state.shard.layers):
         h = rms_norm(x, layer.input_norm, eps)
         if state.hidden_states is not None:
             state.hidden_states.record(i, start, h)
-        x = x + collective.all_reduce(state.device, attention_partial(state, i, h, start))
+        x = x + collective.all_reduce(state.device, attention_partial(state, i, h, start, rope))
         h = rms_norm(x, layer.post_norm, eps)
         x = x + collective.all_reduce(state.device, mlp_partial(layer, h))
     result = None
