@@ -164,7 +164,9 @@ def run_on_devices(workers: Sequence[DeviceWorker], task: Task,
     futures = {w.device: w.submit(task) for w in workers}
     pending, silent = set(futures.values()), False
     while pending:
-        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+        done, pending = wait(pending, timeout=0.05, return_when=FIRST_EXCEPTION)
+        if pending and collective is not None and collective.aborted:
+            raise StepAbandoned("a device stopped answering during the step")  # declared dead meanwhile
         for future in done:
             error = future.exception()
             if isinstance(error, DeviceCrashed):

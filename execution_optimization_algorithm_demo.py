@@ -4,7 +4,8 @@ Loads Llama-3.2-1B (real if found, else synthetic), splits it by heads over devi
 failure-free reference, then the same generation in which a device crashes mid-step. The leader
 detects it by heartbeat timeout, reassigns its heads, the new owners read the weight slices they
 inherit, and the KV cache is rebuilt by every recovery strategy from the same post-failure state:
-timed, counted, checked lossless. The report goes to /tmp/kv_cache_performance_report.txt (+ .json).
+timed, counted, checked lossless. The report goes to /tmp/kv_cache_performance_report.txt (+ .json),
+with a per-device timeline picture of the run beside it (kv_cache_timeline.png).
 
     python execution_optimization_algorithm_demo.py --help
 """
@@ -30,12 +31,14 @@ from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import CheckpointError, LlamaConfig
 from performance_comparator import (Timing, compare_device_level, compare_recoveries, measure_step_overhead,
                                     snapshot_kv)
+from recovery_plots import plot_timeline
 from recovery_report import Report, check_writable, json_path, write_report
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
 from tensor_parallel_cluster import DTYPES, open_checkpoint
 
 DEFAULT_PROMPT = "The history of fault tolerance in distributed computing begins with"
 DEFAULT_REPORT = Path("/tmp/kv_cache_performance_report.txt")
+TIMELINE_NAME = "kv_cache_timeline.png"  # written in the report's folder
 
 
 class UsageError(Exception):
@@ -92,7 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--dtype", choices=tuple(DTYPES), default="float32",
         help="compute dtype (default float32: measured faster than bf16 on CPUs without AMX; see README)")
     add("--repeats", type=int, default=3, help="timed runs of each strategy (default 3)")
-    add("--report", type=Path, default=DEFAULT_REPORT, help=f"report path (default {DEFAULT_REPORT}; JSON beside it)")
+    add("--report", type=Path, default=DEFAULT_REPORT,
+        help=f"report path (default {DEFAULT_REPORT}; the JSON twin and the timeline picture {TIMELINE_NAME} "
+             "go beside it)")
     add("--seed", type=int, default=0, help="seed of the random reassignment (default 0)")
     add("--quiet", action="store_true", help="print only the report's path and the comparison table")
     args = parser.parse_args(argv)
@@ -158,12 +163,12 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
     location, checkpoint, open_seconds = open_checkpoint(o.model_dir, log)
     config = checkpoint.config
     check_against_model(o, config, 0)
-    log(f"model: {checkpoint.folder} ({'synthetic' if location.is_synthetic else 'real'}: {location.reason})")
     assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
                                     config.intermediate_size, o.devices)
     model = FaultTolerantLlama.from_checkpoint(location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet,
                                                open_seconds, heartbeat=HeartbeatConfig(o.heartbeat_interval,
                                                                                        o.heartbeat_timeout))
+    log(f"model: {checkpoint.folder} ({'synthetic' if location.is_synthetic else 'real'}: {location.reason})")
     try:
         return run_on_model(o, model, started_at, log)
     finally:
@@ -181,10 +186,9 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
 
     keeping = keep_state_for(model, o.recovery)
     log(f"run with a failure: Device-{o.fail_device} crashes after {o.fail_after} tokens (keeping {keeping})")
-    before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o)
+    before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o, log)
     if before != reference["tokens"][:o.fail_after]:
         raise RuntimeError("the run diverged from the failure-free run before the failure")
-    log(f"waiting for the heartbeat monitor (timeout {o.heartbeat_timeout} s)...")
     event = model.wait_for_failure()
     post, weight_load_s = model.prepare_recovery([event], make_strategy(o.reassign, o.seed))
     plan = post.plan
@@ -201,6 +205,10 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
                "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, post.context_ids.numel())
                                         for row in outcomes if row.kept_bytes}}
+    timeline = o.report.with_name(TIMELINE_NAME)
+    plot_timeline(list(model.log.events), timeline,
+                  f"Device-{event.device} crashes after {o.fail_after} tokens; {o.reassign} reassignment; "
+                  f"{post.context_ids.numel()}-token context; {len(o.recovery)} strategies x {o.repeats}")
     return {
         "run": {"started": started_at, "options": {k: str(v) for k, v in vars(o).items()}},
         "model": describe_model(model, o.dtype),
@@ -217,6 +225,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         "overhead": {mode: timing_row(t) for mode, t in overhead.items()} if overhead else None,
         "text": describe_text(model, o.prompt, prompt_ids, before, reference["tokens"], outcomes, o.fail_after),
         "environment": describe_environment(),
+        "files": {"timeline": str(timeline)},
     }
 
 
@@ -247,7 +256,8 @@ def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:
     return " and ".join(kept) or "nothing"
 
 
-def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: Options) -> tuple[list[int], float]:
+def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: Options,
+                           log: Callable[[str], None]) -> tuple[list[int], float]:
     """Generate `fail_after` tokens, then run the step in which the armed device crashes."""
     started = time.perf_counter()
     logits = model.prefill(prompt_ids)
@@ -256,6 +266,8 @@ def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: 
     while len(tokens) < o.fail_after:
         tokens.append(int(model.decode(tokens[-1]).argmax()))
     model.arm(FailurePlan(o.fail_device, o.fail_after))
+    log(f"Device-{o.fail_device} crashes in this step; waiting for the heartbeat monitor "
+        f"(timeout {o.heartbeat_timeout} s)...")
     try:
         model.decode(tokens[-1])
     except StepAbandoned:
@@ -366,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from recovery_report import render
         print(render(report))
-        print(f"report written to {options.report} and {json_path(options.report)}")
+        print(f"report written to {options.report} and {json_path(options.report)}; "
+              f"timeline: {report['files']['timeline']}")
     return 0
 
 

@@ -311,10 +311,11 @@ class FaultTolerantLlama(TensorParallelLlama):
         epoch = self.monitor.advance_epoch()
         self.collective = ThreadCollective(assignment.devices, epoch, self._fault_point)
 
-    def adopt(self, states: dict[int, DeviceState]) -> None:
-        """Install recovered device states (each with its rebuilt KV cache)."""
+    def adopt(self, states: dict[int, DeviceState], context_ids: torch.Tensor) -> None:
+        """Install recovered device states, whose KV caches hold `context_ids`."""
         for device, state in states.items():
             self.workers[device].state = state
+        self.cached_ids = context_ids.tolist()
 
     def reprotect(self) -> None:
         """After a recovery with replication on, every device sends its whole KV to its new buddy."""
@@ -342,11 +343,12 @@ class FaultTolerantLlama(TensorParallelLlama):
 
     def recover(self, event: FailureEvent, reassign: ReassignStrategy, recovery: RecoveryStrategy) -> Recovery:
         """The whole recovery: plan, inherit weights, rebuild KV, adopt; restarted if another device dies."""
-        events, attempts = [event, *self.pending_failures()], 0
+        events, attempts, applied = [event, *self.pending_failures()], 0, []
         while True:
             attempts += 1
             try:
                 post, load_s = self.prepare_recovery(events, reassign)
+                applied += post.plans
                 began = self.clock()
                 started = time.perf_counter()
                 strategy, fallback = self._rebuild(post, recovery)
@@ -358,17 +360,17 @@ class FaultTolerantLlama(TensorParallelLlama):
             except StepAbandoned:
                 events += [self.wait_for_failure(), *self.pending_failures()]
                 continue
-            return Recovery(tuple(events), tuple(post.plans), strategy, fallback, load_s, rebuild_s, attempts)
+            return Recovery(tuple(events), tuple(applied), strategy, fallback, load_s, rebuild_s, attempts)
 
     def _rebuild(self, post: PostFailureState, recovery: RecoveryStrategy) -> tuple[str, str | None]:
         """Rebuild with the asked strategy, or fall back to one that still works (and say why)."""
         try:
-            self.adopt(recovery.recover(self, post))
+            self.adopt(recovery.recover(self, post), post.context_ids)
             return recovery.name, None
         except RecoveryImpossible as reason:
             fallback = make_recovery("reuse-hidden" if all(s.hidden_states is not None
                                                             for s in post.survivors.values()) else "full-recompute")
-            self.adopt(fallback.recover(self, post))
+            self.adopt(fallback.recover(self, post), post.context_ids)
             return fallback.name, f"{recovery.name} impossible ({reason}); fell back to {fallback.name}"
 
     # ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ an injectable clock, so detection and its latency (crash -> declaration) are tes
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ class HeartbeatConfig:
     timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.interval_s) and math.isfinite(self.timeout_s)):
+            raise ValueError(f"heartbeat interval and timeout must be finite numbers of seconds, "
+                             f"got {self.interval_s} and {self.timeout_s}")
         if self.interval_s <= 0:
             raise ValueError(f"heartbeat interval ({self.interval_s} s) must be positive")
         if self.timeout_s <= self.interval_s:

@@ -165,6 +165,8 @@ def kv_sources(post: PostFailureState) -> dict[int, KVCache]:
 def copy_from_peers(survivor: Survivor, sources: dict[int, KVCache]) -> KVCache:
     """Keep the held KV; copy each missing KV head from where it survived (a KV copy between devices)."""
     cache = survivor.cache.regrouped(survivor.shard.kv_heads)
+    if cache.length == 0:
+        return cache  # the failure struck during the prefill: nothing to copy
     for g in survivor.missing_kv_heads:
         if g not in sources:
             raise RecoveryImpossible(f"KV head {g + 1} survived nowhere (its device and its buddy are both lost)")

@@ -119,6 +119,8 @@ class LlamaConfig:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path.parent}: no config.json") from None
+        except OSError as bad:
+            raise CheckpointError(f"{path}: cannot be read ({bad.strerror or bad})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as bad:
             raise CheckpointError(f"{path}: not valid JSON ({bad})") from None
         if not isinstance(raw, dict):
@@ -163,6 +165,8 @@ def _is_llama_architecture(raw: Mapping[str, Any]) -> bool:
 def _rope_fields(raw: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and the scaling dict, from old-style fields or newer `rope_parameters`."""
     params = raw.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not isinstance(raw.get("rope_scaling") or {}, dict):
+        raise TypeError("rope_scaling and rope_parameters must be objects")
     scaling = raw.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"} or None
     if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         scaling = None
@@ -303,6 +307,8 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as bad:
                 raise CheckpointError(f"{index}: not a valid shard index ({bad})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             files = {name: self.folder / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
                 if not shard.is_file():
@@ -446,7 +452,10 @@ class JsonTokenizer:
 
     def __init__(self, path: Path, bos_token_id: int | None):
         from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as bad:  # the tokenizers library raises a bare Exception for a damaged file
+            raise CheckpointError(f"{path}: not a readable tokenizer ({str(bad).splitlines()[0][:120]})") from None
         self.bos_token_id = bos_token_id
         self.path = path
 

