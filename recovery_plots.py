@@ -1,0 +1,356 @@
+"""Pictures of a recovery: a per-device timeline of one run, and recovery time against context length.
+
+A table says how long recovery took; the timeline shows where the time went (detection, weight
+loading, KV rebuild, resumed generation) and the context plot shows how each strategy scales.
+Drawn with matplotlib's Agg canvas (no display, no pyplot state); files are written atomically.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
+from matplotlib.transforms import blended_transform_factory
+
+Event = tuple[float, int, str, float]  # (time, device, kind, duration): fault_tolerant_cluster.EventLog
+
+REBUILD = "rebuild KV"
+SPAN_COLOURS = {"compute": "#9bb7d4", "load weights": "#f28e2b", "stalled": "#edc948", REBUILD: "#59a14f"}
+STRATEGY_COLOURS = {"full-recompute": "#b07aa1", "reuse-replay": "#9c755f", "reuse-hidden": "#59a14f",
+                    "replicate": "#17becf"}
+SPARE_COLOURS = ("#ff9da7", "#76b7b2", "#bab0ac", "#e15759")
+DETECTION_COLOUR = "#e15759"
+RESUMED_COLOUR = "#2ca02c"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run's events
+
+
+@dataclass(frozen=True)
+class Span:
+    device: int
+    kind: str     # 'compute', 'load weights', 'stalled' or 'rebuild KV' (strategy in `label`)
+    label: str    # legend label: the kind, or the strategy of a rebuild
+    start: float  # seconds after the first event
+    duration: float
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+@dataclass(frozen=True)
+class Detection:
+    device: int
+    died: float      # seconds after the first event
+    declared: float  # when the monitor declared it dead
+
+    @property
+    def latency(self) -> float:
+        return self.declared - self.died
+
+
+@dataclass(frozen=True)
+class Timeline:
+    devices: tuple[int, ...]
+    spans: tuple[Span, ...]
+    beats: Mapping[int, tuple[float, ...]]
+    died: tuple[tuple[int, float], ...]
+    declared: tuple[tuple[int, float], ...]
+    detections: tuple[Detection, ...]
+    resumed: float | None  # the first compute after the last KV rebuild
+    end: float
+
+
+def read_events(events: Iterable[Event]) -> Timeline:
+    """Sort a run's events into spans, beats and failure marks, in seconds after the first event."""
+    ordered = sorted(events, key=lambda e: e[0])
+    if not ordered:
+        raise ValueError("no events to plot")
+    t0 = ordered[0][0]
+    spans: list[Span] = []
+    beats: dict[int, list[float]] = defaultdict(list)
+    died: list[tuple[int, float]] = []
+    declared: list[tuple[int, float]] = []
+    for at, device, kind, duration in ordered:
+        t = at - t0
+        if kind == "beat":
+            beats[device].append(t)
+        elif kind == "died":
+            died.append((device, t))
+        elif kind == "declared dead":
+            declared.append((device, t))
+        elif kind.startswith(REBUILD):
+            label = kind[len(REBUILD):].lstrip(": ").strip() or REBUILD
+            spans.append(Span(device, REBUILD, label, t, duration))
+        else:
+            spans.append(Span(device, kind, kind, t, duration))
+    devices = tuple(sorted({e[1] for e in ordered}))
+    end = max([s.end for s in spans] + [e[0] - t0 for e in ordered])
+    return Timeline(devices, tuple(spans), {d: tuple(b) for d, b in beats.items()}, tuple(died), tuple(declared),
+                    pair_detections(died, declared), resumed_at(spans), end)
+
+
+def pair_detections(died: Sequence[tuple[int, float]], declared: Sequence[tuple[int, float]]) -> tuple[Detection, ...]:
+    """Each death with the first declaration of the same device after it."""
+    pairs = []
+    for device, t in died:
+        later = [d for dev, d in declared if dev == device and d >= t]
+        if later:
+            pairs.append(Detection(device, t, min(later)))
+    return tuple(pairs)
+
+
+def resumed_at(spans: Sequence[Span]) -> float | None:
+    """Start of the first compute span after the end of the last KV rebuild (None without a rebuild)."""
+    rebuilds = [s.end for s in spans if s.kind == REBUILD]
+    if not rebuilds:
+        return None
+    after = [s.start for s in spans if s.kind == "compute" and s.start >= max(rebuilds)]
+    return min(after) if after else None
+
+
+def span_colour(span: Span, spare: dict[str, str]) -> str:
+    if span.kind != REBUILD:
+        return SPAN_COLOURS.get(span.kind, "#bab0ac")
+    if span.label in STRATEGY_COLOURS or span.label == REBUILD:
+        return STRATEGY_COLOURS.get(span.label, SPAN_COLOURS[REBUILD])
+    if span.label not in spare:
+        spare[span.label] = SPARE_COLOURS[len(spare) % len(SPARE_COLOURS)]
+    return spare[span.label]
+
+
+# --------------------------------------------------------------------------------------------
+# The timeline
+
+
+def plot_timeline(events: Iterable[Event], path: str | Path, title: str) -> Path:
+    """One row per device (Device-0 on top): spans as bars, heartbeats as ticks, failures marked.
+
+    When the recovery is a small part of a long run, a second panel zooms on it: from the failure
+    to the resumed generation. The detection window is shaded and its latency written on it.
+    """
+    timeline = read_events(events)
+    window = recovery_window(timeline)
+    zoom = window is not None and window[1] - window[0] < ZOOM_BELOW * timeline.end
+    height = 1.2 + 0.55 * len(timeline.devices)
+    figure = new_figure((13, height * (2 if zoom else 1) + 1.6))
+    axes = figure.subplots(2 if zoom else 1, 1, squeeze=False)[:, 0]
+    spare: dict[str, str] = {}
+    draw_timeline(axes[0], timeline, spare, None, detailed=not zoom, subtitle="whole run" if zoom else "")
+    if zoom:
+        draw_timeline(axes[1], timeline, spare, window, detailed=True, subtitle="the recovery, zoomed")
+        mark_window(axes[0], window)
+    axes[-1].set_xlabel("seconds since the first event")
+    figure.suptitle(title, fontsize=13)
+    handles = legend_handles(timeline, spare)
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=9,
+                  frameon=False)
+    return save(figure, path)
+
+
+ZOOM_BELOW = 0.6  # zoom on the recovery when it spans less than this share of the run
+
+
+def recovery_window(timeline: Timeline) -> tuple[float, float] | None:
+    """From just before the first failure to just after generation resumed (None without a failure)."""
+    if not timeline.died:
+        return None
+    start = min(t for _, t in timeline.died)
+    stop = timeline.resumed
+    if stop is None:
+        rebuilds = [s.end for s in timeline.spans if s.kind == REBUILD]
+        stop = max(rebuilds + [t for _, t in timeline.declared] + [start])
+    margin = max(0.04 * (stop - start), 0.01)
+    return start - margin, min(stop + 3 * margin, timeline.end + margin)
+
+
+def draw_timeline(ax, timeline: Timeline, spare: dict[str, str], window: tuple[float, float] | None,
+                  detailed: bool, subtitle: str) -> None:
+    """Bars, ticks and marks on one panel; `detailed` adds the written labels (on one panel only)."""
+    rows = {device: i for i, device in enumerate(timeline.devices)}  # the y axis is inverted below
+    for span in timeline.spans:
+        colour = span_colour(span, spare)
+        ax.broken_barh([(span.start, max(span.duration, 0.0))], (rows[span.device] - 0.32, 0.5),
+                       facecolors=colour, edgecolors=colour, linewidth=0.6)
+    for device, beats in timeline.beats.items():
+        ax.vlines(beats, rows[device] + 0.24, rows[device] + 0.42, colors="0.35", linewidth=0.7)
+    for detection in timeline.detections:
+        ax.axvspan(detection.died, detection.declared, color=DETECTION_COLOUR, alpha=0.12, linewidth=0)
+    for _, t in timeline.declared:
+        ax.axvline(t, color="black", linewidth=1.2)
+    for device, t in timeline.died:
+        ax.plot([t], [rows[device] - 0.07], marker="X", markersize=11, color=DETECTION_COLOUR,
+                markeredgecolor="black", markeredgewidth=0.6, zorder=5, linestyle="none")
+    if timeline.resumed is not None:
+        ax.axvline(timeline.resumed, color=RESUMED_COLOUR, linewidth=1.4, linestyle="--")
+    ax.set_yticks(range(len(timeline.devices)), [f"Device-{d}" for d in timeline.devices])
+    ax.set_ylim(len(timeline.devices) - 0.4, -0.6)  # Device-0 at the top
+    ax.set_xlim(*(window or (-0.01 * timeline.end, timeline.end * 1.01)))
+    ax.grid(axis="x", color="0.9", linewidth=0.6)
+    ax.set_axisbelow(True)
+    if detailed:
+        label_detections(ax, timeline, rows)
+    if subtitle:
+        ax.set_title(subtitle, loc="left", fontsize=10, color="0.3", pad=16 if detailed else 4)
+
+
+def label_detections(ax, timeline: Timeline, rows: Mapping[int, int]) -> None:
+    """Latency arrows in the detection windows; names of the vertical lines above the panel."""
+    for detection in timeline.detections:
+        y = rows[detection.device] + 0.5
+        ax.annotate("", xy=(detection.declared, y), xytext=(detection.died, y),
+                    arrowprops={"arrowstyle": "<->", "color": DETECTION_COLOUR, "linewidth": 1.2})
+        ax.text((detection.died + detection.declared) / 2, y + 0.02, f"detection {detection.latency:.2f} s",
+                ha="center", va="top", fontsize=9, color="#8b1a1a",
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.85, "linewidth": 0})
+    # "declared dead" reads leftwards over the (empty) detection window, "resumed" rightwards
+    labels = [(t, f"Device-{device} declared dead", "black", "right") for device, t in timeline.declared]
+    if timeline.resumed is not None:
+        labels.append((timeline.resumed, "generation resumed", "#1b6b1b", "left"))
+    place_top_labels(ax, labels)
+
+
+def place_top_labels(ax, labels: Sequence[tuple[float, str, str, str]]) -> None:
+    """Write each (x, text, colour, side) label just above the panel at x, on the preferred side
+    unless it would leave the panel, and one level higher if it would overlap one already placed."""
+    renderer = ax.get_figure().canvas.get_renderer()
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    frame = ax.get_window_extent(renderer)
+    placed: list = []
+    for x, text, colour, side in sorted(labels):
+        for level in range(4):
+            label = ax.text(x, 1.01 + 0.09 * level, f" {text} ", transform=top, ha=side, va="bottom",
+                            fontsize=8.5, color=colour)
+            box = label.get_window_extent(renderer)
+            if box.x0 < frame.x0 or box.x1 > frame.x1:  # flip to the other side of the line
+                label.set_horizontalalignment("left" if side == "right" else "right")
+                box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or level == 3:
+                placed.append(box)
+                break
+            label.remove()
+
+
+def mark_window(ax, window: tuple[float, float]) -> None:
+    """Outline, on the whole-run panel, the part that the zoomed panel shows."""
+    ax.axvspan(*window, facecolor="none", edgecolor="0.3", linestyle=":", linewidth=1.0)
+
+
+def legend_handles(timeline: Timeline, spare: dict[str, str]) -> list:
+    seen: dict[str, str] = {}
+    for span in timeline.spans:
+        name = span.label if span.kind == REBUILD else span.kind
+        text = f"rebuild KV: {name}" if span.kind == REBUILD and name != REBUILD else name
+        seen.setdefault(text, span_colour(span, spare))
+    order = ["compute", "load weights", "stalled"]
+    handles: list = [Patch(color=seen[k], label=k) for k in order if k in seen]
+    handles += [Patch(color=c, label=k) for k, c in seen.items() if k not in order]
+    handles.append(Line2D([], [], color="0.35", marker="|", linestyle="none", markersize=8, label="heartbeat"))
+    if timeline.died:
+        handles.append(Line2D([], [], color=DETECTION_COLOUR, marker="X", markeredgecolor="black", linestyle="none",
+                              markersize=9, label="device died"))
+        handles.append(Patch(color=DETECTION_COLOUR, alpha=0.2, label="detection window"))
+    if timeline.declared:
+        handles.append(Line2D([], [], color="black", linewidth=1.2, label="declared dead"))
+    if timeline.resumed is not None:
+        handles.append(Line2D([], [], color=RESUMED_COLOUR, linewidth=1.4, linestyle="--",
+                              label="generation resumed"))
+    return handles
+
+
+# --------------------------------------------------------------------------------------------
+# Recovery time against context length
+
+
+REASSIGN_STYLES = {"random": "-", "balanced": "--"}
+DEVICE_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Median recovery seconds (log scale) against context length, one line per strategy.
+
+    Each row needs 'strategy', 'context' and 'median_s'; 'reassign' and 'devices' (if present)
+    give separate lines (line style and marker); 'min_s' and 'max_s' (if present) give bars.
+    """
+    if not rows:
+        raise ValueError("no rows to plot")
+    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["strategy"], str(row.get("reassign", "")), int(row.get("devices", 0)))].append(row)
+    strategies = list(dict.fromkeys(row["strategy"] for row in rows))
+    reassigns = list(dict.fromkeys(key[1] for key in groups))
+    device_counts = sorted({key[2] for key in groups})
+    spare: dict[str, str] = {}
+    colours = {s: STRATEGY_COLOURS.get(s) or spare.setdefault(s, SPARE_COLOURS[len(spare) % len(SPARE_COLOURS)])
+               for s in strategies}
+    markers = {n: DEVICE_MARKERS[i % len(DEVICE_MARKERS)] for i, n in enumerate(device_counts)}
+    styles = {r: REASSIGN_STYLES.get(r, (":", "-.")[i % 2]) for i, r in enumerate(reassigns)}
+
+    figure = new_figure((9, 5.8))
+    ax = figure.subplots()
+    variants = sorted({key[1:] for key in groups}, key=lambda v: (v[1], reassigns.index(v[0])))
+    for (strategy, reassign, devices), group in groups.items():
+        group = sorted(group, key=lambda r: r["context"])
+        # dodge: each (reassign, devices) variant a little to the side, so that bars do not hide each other
+        dodge = 2 ** (0.035 * (variants.index((reassign, devices)) - (len(variants) - 1) / 2))
+        x = [r["context"] * dodge for r in group]
+        y = [r["median_s"] for r in group]
+        errors = None
+        if all("min_s" in r and "max_s" in r for r in group):
+            errors = [[r["median_s"] - r["min_s"] for r in group], [r["max_s"] - r["median_s"] for r in group]]
+        ax.errorbar(x, y, yerr=errors, color=colours[strategy], linestyle=styles[reassign],
+                    marker=markers[devices], markersize=6, linewidth=1.6, capsize=3, elinewidth=0.8)
+    contexts = sorted({r["context"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_xlabel("context length (tokens); variants drawn slightly apart")
+    ax.set_ylabel("KV rebuild time, median (s, log scale)")
+    ax.grid(True, which="major", color="0.88", linewidth=0.6)
+    ax.set_title(title or "KV-cache rebuild time after a device failure", fontsize=12)
+
+    handles: list = [Line2D([], [], color=colours[s], linewidth=2.5, label=s) for s in strategies]
+    if len(reassigns) > 1 or reassigns != [""]:
+        handles += [Line2D([], [], color="0.3", linestyle=styles[r], label=f"{r} reassignment")
+                    for r in reassigns if r]
+    if len(device_counts) > 1 or device_counts != [0]:
+        handles += [Line2D([], [], color="0.3", marker=markers[n], linestyle="none", label=f"{n} devices")
+                    for n in device_counts if n]
+    if any(r.get("min_s", r["median_s"]) < r.get("max_s", r["median_s"]) for r in rows):
+        handles.append(Line2D([], [], color="0.3", marker="|", markersize=10, linestyle="none",
+                              label="bar: min to max"))
+    figure.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
+    return save(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def new_figure(size: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas (no pyplot, no global backend), laid out without overlaps."""
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save(figure: Figure, path: str | Path, dpi: int = 130) -> Path:
+    """Write the figure as PNG atomically: a temporary file beside it, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
