@@ -33,6 +33,7 @@ from performance_comparator import (Timing, compare_device_level, compare_recove
                                     snapshot_kv)
 from recovery_plots import plot_timeline
 from recovery_report import Report, check_writable, json_path, write_report
+from synthetic_checkpoint import is_synthetic_checkpoint
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
 from tensor_parallel_cluster import DTYPES, open_checkpoint
 
@@ -168,7 +169,8 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
     model = FaultTolerantLlama.from_checkpoint(location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet,
                                                open_seconds, heartbeat=HeartbeatConfig(o.heartbeat_interval,
                                                                                        o.heartbeat_timeout))
-    log(f"model: {checkpoint.folder} ({'synthetic' if location.is_synthetic else 'real'}: {location.reason})")
+    kind = "synthetic" if is_synthetic_checkpoint(checkpoint.folder) else "real"
+    log(f"model: {checkpoint.folder} ({kind}: {location.reason})")
     try:
         return run_on_model(o, model, started_at, log)
     finally:
@@ -199,7 +201,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     device_level = compare_device_level(model, post, o.repeats)
     if model.replication:
         model.reprotect()
-    overhead = measure_step_overhead(model, before[-1], max(3, o.repeats)) if keeping != "nothing" else None
+    overhead = measure_step_overhead(model, max(3, o.repeats)) if keeping != "nothing" else None
 
     system |= {"prefill_seconds": reference["prefill_s"], "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
@@ -282,7 +284,7 @@ def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: 
 def describe_model(model: FaultTolerantLlama, dtype: str) -> dict:
     load = model.load_report
     return {"path": str(load.folder), "source": load.location.source, "reason": load.location.reason,
-            "synthetic": load.location.is_synthetic, "config": model.config.to_dict(),
+            "synthetic": is_synthetic_checkpoint(load.folder), "config": model.config.to_dict(),
             "tensor_count": load.tensor_count, "stored_bytes": load.stored_bytes, "stored_dtype": load.stored_dtype,
             "compute_dtype": dtype, "load_seconds": load.seconds}
 

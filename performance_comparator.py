@@ -258,13 +258,14 @@ def compare_device_level(model: FaultTolerantLlama, post: PostFailureState, repe
                                  Timing(tuple(all_times)), Timing(tuple(inherited_times)))
 
 
-def measure_step_overhead(model: FaultTolerantLlama, token: int, repeats: int) -> dict[str, Timing]:
+def measure_step_overhead(model: FaultTolerantLlama, repeats: int) -> dict[str, Timing]:
     """Decode-step time with nothing kept, with hidden-state checkpoints, and with KV replication.
 
-    Each measurement recomputes the same position (so the cache does not grow), alternating the
-    three modes so that machine noise falls on all of them alike.
+    Each measurement recomputes the last cached position from the token that filled it, so the
+    cache neither grows nor changes; the three modes alternate so that machine noise falls on all
+    of them alike.
     """
-    position = model.position
+    position, token = model.position - 1, model.cached_ids[-1]
     kept_hidden = {d: w.state.hidden_states for d, w in model.workers.items()}
     modes: dict[str, Callable[[], None]] = {
         "nothing kept": lambda: _keep(model, kept_hidden, hidden=False, replicate=False),

@@ -19,8 +19,9 @@ def json_path(report_path: Path) -> Path:
 
 def write_report(report_path: Path, report: Report) -> None:
     """Write the text report and its JSON twin (same name, .json), each atomically."""
-    _write_atomically(report_path, render(report))
-    _write_atomically(json_path(report_path), json.dumps(report, indent=2))
+    text, data = render(report), json.dumps(report, indent=2)  # both complete before either file is replaced
+    _write_atomically(report_path, text)
+    _write_atomically(json_path(report_path), data)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -60,6 +60,11 @@ def preset_config(preset: str) -> LlamaConfig:
     return LlamaConfig.from_dict(PRESETS[preset], source=f"preset {preset}")
 
 
+def is_synthetic_checkpoint(folder: Path) -> bool:
+    """Whether a folder holds a checkpoint written by this module (random weights), wherever it lies."""
+    return (Path(folder) / MARKER).is_file()
+
+
 def synthetic_dir(preset: str, seed: int) -> Path:
     return cache_root() / f"synthetic-{preset}-seed{seed}"
 

@@ -1,0 +1,322 @@
+"""KV-cache rebuild time of every recovery strategy against context length, reassignment and device count.
+
+What it measures, for each `--devices` count, each `--reassign` strategy and each `--lengths`
+context L (one "trial" each):
+  * a fresh cluster prefills L-1 prompt tokens and decodes one, keeping what every strategy needs
+    (hidden-state checkpoints and the buddy's KV replica), so the context at the failure is L;
+  * the per-step cost of keeping them (performance_comparator.measure_step_overhead: decode steps
+    at the same position with nothing kept, hidden states, KV replica, alternating), once per
+    (devices, L), on the first reassignment's trial, before the failure;
+  * Device-`--fail-device` crashes mid-step; the heartbeat monitor declares it dead; the leader
+    reassigns its heads and the new owners read their weight slices (prepare_recovery);
+  * from that one post-failure state, every strategy rebuilds the KV cache `--repeats` times,
+    alternating with a rotated order, each run from its own copy (performance_comparator.time_strategies).
+FLOPs are counted from shapes (recovery_flops); "kept" is the state the survivors keep during
+normal running for the strategy (kept_bytes), per token of context.
+
+How: weight slices are loaded once per device count. A crash removes a device from its cluster,
+so each trial runs on a new cluster (threads, heartbeats, empty caches) over the same read-only
+slices. Heartbeats are short (detection is not what this measures; the demo reports it).
+Lossless checks are the demo's and the tests' job: this script only times.
+
+How to read it: median (min-max) seconds; speedup = full-recompute median / strategy median from
+the same trial; FLOP ratio likewise from FLOPs. On a shared 2-core machine numbers are noisy.
+
+    KV_REUSE_CACHE=/tmp/kvcache python bench/bench_recovery.py --quick
+    python bench/bench_recovery.py                   # lengths 128 512 2048, 4 and 8 devices, 3 repeats
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from common import DTYPES, REPO, machine, model_folder
+
+import torch
+
+from device_threads import StepAbandoned
+from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt, keep_state_for
+from fault_tolerant_cluster import FailureEvent, FailurePlan, FaultTolerantLlama, PostFailureState
+from head_assignment import initial_assignment
+from heartbeat_detection import HeartbeatConfig
+from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES, make_recovery
+from performance_comparator import Timing, kept_bytes, measure_step_overhead, recovery_flops, time_strategies
+from recovery_plots import plot_recovery_vs_context
+from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
+from tensor_parallel_cluster import open_checkpoint
+from tensor_parallel_model import DeviceShard
+
+DEFAULT_PLOT = REPO / "docs" / "recovery_vs_context.png"
+QUICK_PLOT = Path("/tmp/recovery_vs_context_quick.png")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters on weight slices loaded once
+
+
+class SharedWeightsLlama(FaultTolerantLlama):
+    """A FaultTolerantLlama whose devices take their weight slices from `shards` when present.
+
+    The first cluster of a device count reads them from the checkpoint (and fills `shards`); later
+    ones reuse them. Slices are read-only: inheriting a dead device's slices builds new tensors.
+    """
+
+    def __init__(self, *args, shards: dict[int, DeviceShard], **kwargs):
+        self._shards = shards
+        super().__init__(*args, **kwargs)
+
+    def _load_state(self, worker, on_layer) -> None:
+        shard = self._shards.get(worker.device)
+        if shard is None:
+            super()._load_state(worker, on_layer)
+            self._shards[worker.device] = worker.state.shard
+        else:
+            worker.state = self.new_state(shard)
+
+
+@dataclass
+class ClusterFactory:
+    """New clusters of `devices` devices on one checkpoint, weight slices read once."""
+
+    folder: Path
+    devices: int
+    dtype: torch.dtype
+    heartbeat: HeartbeatConfig
+    shards: dict[int, DeviceShard] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.location, self.checkpoint, _ = open_checkpoint(self.folder, log)
+        config = self.checkpoint.config
+        self.assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
+                                             config.intermediate_size, self.devices)
+
+    def new(self) -> SharedWeightsLlama:
+        return SharedWeightsLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
+                                                  heartbeat=self.heartbeat, shards=self.shards)
+
+
+# --------------------------------------------------------------------------------------------
+# One trial: a cluster at context L, a crash, and the post-failure state
+
+
+@dataclass
+class Trial:
+    devices: int
+    reassign: str
+    context: int
+    prefill_s: float
+    detection_s: float
+    weight_load_s: float
+    receivers: str
+    rebuilt_kv_heads: int
+    overhead: dict[str, Timing] | None
+    rows: list[dict]
+
+
+def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, reassign: str, seed: int,
+                    strategies: Sequence[str], overhead_repeats: int
+                    ) -> tuple[PostFailureState, FailureEvent, float, float, dict[str, Timing] | None]:
+    """Fill the cache to `context` tokens keeping what `strategies` need, crash a device mid-step,
+    detect it, reassign and inherit weights. Returns the post-failure state, the failure, the
+    prefill and weight-load seconds, and the per-step overhead (when `overhead_repeats`)."""
+    prompt_ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context - 1)[:context - 1]
+    keep_state_for(model, strategies)
+    started = time.perf_counter()
+    token = int(model.prefill(prompt_ids).argmax())
+    prefill_s = time.perf_counter() - started
+    if overhead_repeats:  # decode steps at position L-1: the last one leaves `token` cached there
+        overhead = measure_step_overhead(model, overhead_repeats)
+    else:
+        overhead = None
+        model.decode(token)
+    model.arm(FailurePlan(fail_device, after_tokens=1))
+    try:
+        model.decode(token)
+        raise RuntimeError("the injected failure did not abandon the step")
+    except StepAbandoned:
+        pass
+    event = model.wait_for_failure()
+    post, weight_load_s = model.prepare_recovery([event], make_strategy(reassign, seed))
+    if post.context_ids.numel() != context:
+        raise RuntimeError(f"context at the failure is {post.context_ids.numel()} tokens, not {context}")
+    return post, event, prefill_s, weight_load_s, overhead
+
+
+def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argparse.Namespace,
+              with_overhead: bool) -> Trial:
+    strategies = [make_recovery(name) for name in args.strategies]
+    model = factory.new()
+    try:
+        post, event, prefill_s, load_s, overhead = post_failure_at(
+            model, context, args.fail_device, reassign, args.seed, args.strategies,
+            max(3, args.repeats) if with_overhead else 0)
+        log(f"  prefill {prefill_s:.2f} s; Device-{event.device} declared dead after "
+            f"{event.detection_latency_s:.2f} s; weights {load_s:.2f} s; timing {len(strategies)} strategies "
+            f"x {args.repeats}")
+        timings, states, errors = time_strategies(model, post, strategies, args.repeats)
+        del states
+    finally:
+        model.close()
+    baseline = timings.get("full-recompute")
+    full_flops = recovery_flops("full-recompute", model.config, post)
+    rows = []
+    for strategy in strategies:
+        timing, flops = timings.get(strategy.name), recovery_flops(strategy.name, model.config, post)
+        row = {"devices": factory.devices, "reassign": reassign, "context": context, "strategy": strategy.name,
+               "keeps": strategy.keeps, "error": errors.get(strategy.name), "flops": flops,
+               "flop_ratio": full_flops / flops if flops else float("inf"),
+               "kept_bytes_per_token": kept_bytes(strategy, post) / context}
+        if timing:
+            row |= {"seconds": list(timing.seconds), "min_s": timing.min, "median_s": timing.median,
+                    "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None}
+            log(f"    {strategy.name:<15} median {timing.median:.4f} s")
+        rows.append(row)
+    receivers = ", ".join(f"Device-{d}" for d in post.plan.moved_heads)
+    rebuilt = sum(len(s.missing_kv_heads) for s in post.survivors.values())
+    return Trial(factory.devices, reassign, context, prefill_s, event.detection_latency_s, load_s, receivers,
+                 rebuilt, overhead, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if value == float("inf") else f"{value:.1f}x"
+
+
+def recovery_table(trials: Sequence[Trial]) -> str:
+    lines = ["| devices | reassign | context | strategy | median s (min-max) | speedup | GFLOP | FLOP ratio | "
+             "kept KiB/token |",
+             "|---:|---|---:|---|---|---:|---:|---:|---:|"]
+    for trial in trials:
+        for row in trial.rows:
+            if row.get("median_s") is None:
+                timing = f"could not run: {row['error']}"
+            else:
+                timing = f"{row['median_s']:.4f} ({row['min_s']:.4f}-{row['max_s']:.4f})"
+            lines.append(f"| {trial.devices} | {trial.reassign} | {trial.context} | {row['strategy']} | {timing} | "
+                         f"{ratio(row.get('speedup'))} | {row['flops'] / 1e9:.2f} | {ratio(row['flop_ratio'])} | "
+                         f"{row['kept_bytes_per_token'] / 1024:.1f} |")
+    return "\n".join(lines)
+
+
+def trial_table(trials: Sequence[Trial]) -> str:
+    lines = ["| devices | reassign | context | lost heads go to | KV heads rebuilt | prefill s | detection s | "
+             "weight load s |",
+             "|---:|---|---:|---|---:|---:|---:|---:|"]
+    for t in trials:
+        lines.append(f"| {t.devices} | {t.reassign} | {t.context} | {t.receivers} | {t.rebuilt_kv_heads} | "
+                     f"{t.prefill_s:.2f} | {t.detection_s:.2f} | {t.weight_load_s:.2f} |")
+    return "\n".join(lines)
+
+
+def overhead_table(trials: Sequence[Trial]) -> str:
+    lines = ["| devices | context | nothing kept ms/step | hidden states ms/step | KV replica ms/step |",
+             "|---:|---:|---:|---:|---:|"]
+    for t in trials:
+        if not t.overhead:
+            continue
+        base = t.overhead["nothing kept"].median
+
+        def cell(mode: str) -> str:
+            timing = t.overhead.get(mode)
+            if timing is None:
+                return "-"
+            return f"{timing.median * 1e3:.1f} ({timing.median / base - 1:+.1%})"
+        lines.append(f"| {t.devices} | {t.context} | {base * 1e3:.1f} | {cell('hidden states')} | "
+                     f"{cell('KV replica')} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B, $KV_REUSE_CACHE)")
+    add("--lengths", type=int, nargs="+", default=[128, 512, 2048], help="context lengths (default 128 512 2048)")
+    add("--devices", type=int, nargs="+", default=[4, 8], help="device counts (default 4 8)")
+    add("--reassign", nargs="+", choices=REASSIGN_STRATEGIES, default=list(REASSIGN_STRATEGIES),
+        help="reassignment strategies (default random balanced)")
+    add("--strategies", nargs="+", choices=tuple(RECOVERY_STRATEGIES), default=list(RECOVERY_STRATEGIES),
+        help="recovery strategies (default all)")
+    add("--repeats", type=int, default=3, help="timed runs of each strategy per trial (default 3)")
+    add("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default float32)")
+    add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
+    add("--seed", type=int, default=0, help="seed of the random reassignment (default 0)")
+    add("--heartbeat-interval", type=float, default=0.2, help="seconds between heartbeats (default 0.2)")
+    add("--heartbeat-timeout", type=float, default=1.0, help="silence before a device is dead (default 1.0)")
+    add("--plot", type=Path, help=f"recovery-vs-context PNG (default {DEFAULT_PLOT.relative_to(REPO)}; "
+                                  f"with --quick {QUICK_PLOT})")
+    add("--json", type=Path, help="also write every measurement as JSON here")
+    add("--quick", action="store_true", help="smoke run: lengths 64 128, 4 devices, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.devices, args.repeats = [64, 128], [4], 1
+    args.plot = args.plot or (QUICK_PLOT if args.quick else DEFAULT_PLOT)
+    if args.repeats < 1 or min(args.lengths) < 2 or min(args.devices) < 2:
+        parser.error("--repeats must be >= 1, --lengths >= 2, --devices >= 2")
+    if not 0 <= args.fail_device < min(args.devices):
+        parser.error(f"--fail-device {args.fail_device} does not exist with {min(args.devices)} devices")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    folder = model_folder(args.model_dir)
+    heartbeat = HeartbeatConfig(args.heartbeat_interval, args.heartbeat_timeout)
+    dtype = DTYPES[args.dtype]
+    started = time.perf_counter()
+    trials: list[Trial] = []
+    for devices in args.devices:
+        factory = ClusterFactory(folder, devices, dtype, heartbeat)
+        for r, reassign in enumerate(args.reassign):
+            for context in args.lengths:
+                log(f"{devices} devices, {reassign} reassignment, {context}-token context "
+                    f"({time.perf_counter() - started:.0f} s so far)")
+                trials.append(run_trial(factory, context, reassign, args, with_overhead=r == 0))
+                gc.collect()
+        del factory
+        gc.collect()
+
+    print("## KV-cache rebuild after a device failure, by context length\n")
+    print(f"Checkpoint {folder}; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
+          f"per strategy per trial; heartbeats {args.heartbeat_interval}/{args.heartbeat_timeout} s; "
+          f"{machine()}; total {time.perf_counter() - started:.0f} s.\n")
+    print(recovery_table(trials))
+    print("\nspeedup = full-recompute median / strategy median (same trial); FLOP ratio likewise from FLOPs "
+          "counted from shapes; kept = state the survivors keep during normal running for the strategy.\n")
+    print(trial_table(trials))
+    print("\nPer decode step, same position, alternating (median ms; change against nothing kept):\n")
+    print(overhead_table(trials))
+
+    rows = [row for trial in trials for row in trial.rows if row.get("median_s") is not None]
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_recovery_vs_context(rows, args.plot,
+                                    f"KV rebuild after a device failure ({args.dtype}, median of {args.repeats})")
+    print(f"\nplot: {plot}")
+    if args.json:
+        args.json.write_text(json.dumps([{**vars(t), "overhead": {m: list(x.seconds) for m, x in
+                                                                  (t.overhead or {}).items()}} for t in trials],
+                                        indent=2))
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

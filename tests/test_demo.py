@@ -1,0 +1,140 @@
+"""Specifications for the demo's command line (execution_optimization_algorithm_demo.py), end to end on
+the tiny preset with short heartbeats."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import execution_optimization_algorithm_demo as demo
+from kv_cache_reused import STRATEGIES
+from recovery_report import render
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--heartbeat-interval", "0.05", "--heartbeat-timeout", "0.25", "--context-tokens", "32",
+        "--new-tokens", "6", "--fail-after", "3", "--repeats", "1"]
+OPTIONS = ["--model-dir", "--devices", "--fail-device", "--fail-after", "--prompt", "--context-tokens",
+           "--new-tokens", "--reassign", "--recovery", "--heartbeat-interval", "--heartbeat-timeout", "--dtype",
+           "--repeats", "--report", "--seed", "--quiet"]
+
+
+def args(checkpoint: Path, report: Path, *extra: str) -> list[str]:
+    return ["--model-dir", str(checkpoint), *FAST, "--report", str(report), *extra]
+
+
+def load_json(report: Path) -> dict:
+    return json.loads(demo.json_path(report).read_text())
+
+
+def assert_every_row_lossless(saved: dict, names) -> None:
+    rows = saved["comparison"]
+    assert [r["name"] for r in rows] == list(names)
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["lossless"] and row["tokens_identical"], row
+        assert row["kv_max_error"] <= row["kv_tolerance"], row
+        assert row["continuation_ids"] == saved["text"]["reference_after_ids"], row
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_checkpoint, tmp_path_factory):
+    """main() with every strategy, once for the module: (exit code, seconds, stdout, stderr, report path)."""
+    report = tmp_path_factory.mktemp("demo-full") / "report.txt"
+    capture = pytest.MonkeyPatch()
+    out, err = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", out)
+    capture.setattr(sys, "stderr", err)
+    try:
+        started = time.perf_counter()
+        code = demo.main(args(tiny_checkpoint, report))
+        seconds = time.perf_counter() - started
+    finally:
+        capture.undo()
+    return code, seconds, out.getvalue(), err.getvalue(), report
+
+
+def test_main_end_to_end_writes_both_files_and_every_strategy_is_lossless(full_run):
+    code, seconds, stdout, _, report = full_run
+    assert code == 0
+    assert seconds < 20, f"took {seconds:.1f} s"
+    assert report.is_file() and demo.json_path(report).is_file()
+    saved = load_json(report)
+    assert_every_row_lossless(saved, STRATEGIES)
+    assert saved["failure"]["device"] == 1 and saved["failure"]["after_tokens"] == 3
+    assert saved["text"]["before_ids"] == saved["text"]["reference_ids"][:3]
+    assert report.read_text() in stdout  # the whole report is printed
+    assert str(report) in stdout.splitlines()[-1]
+
+
+def test_quiet_prints_only_the_table_and_the_report_path(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "quiet.txt"
+    assert demo.main(args(tiny_checkpoint, report, "--quiet")) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert "KV-cache rebuild" in lines[0]
+    assert lines[-1].startswith("report: ") and str(report) in lines[-1] and str(demo.json_path(report)) in lines[-1]
+    rows = [line for line in lines if line.split(" ")[0] in STRATEGIES]
+    assert [r.split()[0] for r in rows] == list(STRATEGIES)
+    for absent in ("Model loading", "System initialisation", "Failure detection", "Environment", "Generated text"):
+        assert absent not in out
+    # nothing but the comparison section of the full report, then the path line
+    rendered = [line for line in render(load_json(report)).splitlines() if line.strip()]
+    first = next(i for i, line in enumerate(rendered) if "KV-cache rebuild" in line)
+    assert lines[:-1] == rendered[first:first + len(lines) - 1]
+    following = rendered[first + len(lines) - 1]
+    assert following[0].isdigit() and "Device-level" in following  # the table section ended there
+
+
+def test_one_recovery_strategy(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "one.txt"
+    assert demo.main(args(tiny_checkpoint, report, "--recovery", "reuse-hidden", "--quiet")) == 0
+    saved = load_json(report)
+    assert_every_row_lossless(saved, ["reuse-hidden"])
+    assert saved["comparison"][0]["speedup"] is None  # no baseline was run, so no ratio is printed
+    assert list(saved["text"]["after_ids"]) == ["reuse-hidden"]
+
+
+def test_balanced_reassignment(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "balanced.txt"
+    assert demo.main(args(tiny_checkpoint, report, "--reassign", "balanced", "--quiet")) == 0
+    saved = load_json(report)
+    assert saved["failure"]["reassign"] == "balanced"
+    assert "balanced" in saved["failure"]["plan"][0]
+    assert_every_row_lossless(saved, STRATEGIES)
+
+
+def test_every_strategy_is_lossless_with_a_prompt_that_does_not_repeat_one_token(tiny_checkpoint, tmp_path, capsys):
+    """The default prompt makes the tiny model repeat one token, which hides a continuation started at the
+    wrong position; 'abc' does not."""
+    report = tmp_path / "abc.txt"
+    assert demo.main(args(tiny_checkpoint, report, "--prompt", "abc", "--quiet")) == 0
+    saved = load_json(report)
+    assert len(set(saved["text"]["reference_after_ids"])) > 1, "the continuation must not be one repeated token"
+    assert_every_row_lossless(saved, STRATEGIES)
+
+
+def test_help_mentions_every_option(capsys):
+    try:
+        code = demo.main(["--help"])
+    except SystemExit as stop:
+        code = stop.code
+    assert code in (0, None)
+    out = capsys.readouterr().out
+    missing = [option for option in OPTIONS if option not in out]
+    assert not missing, f"--help does not mention {missing}"
+
+
+def test_subprocess_run_exits_zero_and_prints_the_report_path(tiny_checkpoint, tmp_path):
+    report = tmp_path / "sub.txt"
+    result = subprocess.run([sys.executable, "execution_optimization_algorithm_demo.py",
+                             *args(tiny_checkpoint, report)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert str(report) in result.stdout.splitlines()[-1]
+    assert report.is_file() and demo.json_path(report).is_file()

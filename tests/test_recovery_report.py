@@ -1,0 +1,209 @@
+"""Specifications for recovery_report.py: what the text report shows, in which order, and how it is written.
+
+The report comes from a real run of the demo's scenario on the tiny preset (the session fixture
+`tiny_demo_run` in conftest.py runs it once).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import recovery_report
+from kv_cache_reused import STRATEGIES
+from recovery_report import check_writable, json_path, render, write_report
+
+SECTIONS = ["Model loading", "System initialisation", "Failure detection and recovery", "KV-cache rebuild",
+            "Device-level comparison", "Lossless checks", "Generated text", "Environment"]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_demo_run) -> dict:
+    return tiny_demo_run[1]
+
+
+@pytest.fixture(scope="module")
+def text(report) -> str:
+    return render(report)
+
+
+def section(text: str, title: str) -> str:
+    """The body of the section whose heading contains `title` (up to the next numbered heading)."""
+    match = re.search(rf"^\d+\. {re.escape(title)}[^\n]*\n-+\n(.*?)(?=^\d+\. [^\n]*\n-+\n|\Z)", text,
+                      re.M | re.S)
+    assert match, f"no section {title!r} in the report"
+    return match.group(1)
+
+
+# --------------------------------------------------------------------------------------------
+# render()
+
+
+def test_every_section_is_there_in_order(text):
+    positions = []
+    for title in SECTIONS:
+        match = re.search(rf"^\d+\. {re.escape(title)}", text, re.M)
+        assert match, f"section {title!r} is missing"
+        positions.append(match.start())
+    assert positions == sorted(positions), "sections out of order"
+    numbers = [int(n) for n in re.findall(r"^(\d+)\. .*\n-+$", text, re.M)]
+    assert numbers == sorted(numbers) and len(numbers) == len(set(numbers))
+
+
+def test_model_loading_section(text, report, tiny_checkpoint):
+    body, m = section(text, "Model loading"), report["model"]
+    assert str(tiny_checkpoint) in body
+    assert re.search(r"synthetic|real", body, re.I)
+    c = m["config"]
+    for figure in (f"{c['num_hidden_layers']} layers", f"hidden {c['hidden_size']}",
+                   f"{c['num_attention_heads']} query heads", f"{c['num_key_value_heads']} KV heads",
+                   f"head_dim {c['head_dim']}", f"MLP {c['intermediate_size']}", f"vocab {c['vocab_size']}"):
+        assert figure in body, figure
+    assert m["tensor_count"] == 3 * 9 + 2 and str(m["tensor_count"]) in body
+    assert "float32" in body and m["stored_dtype"] in body
+    assert f"{m['load_seconds']:.2f} s" in body
+
+
+def test_system_initialisation_section(text, report):
+    body, s = section(text, "System initialisation"), report["system"]
+    for d in s["assignment"]:
+        assert re.search(rf"Device-{d['device']}: query heads {re.escape(d['heads'])}, KV heads", body), d
+    assert f"{s['prefill_seconds']:.3f} s" in body  # the KV cache filling time
+    assert f"{s['prefill_seconds_keeping']:.3f} s" in body
+    assert f"{s['context_tokens']} tokens" in body
+
+
+def test_failure_detection_and_recovery_section(text, report):
+    body, f = section(text, "Failure detection and recovery"), report["failure"]
+    assert f"Device-{f['device']}" in body
+    assert f"{f['heartbeat_timeout_s']} s" in body and f"{f['heartbeat_interval_s']} s" in body
+    assert f"{f['detection_latency_s']:.3f} s" in body
+    assert 0 < f["detection_latency_s"] <= f["heartbeat_timeout_s"] + f["heartbeat_interval_s"] + 0.3
+    assert f["plan"] and all(line in body for line in f["plan"])
+    assert f"{f['weight_load_seconds']:.3f} s" in body
+
+
+def test_comparison_table_has_one_row_per_strategy(text, report):
+    body = section(text, "KV-cache rebuild")
+    rows = [line for line in body.splitlines() if line.split(" ")[0] in STRATEGIES]
+    assert [r.split()[0] for r in rows] == [row["name"] for row in report["comparison"]] == list(STRATEGIES)
+    for line, row in zip(rows, report["comparison"]):
+        assert f"{row['median_s']:.4f}" in line and line.rstrip().endswith("yes" if row["lossless"] else "NO")
+    assert "median" in body and "speedup" in body and "GFLOP" in body
+
+
+def test_device_level_lossless_text_and_environment_sections(text, report):
+    d = report["device_level"]
+    body = section(text, "Device-level comparison")
+    assert f"Device-{d['device']}" in body and f"{d['speedup']:.2f}x" in body
+    lossless = section(text, "Lossless checks")
+    for row in report["comparison"]:
+        assert re.search(rf"^{re.escape(row['name'])} .*(identical|DIFFERENT)", lossless, re.M), row["name"]
+    generated = section(text, "Generated text")
+    assert "before the failure" in generated and "failure-free run" in generated
+    for name in STRATEGIES:
+        assert f"after, {name}:" in generated
+    environment = section(text, "Environment")
+    assert torch.__version__ in environment
+    assert re.search(r"threads\s+\S", environment)
+    assert re.search(r"cpu\s+\S", environment)
+    assert platform.python_version() in environment
+
+
+def test_a_synthetic_checkpoint_given_by_path_is_reported_as_synthetic(text, report, tiny_checkpoint):
+    assert (Path(tiny_checkpoint) / "synthetic.json").is_file()
+    assert report["model"]["synthetic"] is True
+    assert "SYNTHETIC" in section(text, "Model loading")
+
+
+# --------------------------------------------------------------------------------------------
+# write_report()
+
+
+def test_write_report_writes_the_text_and_its_json_twin_and_nothing_else(report, tmp_path):
+    path = tmp_path / "report.txt"
+    write_report(path, report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.txt"]
+    assert json_path(path) == tmp_path / "report.json"
+    assert path.read_text() == render(report)
+    saved = json.loads(json_path(path).read_text())
+    assert saved == json.loads(json.dumps(report))  # every figure, as it was measured
+    t = saved["text"]
+    assert t["prompt_ids"] == report["text"]["prompt_ids"] and len(t["prompt_ids"]) >= 32
+    assert t["before_ids"] == report["text"]["before_ids"] and len(t["before_ids"]) == 3
+    assert len(t["reference_ids"]) == 6
+    assert set(t["after_ids"]) == set(STRATEGIES) and all(len(ids) == 3 for ids in t["after_ids"].values())
+    for row in saved["comparison"]:
+        assert len(row["seconds"]) == 1 and row["seconds"][0] == row["median_s"] > 0
+        assert row["continuation_ids"] == t["after_ids"][row["name"]]
+
+
+def test_writing_into_a_missing_folder_raises_and_leaves_nothing(report, tmp_path):
+    missing = tmp_path / "missing" / "report.txt"
+    with pytest.raises(OSError):
+        write_report(missing, report)
+    with pytest.raises(OSError):
+        check_writable(missing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def written(path: Path) -> tuple[bytes, bytes]:
+    return path.read_bytes(), json_path(path).read_bytes()
+
+
+@pytest.fixture
+def old_report(report, tmp_path) -> tuple[Path, tuple[bytes, bytes], dict]:
+    """A complete earlier report in tmp_path, and a different new one to write over it."""
+    path = tmp_path / "report.txt"
+    older = copy.deepcopy(report)
+    older["run"]["started"] = "1999-12-31T23:59:59+00:00"
+    write_report(path, older)
+    newer = copy.deepcopy(report)
+    newer["run"]["started"] = "2030-01-01T00:00:00+00:00"
+    return path, written(path), newer
+
+
+def test_a_failed_rendering_leaves_the_old_report_intact(old_report, monkeypatch):
+    path, before, newer = old_report
+
+    def broken(report):
+        raise RuntimeError("rendering failed")
+    monkeypatch.setattr(recovery_report, "render", broken)
+    with pytest.raises(RuntimeError):
+        write_report(path, newer)
+    assert written(path) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json", "report.txt"]
+
+
+def test_an_interrupted_file_write_leaves_the_old_report_intact_and_no_temp_file(old_report, monkeypatch):
+    path, before, newer = old_report
+    real_write_text = Path.write_text
+
+    def disk_full(self, data, *args, **kwargs):
+        real_write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: disk_full(self, data.decode()), raising=True)
+    with pytest.raises(OSError):
+        write_report(path, newer)
+    monkeypatch.undo()
+    assert written(path) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json", "report.txt"]
+
+
+def test_a_failed_json_dump_leaves_the_old_report_intact(old_report, monkeypatch):
+    path, before, newer = old_report
+
+    def broken(*args, **kwargs):
+        raise TypeError("Object of type X is not JSON serializable")
+    monkeypatch.setattr(recovery_report.json, "dumps", broken)
+    with pytest.raises(TypeError):
+        write_report(path, newer)
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json", "report.txt"]
+    assert written(path) == before
