@@ -201,7 +201,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     device_level = compare_device_level(model, post, o.repeats)
     if model.replication:
         model.reprotect()
-    overhead = measure_step_overhead(model, max(3, o.repeats)) if keeping != "nothing" else None
+    overhead = measure_step_overhead(model, max(5, o.repeats)) if keeping != "nothing" else None
 
     system |= {"prefill_seconds": reference["prefill_s"], "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,

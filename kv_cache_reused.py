@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from device_threads import ThreadCollective, run_on_devices
-from tensor_parallel_model import DeviceState, KVCache, Rotary, apply_rope, device_forward, kv_rows
+from tensor_parallel_model import (DeviceState, KVCache, Rotary, device_forward, kv_weight_rows,
+                                   project_kv_heads)
 
 if TYPE_CHECKING:  # the cluster calls replicate_new_kv below, so import it only for type checking
     from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivor
@@ -136,15 +136,11 @@ def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) ->
     missing = survivor.missing_kv_heads
     if not missing or cache.length == 0:
         return cache
-    k_rows, v_rows = kv_rows(shard, missing, config.head_dim)
-    rows = torch.cat([k_rows, v_rows])
+    rows = kv_weight_rows(shard, missing, config.head_dim)
     rope = Rotary(config, model.dtype).factors(0, cache.length)
     for i, layer in enumerate(shard.layers):
-        k, v = F.linear(store.layer_inputs(i), layer.wqkv[rows]).chunk(2, dim=-1)
-        k = apply_rope(k.view(cache.length, -1, config.head_dim).transpose(0, 1), *rope)
-        v = v.view(cache.length, -1, config.head_dim).transpose(0, 1)
-        for j, g in enumerate(missing):
-            cache.put_head(i, g, k[j], v[j])
+        k, v = project_kv_heads(layer, rows, store.layer_inputs(i), rope, config.head_dim)
+        cache.put_heads(i, missing, 0, k, v)
     return cache
 
 

@@ -291,10 +291,21 @@ class KVCache:
         self.put_head_at(layer, kv_head, 0, k, v)
 
     def put_head_at(self, layer: int, kv_head: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        slot = self.kv_heads.index(kv_head)
-        self.reserve(start + k.shape[0])
-        self.k[layer][slot, start:start + k.shape[0]] = k
-        self.v[layer][slot, start:start + v.shape[0]] = v
+        self.put_heads(layer, [kv_head], start, k[None], v[None])
+
+    def put_heads(self, layer: int, kv_heads: Sequence[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Entries of several KV heads ([heads, T, head_dim]) from position `start`; one copy when
+        the heads sit side by side in this cache."""
+        slots = [self.kv_heads.index(g) for g in kv_heads]
+        self.reserve(start + k.shape[1])
+        stop = start + k.shape[1]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            self.k[layer][slots[0]:slots[-1] + 1, start:stop] = k
+            self.v[layer][slots[0]:slots[-1] + 1, start:stop] = v
+            return
+        for i, slot in enumerate(slots):
+            self.k[layer][slot, start:stop] = k[i]
+            self.v[layer][slot, start:stop] = v[i]
 
     def regrouped(self, kv_heads: Sequence[int]) -> "KVCache":
         """A cache for a new set of KV heads that keeps the entries of heads held before.
@@ -406,12 +417,25 @@ def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, sta
     return F.linear(out.transpose(0, 1).reshape(T, -1), layer.wo)
 
 
-def kv_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of wqkv holding K and V of the given (held) KV heads."""
+def kv_weight_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -> tuple[slice | torch.Tensor, ...]:
+    """Rows of wqkv holding K and V of the given held KV heads: slices (views) when the heads sit
+    side by side, as inherited ones do, else index tensors."""
     nq, nkv = len(shard.query_heads), len(shard.kv_heads)
-    slots = torch.tensor([shard.kv_heads.index(g) for g in kv_heads], dtype=torch.long)
-    within = (slots[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    slots = [shard.kv_heads.index(g) for g in kv_heads]
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        first, last = slots[0] * head_dim, (slots[-1] + 1) * head_dim
+        return slice(nq * head_dim + first, nq * head_dim + last), slice((nq + nkv) * head_dim + first,
+                                                                          (nq + nkv) * head_dim + last)
+    within = (torch.tensor(slots)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     return nq * head_dim + within, (nq + nkv) * head_dim + within
+
+
+def project_kv_heads(layer: LayerShard, rows: tuple[slice | torch.Tensor, ...], h: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (rotated) and V of some held KV heads for normed input h: [heads, T, head_dim] each."""
+    T = h.shape[0]
+    k = apply_rope(F.linear(h, layer.wqkv[rows[0]]).view(T, -1, head_dim).transpose(0, 1), *rope)
+    return k, F.linear(h, layer.wqkv[rows[1]]).view(T, -1, head_dim).transpose(0, 1)
 
 
 def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.Tensor, start: int,
@@ -421,11 +445,8 @@ def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.T
     hd, T, nq = config.head_dim, h.shape[0], len(shard.query_heads)
     q = apply_rope(F.linear(h, layer.wqkv[:nq * hd]).view(T, nq, hd).transpose(0, 1), *rope)
     if state.kv_to_fill:
-        k_rows, v_rows = kv_rows(shard, state.kv_to_fill, hd)
-        k, v = F.linear(h, layer.wqkv[torch.cat([k_rows, v_rows])]).chunk(2, dim=-1)
-        k = apply_rope(k.view(T, -1, hd).transpose(0, 1), *rope)
-        for i, g in enumerate(state.kv_to_fill):
-            state.cache.put_head_at(layer_index, g, start, k[i], v.view(T, -1, hd)[:, i])
+        k, v = project_kv_heads(layer, kv_weight_rows(shard, state.kv_to_fill, hd), h, rope, hd)
+        state.cache.put_heads(layer_index, state.kv_to_fill, start, k, v)
     return q
 
 
