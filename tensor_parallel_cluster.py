@@ -20,7 +20,7 @@ from device_threads import DeviceWorker, ThreadCollective, run_on_devices
 from head_assignment import Assignment, initial_assignment
 from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
 from synthetic_checkpoint import ensure_synthetic_checkpoint
-from tensor_parallel_model import (DeviceState, HiddenStateStore, KVCache, Replicated, Rotary, device_forward,
+from tensor_parallel_model import (DeviceShard, DeviceState, HiddenStateStore, KVCache, Rotary, device_forward,
                                    load_device_shard, load_replicated)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -50,10 +50,10 @@ class TensorParallelLlama:
     """A model split by heads over device threads, with greedy generation."""
 
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
-                 progress: bool = False, replicated: Replicated | None = None):
+                 progress: bool = False):
         self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
         self.assignment = assignment
-        self.replicated = replicated or load_replicated(checkpoint, dtype)
+        self.replicated = load_replicated(checkpoint, dtype)
         self.workers = {d: DeviceWorker(d) for d in assignment.devices}
         self.collective = ThreadCollective(assignment.devices)
         self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
@@ -95,7 +95,7 @@ class TensorParallelLlama:
         shard = load_device_shard(self.checkpoint, self.assignment, worker.device, self.dtype, on_layer)
         worker.state = self.new_state(shard)
 
-    def new_state(self, shard, cache: KVCache | None = None) -> DeviceState:
+    def new_state(self, shard: DeviceShard, cache: KVCache | None = None) -> DeviceState:
         """A device's state for a shard (under the current assignment's vocabulary split)."""
         config = self.config
         cache = cache or KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, self.dtype)
@@ -172,19 +172,6 @@ class TensorParallelLlama:
         self.close()
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
-    return tqdm(total=total, desc="loading weight slices", unit="layer-slice", leave=False)
+    return tqdm(total=total, desc="loading weight slices", unit="layer-slice", leave=False, disable=not enabled)
