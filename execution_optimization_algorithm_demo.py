@@ -32,7 +32,7 @@ from llama_model_loader import CheckpointError, LlamaConfig
 from performance_comparator import (Timing, compare_device_level, compare_recoveries, measure_step_overhead,
                                     snapshot_kv)
 from recovery_plots import plot_timeline
-from recovery_report import Report, check_writable, json_path, write_report
+from recovery_report import Report, check_writable, json_path, render, render_comparison, write_report
 from synthetic_checkpoint import is_synthetic_checkpoint
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
 from tensor_parallel_cluster import DTYPES, open_checkpoint
@@ -358,8 +358,7 @@ def _cpu_name() -> str:
 
 
 def print_summary(report: Report, path: Path) -> None:
-    from recovery_report import _comparison
-    print(_comparison(report))
+    print(render_comparison(report))
     print(f"\nreport: {path} (and {json_path(path)})")
 
 
@@ -372,13 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CheckpointError) as bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2
+    except StepAbandoned:  # a device went silent although no failure was injected there
+        print("error: a device missed its heartbeats without an injected failure (the machine is too loaded "
+              "for this timeout: raise --heartbeat-timeout); no report written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: stopped every device, no report written", file=sys.stderr)
         return 130
     if options.quiet:
         print_summary(report, options.report)
     else:
-        from recovery_report import render
         print(render(report))
         print(f"report written to {options.report} and {json_path(options.report)}; "
               f"timeline: {report['files']['timeline']}")

@@ -71,10 +71,9 @@ class Survivor:
     replicas: dict[int, KVCache]
 
     def copy(self) -> "Survivor":
-        """A copy whose caches a strategy may change (weights are read-only and shared)."""
-        return Survivor(self.shard, self.cache.clone(),
-                        self.hidden_states.clone() if self.hidden_states is not None else None,
-                        {d: r.clone() for d, r in self.replicas.items()})
+        """A copy for one strategy run: its own KV cache; the weights, hidden-state checkpoints and
+        replicas are only read by the strategies, so they are shared, not copied."""
+        return Survivor(self.shard, self.cache.clone(), self.hidden_states, self.replicas)
 
     @property
     def missing_kv_heads(self) -> tuple[int, ...]:

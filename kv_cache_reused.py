@@ -139,7 +139,7 @@ def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) ->
     rows = kv_weight_rows(shard, missing, config.head_dim)
     rope = Rotary(config, model.dtype).factors(0, cache.length)
     for i, layer in enumerate(shard.layers):
-        k, v = project_kv_heads(layer, rows, store.layer_inputs(i), rope, config.head_dim)
+        k, v = project_kv_heads(layer, rows, store.layer_inputs(i, cache.length), rope, config.head_dim)
         cache.put_heads(i, missing, 0, k, v)
     return cache
 
@@ -153,7 +153,7 @@ def kv_sources(post: PostFailureState) -> dict[int, KVCache]:
     for survivor in post.survivors.values():
         for replica in survivor.replicas.values():
             for g in replica.kv_heads:
-                if replica.length == survivor.cache.length:  # a copy that is complete
+                if replica.length >= survivor.cache.length:  # a copy that covers the context
                     sources.setdefault(g, replica)
     return sources
 
@@ -167,7 +167,8 @@ def copy_from_peers(survivor: Survivor, sources: dict[int, KVCache]) -> KVCache:
         if g not in sources:
             raise RecoveryImpossible(f"KV head {g + 1} survived nowhere (its device and its buddy are both lost)")
         for layer in range(cache.num_layers):
-            cache.put_head(layer, g, *sources[g].head(layer, g))
+            k, v = sources[g].head(layer, g)
+            cache.put_head(layer, g, k[:cache.length], v[:cache.length])
     return cache
 
 

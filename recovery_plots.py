@@ -7,6 +7,7 @@ Drawn with matplotlib's Agg canvas (no display, no pyplot state); files are writ
 from __future__ import annotations
 
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +180,9 @@ def draw_timeline(ax, timeline: Timeline, spare: dict[str, str], window: tuple[f
     rows = {device: i for i, device in enumerate(timeline.devices)}  # the y axis is inverted below
     for span in timeline.spans:
         colour = span_colour(span, spare)
+        edge = "white" if span.kind == "compute" else colour  # steps apart; short rebuilds still visible
         ax.broken_barh([(span.start, max(span.duration, 0.0))], (rows[span.device] - 0.32, 0.5),
-                       facecolors=colour, edgecolors=colour, linewidth=0.6)
+                       facecolors=colour, edgecolors=edge, linewidth=0.5)
     for device, beats in timeline.beats.items():
         ax.vlines(beats, rows[device] + 0.24, rows[device] + 0.42, colors="0.35", linewidth=0.7)
     for detection in timeline.detections:
@@ -205,13 +207,19 @@ def draw_timeline(ax, timeline: Timeline, spare: dict[str, str], window: tuple[f
 
 def label_detections(ax, timeline: Timeline, rows: Mapping[int, int]) -> None:
     """Latency arrows in the detection windows; names of the vertical lines above the panel."""
+    renderer = ax.get_figure().canvas.get_renderer()
     for detection in timeline.detections:
-        y = rows[detection.device] + 0.5
+        y = rows[detection.device] - 0.07  # the dead device's row: empty once it has died
         ax.annotate("", xy=(detection.declared, y), xytext=(detection.died, y),
-                    arrowprops={"arrowstyle": "<->", "color": DETECTION_COLOUR, "linewidth": 1.2})
-        ax.text((detection.died + detection.declared) / 2, y + 0.02, f"detection {detection.latency:.2f} s",
-                ha="center", va="top", fontsize=9, color="#8b1a1a",
-                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.85, "linewidth": 0})
+                    arrowprops={"arrowstyle": "<->", "color": DETECTION_COLOUR, "linewidth": 1.2,
+                                "shrinkA": 7, "shrinkB": 0})
+        label = ax.text((detection.died + detection.declared) / 2, y + 0.12, f"detection {detection.latency:.2f} s",
+                        ha="center", va="top", fontsize=9, color="#8b1a1a")
+        window = ax.transData.transform([(detection.died, 0), (detection.declared, 0)])
+        if label.get_window_extent(renderer).width > 0.9 * (window[1][0] - window[0][0]):
+            label.remove()  # too wide for the window: write it after the declaration, on the same row
+            ax.annotate(f"detection {detection.latency:.2f} s", xy=(detection.declared, y), xytext=(6, 0),
+                        textcoords="offset points", ha="left", va="center", fontsize=9, color="#8b1a1a")
     # "declared dead" reads leftwards over the (empty) detection window, "resumed" rightwards
     labels = [(t, f"Device-{device} declared dead", "black", "right") for device, t in timeline.declared]
     if timeline.resumed is not None:
@@ -246,11 +254,14 @@ def mark_window(ax, window: tuple[float, float]) -> None:
 
 
 def legend_handles(timeline: Timeline, spare: dict[str, str]) -> list:
+    """Legend entries for what the picture holds; a rebuild's entry gives its median duration."""
     seen: dict[str, str] = {}
     for span in timeline.spans:
         name = span.label if span.kind == REBUILD else span.kind
-        text = f"rebuild KV: {name}" if span.kind == REBUILD and name != REBUILD else name
-        seen.setdefault(text, span_colour(span, spare))
+        if span.kind == REBUILD:
+            name = f"rebuild KV: {name}" if name != REBUILD else name
+            name += f" (median {seconds(rebuild_median(timeline, span.label))})"
+        seen.setdefault(name, span_colour(span, spare))
     order = ["compute", "load weights", "stalled"]
     handles: list = [Patch(color=seen[k], label=k) for k in order if k in seen]
     handles += [Patch(color=c, label=k) for k, c in seen.items() if k not in order]
@@ -265,6 +276,17 @@ def legend_handles(timeline: Timeline, spare: dict[str, str]) -> list:
         handles.append(Line2D([], [], color=RESUMED_COLOUR, linewidth=1.4, linestyle="--",
                               label="generation resumed"))
     return handles
+
+
+def rebuild_median(timeline: Timeline, label: str) -> float:
+    """Median duration of one strategy's rebuild runs, on the first device that ran them."""
+    runs = [s for s in timeline.spans if s.kind == REBUILD and s.label == label]
+    first = min(s.device for s in runs)
+    return statistics.median(s.duration for s in runs if s.device == first)
+
+
+def seconds(value: float) -> str:
+    return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,8 +329,10 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
         errors = None
         if all("min_s" in r and "max_s" in r for r in group):
             errors = [[r["median_s"] - r["min_s"] for r in group], [r["max_s"] - r["median_s"] for r in group]]
+        baseline = strategy == "full-recompute"  # drawn wide and below: reuse-replay often lies on top of it
         ax.errorbar(x, y, yerr=errors, color=colours[strategy], linestyle=styles[reassign],
-                    marker=markers[devices], markersize=6, linewidth=1.6, capsize=3, elinewidth=0.8)
+                    marker=markers[devices], markersize=8 if baseline else 6, linewidth=3.4 if baseline else 1.6,
+                    capsize=3, elinewidth=0.8, zorder=1 if baseline else 2)
     contexts = sorted({r["context"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -318,7 +342,7 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
     ax.set_xlabel("context length (tokens); variants drawn slightly apart")
     ax.set_ylabel("KV rebuild time, median (s, log scale)")
     ax.grid(True, which="major", color="0.88", linewidth=0.6)
-    ax.set_title(title or "KV-cache rebuild time after a device failure", fontsize=12)
+    figure.suptitle(title or "KV-cache rebuild time after a device failure", fontsize=12)
 
     handles: list = [Line2D([], [], color=colours[s], linewidth=2.5, label=s) for s in strategies]
     if len(reassigns) > 1 or reassigns != [""]:
@@ -330,7 +354,7 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
     if any(r.get("min_s", r["median_s"]) < r.get("max_s", r["median_s"]) for r in rows):
         handles.append(Line2D([], [], color="0.3", marker="|", markersize=10, linestyle="none",
                               label="bar: min to max"))
-    figure.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
+    figure.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False)
     return save(figure, path)
 
 

@@ -52,7 +52,7 @@ def check_writable(report_path: Path) -> None:
 
 
 def render(report: Report) -> str:
-    sections = [_title(report), _model(report), _system(report), _failure(report), _comparison(report),
+    sections = [_title(report), _model(report), _system(report), _failure(report), render_comparison(report),
                 _device_level(report), _overhead(report), _lossless(report), _text(report), _environment(report)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -117,7 +117,7 @@ def _failure(r: Report) -> str:
     return "\n".join(lines)
 
 
-def _comparison(r: Report) -> str:
+def render_comparison(r: Report) -> str:
     rows = r["comparison"]
     lines = [_heading("4. KV-cache rebuild: every strategy from the same post-failure state"),
              f"{r['comparison_meta']['repeats']} alternating runs each; context {r['comparison_meta']['context_tokens']} "

@@ -348,14 +348,9 @@ class HiddenStateStore:
             self.x = grown
         self.x[layer, start:start + x.shape[0]] = x
 
-    def layer_inputs(self, layer: int) -> torch.Tensor:
-        return self.x[layer, :self.length]
-
-    def clone(self) -> "HiddenStateStore":
-        copy = HiddenStateStore(self.x.shape[0], self.x.shape[2], self.x.dtype, self.x.shape[1])
-        copy.x.copy_(self.x)
-        copy.length = self.length
-        return copy
+    def layer_inputs(self, layer: int, length: int) -> torch.Tensor:
+        """Inputs of the first `length` positions (a store can run ahead of a cache being rebuilt)."""
+        return self.x[layer, :min(length, self.length)]
 
 
 # --------------------------------------------------------------------------------------------

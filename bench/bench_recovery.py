@@ -19,6 +19,10 @@ so each trial runs on a new cluster (threads, heartbeats, empty caches) over the
 slices. Heartbeats are short (detection is not what this measures; the demo reports it).
 Lossless checks are the demo's and the tests' job: this script only times.
 
+Memory: the 1B model in fp32 holds about 5 GB of weights; each survivor keeps 128 KiB of hidden
+states per token, and every strategy run clones them. At 2048 tokens with 4 devices the process
+peaked at 19.3 GB RSS on a 24 GB machine; 8 devices at 2048 need more (plan --lengths accordingly).
+
 How to read it: median (min-max) seconds; speedup = full-recompute median / strategy median from
 the same trial; FLOP ratio likewise from FLOPs. On a shared 2-core machine numbers are noisy.
 
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from common import DTYPES, REPO, machine, model_folder
+from common import DTYPES, GB, REPO, machine, memory_status, model_folder
 
 import torch
 
@@ -50,7 +54,7 @@ from performance_comparator import Timing, kept_bytes, measure_step_overhead, re
 from recovery_plots import plot_recovery_vs_context
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
 from tensor_parallel_cluster import open_checkpoint
-from tensor_parallel_model import DeviceShard
+from tensor_parallel_model import DeviceShard, HiddenStateStore
 
 DEFAULT_PLOT = REPO / "docs" / "recovery_vs_context.png"
 QUICK_PLOT = Path("/tmp/recovery_vs_context_quick.png")
@@ -131,14 +135,13 @@ def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, r
     prefill and weight-load seconds, and the per-step overhead (when `overhead_repeats`)."""
     prompt_ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context - 1)[:context - 1]
     keep_state_for(model, strategies)
+    presize_hidden_states(model, context + 1)
     started = time.perf_counter()
     token = int(model.prefill(prompt_ids).argmax())
     prefill_s = time.perf_counter() - started
-    if overhead_repeats:  # decode steps at position L-1: the last one leaves `token` cached there
-        overhead = measure_step_overhead(model, overhead_repeats)
-    else:
-        overhead = None
-        model.decode(token)
+    model.decode(token)  # the context is now L tokens
+    # decode steps that recompute position L-1 (the cache does not grow)
+    overhead = measure_step_overhead(model, overhead_repeats) if overhead_repeats else None
     model.arm(FailurePlan(fail_device, after_tokens=1))
     try:
         model.decode(token)
@@ -150,6 +153,19 @@ def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, r
     if post.context_ids.numel() != context:
         raise RuntimeError(f"context at the failure is {post.context_ids.numel()} tokens, not {context}")
     return post, event, prefill_s, weight_load_s, overhead
+
+
+def presize_hidden_states(model: FaultTolerantLlama, capacity: int) -> None:
+    """Hidden-state stores sized for the whole run (the context and the step that fails).
+
+    A store grows by doubling, and every strategy run clones it at its capacity: without this, a
+    2048-token context would double to 4094 positions (0.5 GB per device in fp32) before the failure.
+    """
+    config = model.config
+    for worker in model.workers.values():
+        if worker.state.hidden_states is not None:
+            worker.state.hidden_states = HiddenStateStore(config.num_hidden_layers, config.hidden_size, model.dtype,
+                                                          capacity)
 
 
 def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argparse.Namespace,
@@ -244,13 +260,18 @@ def overhead_table(trials: Sequence[Trial]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B, $KV_REUSE_CACHE)")
-    add("--lengths", type=int, nargs="+", default=[128, 512, 2048], help="context lengths (default 128 512 2048)")
-    add("--devices", type=int, nargs="+", default=[4, 8], help="device counts (default 4 8)")
+    add("--lengths", type=int_list, nargs="+", default=[[128, 512, 2048]],
+        help="context lengths, e.g. 128 512 or 128,512 (default 128 512 2048)")
+    add("--devices", type=int_list, nargs="+", default=[[4, 8]], help="device counts (default 4 8)")
     add("--reassign", nargs="+", choices=REASSIGN_STRATEGIES, default=list(REASSIGN_STRATEGIES),
         help="reassignment strategies (default random balanced)")
     add("--strategies", nargs="+", choices=tuple(RECOVERY_STRATEGIES), default=list(RECOVERY_STRATEGIES),
@@ -266,6 +287,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--json", type=Path, help="also write every measurement as JSON here")
     add("--quick", action="store_true", help="smoke run: lengths 64 128, 4 devices, 1 repeat")
     args = parser.parse_args(argv)
+    args.lengths, args.devices = sum(args.lengths, []), sum(args.devices, [])
     if args.quick:
         args.lengths, args.devices, args.repeats = [64, 128], [4], 1
     args.plot = args.plot or (QUICK_PLOT if args.quick else DEFAULT_PLOT)
@@ -297,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("## KV-cache rebuild after a device failure, by context length\n")
     print(f"Checkpoint {folder}; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
           f"per strategy per trial; heartbeats {args.heartbeat_interval}/{args.heartbeat_timeout} s; "
-          f"{machine()}; total {time.perf_counter() - started:.0f} s.\n")
+          f"{machine()}; total {time.perf_counter() - started:.0f} s; "
+          f"peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
     print(recovery_table(trials))
     print("\nspeedup = full-recompute median / strategy median (same trial); FLOP ratio likewise from FLOPs "
           "counted from shapes; kept = state the survivors keep during normal running for the strategy.\n")
