@@ -216,13 +216,14 @@ def compare_recoveries(model: FaultTolerantLlama, post: PostFailureState, strate
                        last_token: int) -> list[StrategyOutcome]:
     """Time, cost and check every strategy; the model is left with the last checked strategy's state."""
     strategies = [make_recovery(n) for n in strategy_names]
+    kept = {s.name: kept_bytes(s, post) for s in strategies}  # before any continuation grows the stores
     timings, states, errors = time_strategies(model, post, strategies, repeats)
     tolerance = KV_TOLERANCE[model.dtype]
     outcomes = []
     for strategy in strategies:
         outcome = StrategyOutcome(strategy.name, strategy.keeps, timings.get(strategy.name),
                                   recovery_flops(strategy.name, model.config, post), reuse_rate(strategy.name, post),
-                                  kept_bytes(strategy, post), error=errors.get(strategy.name))
+                                  kept[strategy.name], error=errors.get(strategy.name))
         if outcome.error is None:
             worst, scale = kv_error(states[strategy.name], reference_kv)
             outcome.kv_max_error, outcome.kv_tolerance = worst, tolerance * scale

@@ -163,7 +163,7 @@ def _overhead(r: Report) -> str:
     base = o["nothing kept"]["median_s"]
     lines = [_heading("6. Cost in normal running (decode step, same position, alternating)")]
     for mode, t in o.items():
-        extra = "" if mode == "nothing kept" else f"  (+{(t['median_s'] - base) * 1e3:.2f} ms, " \
+        extra = "" if mode == "nothing kept" else f"  ({(t['median_s'] - base) * 1e3:+.2f} ms, " \
                                                   f"{(t['median_s'] / base - 1):+.1%})"
         lines.append(f"{mode:<15} median {t['median_s'] * 1e3:.2f} ms per step{extra}")
     for name, per_token in r["system"]["kept_bytes_per_token"].items():

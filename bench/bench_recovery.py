@@ -20,8 +20,8 @@ slices. Heartbeats are short (detection is not what this measures; the demo repo
 Lossless checks are the demo's and the tests' job: this script only times.
 
 Memory: the 1B model in fp32 holds about 5 GB of weights; each survivor keeps 128 KiB of hidden
-states per token, and every strategy run clones them. At 2048 tokens with 4 devices the process
-peaked at 19.3 GB RSS on a 24 GB machine; 8 devices at 2048 need more (plan --lengths accordingly).
+states per token (read, not copied, by the strategy runs). Before the strategy runs stopped cloning
+them, 2048 tokens with 4 devices peaked at 19.3 GB RSS on a 24 GB machine; plan --lengths by memory.
 
 How to read it: median (min-max) seconds; speedup = full-recompute median / strategy median from
 the same trial; FLOP ratio likewise from FLOPs. On a shared 2-core machine numbers are noisy.
