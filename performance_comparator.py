@@ -263,8 +263,8 @@ def measure_step_overhead(model: FaultTolerantLlama, repeats: int) -> dict[str, 
     """Decode-step time with nothing kept, with hidden-state checkpoints, and with KV replication.
 
     Each measurement recomputes the last cached position from the token that filled it, so the
-    cache neither grows nor changes; the three modes alternate so that machine noise falls on all
-    of them alike.
+    cache neither grows nor changes; the three modes alternate, in an order rotated every round,
+    so that machine noise and warm-up fall on all of them alike.
     """
     position, token = model.position - 1, model.cached_ids[-1]
     kept_hidden = {d: w.state.hidden_states for d, w in model.workers.items()}
@@ -277,9 +277,10 @@ def measure_step_overhead(model: FaultTolerantLlama, repeats: int) -> dict[str, 
         del modes["hidden states"]
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     replication = model.replication
-    for _ in range(repeats):
-        for name, set_mode in modes.items():
-            set_mode()
+    names = list(modes)
+    for round_index in range(repeats):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:  # order rotated
+            modes[name]()
             started = time.perf_counter()
             model.forward([token], start=position)
             seconds[name].append(time.perf_counter() - started)
