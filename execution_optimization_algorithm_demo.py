@@ -25,7 +25,7 @@ import torch
 
 from device_threads import StepAbandoned
 from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama
-from head_assignment import initial_assignment
+from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import CheckpointError, LlamaConfig
@@ -164,8 +164,7 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
     location, checkpoint, open_seconds = open_checkpoint(o.model_dir, log)
     config = checkpoint.config
     check_against_model(o, config, 0)
-    assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
-                                    config.intermediate_size, o.devices)
+    assignment = even_assignment(config, o.devices)
     model = FaultTolerantLlama.from_checkpoint(location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet,
                                                open_seconds, heartbeat=HeartbeatConfig(o.heartbeat_interval,
                                                                                        o.heartbeat_timeout))

@@ -83,6 +83,12 @@ def initial_assignment(num_heads: int, num_kv_heads: int, intermediate_size: int
     )
 
 
+def even_assignment(config, num_devices: int) -> Assignment:
+    """`initial_assignment` for a model config (a LlamaConfig: heads, KV heads, MLP width)."""
+    return initial_assignment(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size,
+                              num_devices)
+
+
 def custom_assignment(heads: Mapping[int, tuple[int, ...]], num_heads: int, num_kv_heads: int,
                       intermediate_size: int) -> Assignment:
     """Any head placement (each head exactly once); MLP columns split evenly in device order."""

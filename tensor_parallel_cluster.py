@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from device_threads import DeviceWorker, ThreadCollective, run_on_devices
-from head_assignment import Assignment, initial_assignment
+from head_assignment import Assignment, even_assignment
 from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
 from synthetic_checkpoint import ensure_synthetic_checkpoint
 from tensor_parallel_model import (DeviceShard, DeviceState, HiddenStateStore, KVCache, Rotary, device_forward,
@@ -74,8 +74,7 @@ class TensorParallelLlama:
         evenly over `devices`. `options` go to the constructor (e.g. the fault-tolerant heartbeat)."""
         location, checkpoint, seconds = open_checkpoint(model_dir, log)
         config = checkpoint.config
-        assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
-                                        config.intermediate_size, devices)
+        assignment = even_assignment(config, devices)
         return cls.from_checkpoint(location, checkpoint, assignment, dtype, progress, seconds, **options)
 
     @classmethod

@@ -47,7 +47,7 @@ import torch
 from device_threads import StepAbandoned
 from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt, keep_state_for
 from fault_tolerant_cluster import FailureEvent, FailurePlan, FaultTolerantLlama, PostFailureState
-from head_assignment import initial_assignment
+from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES, make_recovery
 from performance_comparator import Timing, kept_bytes, measure_step_overhead, recovery_flops, time_strategies
@@ -101,8 +101,7 @@ class ClusterFactory:
     def __post_init__(self) -> None:
         self.location, self.checkpoint, _ = open_checkpoint(self.folder, log)
         config = self.checkpoint.config
-        self.assignment = initial_assignment(config.num_attention_heads, config.num_key_value_heads,
-                                             config.intermediate_size, self.devices)
+        self.assignment = even_assignment(config, self.devices)
 
     def new(self) -> SharedWeightsLlama:
         return SharedWeightsLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
