@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from llama_model_loader import Checkpoint  # noqa: E402
 from synthetic_checkpoint import ensure_synthetic_checkpoint, write_synthetic_checkpoint  # noqa: E402
 
 THREAD_JOIN_GRACE_S = 2.0
@@ -122,3 +123,19 @@ def tiny_demo_run(tiny_checkpoint, tmp_path_factory):
     lines: list[str] = []
     report = demo.run_scenario(options, lines.append)
     return options, report, lines
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny presets opened as Checkpoints, once per session (fault and recovery-strategy tests)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint) -> Checkpoint:
+    """The tiny preset (8 query heads, 2 KV heads, 3 layers), opened once for the session."""
+    return Checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_4kv(tmp_path_factory) -> Checkpoint:
+    """tiny with 4 KV heads: over four devices each device holds a KV head no other device holds."""
+    return Checkpoint(write_synthetic_checkpoint("tiny-4kv", tmp_path_factory.mktemp("tiny-4kv") / "tiny-4kv", 0))

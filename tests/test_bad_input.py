@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import execution_optimization_algorithm_demo as demo
 from llama_model_loader import Checkpoint
 from synthetic_checkpoint import (MARKER, ensure_synthetic_checkpoint, synthetic_checkpoint_problem,
-                                  synthetic_dir, write_synthetic_checkpoint)
+                                  write_synthetic_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 # A run that would be quick if it were allowed to start (tiny, short heartbeats, one repeat)

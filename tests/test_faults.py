@@ -29,12 +29,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import execution_optimization_algorithm_demo as demo
 from device_threads import DeviceCrashed, StepAbandoned
 from fault_tolerant_cluster import FailureEvent, FailurePlan, FaultTolerantLlama, Recovery, generate_with_failures
-from head_assignment import Assignment, custom_assignment, initial_assignment
+from head_assignment import Assignment, custom_assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatSender
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES, make_recovery
 from llama_model_loader import Checkpoint
 from performance_comparator import KV_TOLERANCE, kv_error, snapshot_kv
-from synthetic_checkpoint import write_synthetic_checkpoint
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,23 +47,6 @@ PROJECT_THREADS = ("Device-", "heartbeat-")
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint) -> Checkpoint:
-    """The tiny preset (8 query heads, 2 KV heads, 3 layers), opened once for the module."""
-    return Checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tiny_4kv(tmp_path_factory) -> Checkpoint:
-    """tiny with 4 KV heads: over four devices each device holds a KV head no other device holds."""
-    return Checkpoint(write_synthetic_checkpoint("tiny-4kv", tmp_path_factory.mktemp("tiny-4kv") / "tiny-4kv", 0))
-
-
-def even(checkpoint: Checkpoint, devices: int) -> Assignment:
-    c = checkpoint.config
-    return initial_assignment(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, devices)
 
 
 def project_threads() -> list[str]:
@@ -214,8 +196,8 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
 @pytest.mark.parametrize("device, recovery", [(0, "full-recompute"), (1, "reuse-replay"), (2, "reuse-hidden"),
                                               (3, "replicate")])
 def test_each_device_crashing_in_turn_is_survived_losslessly(tiny, device, recovery):
-    outcome = run_scenario(tiny, even(tiny, 4), [FailurePlan(device, after_tokens=2)], recovery=recovery,
-                           hidden=recovery == "reuse-hidden", replicate=recovery == "replicate")
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4), [FailurePlan(device, after_tokens=2)],
+                           recovery=recovery, hidden=recovery == "reuse-hidden", replicate=recovery == "replicate")
     outcome.assert_lossless()
     (rec,) = outcome.recoveries
     assert [e.device for e in rec.events] == [device]
@@ -255,7 +237,8 @@ def test_leader_failure_report_names_the_new_leader(tiny_checkpoint, tmp_path, c
 @pytest.mark.parametrize("after_tokens", [0, 3], ids=["prefill", "decode"])
 @pytest.mark.parametrize("recovery", ["full-recompute", "reuse-hidden"])
 def test_crash_during_prefill_or_decode_is_survived_losslessly(tiny, after_tokens, recovery):
-    outcome = run_scenario(tiny, even(tiny, 4), [FailurePlan(2, after_tokens=after_tokens, at_call=2)],
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
+                           [FailurePlan(2, after_tokens=after_tokens, at_call=2)],
                            recovery=recovery, hidden=recovery == "reuse-hidden")
     outcome.assert_lossless()
     (rec,) = outcome.recoveries
@@ -274,7 +257,7 @@ def test_crash_during_prefill_or_decode_is_survived_losslessly(tiny, after_token
 ], ids=["while-inheriting-weights-full", "while-inheriting-weights-hidden", "while-inheriting-weights-replicate",
         "while-rebuilding-kv"])
 def test_second_crash_during_recovery_restarts_it_on_what_is_left(tiny, second, recovery):
-    outcome = run_scenario(tiny, even(tiny, 4), [FailurePlan(1, after_tokens=3, at_call=2), second],
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4), [FailurePlan(1, after_tokens=3, at_call=2), second],
                            recovery=recovery, hidden=recovery == "reuse-hidden", replicate=recovery == "replicate")
     outcome.assert_lossless()
     (rec,) = outcome.recoveries
@@ -288,8 +271,8 @@ def test_second_crash_during_recovery_restarts_it_on_what_is_left(tiny, second, 
 
 
 def test_recovery_interrupted_while_rebuilding_reports_every_plan_it_applied(tiny):
-    outcome = run_scenario(tiny, even(tiny, 4), [FailurePlan(1, after_tokens=3, at_call=2),
-                                                 FailurePlan(2, after_tokens=3, at_call=4)])
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4), [FailurePlan(1, after_tokens=3, at_call=2),
+                                                                   FailurePlan(2, after_tokens=3, at_call=4)])
     outcome.assert_lossless()
     (rec,) = outcome.recoveries
     assert rec.attempts >= 2 and [e.device for e in rec.events] == [1, 2]
@@ -298,8 +281,8 @@ def test_recovery_interrupted_while_rebuilding_reports_every_plan_it_applied(tin
 
 
 def test_crash_during_a_second_prefill_after_an_earlier_generation(tiny):
-    reference, _ = failure_free(tiny, even(tiny, 4), 4)
-    model = FaultTolerantLlama(tiny, even(tiny, 4), DTYPE, heartbeat=HEARTBEAT)
+    reference, _ = failure_free(tiny, even_assignment(tiny.config, 4), 4)
+    model = FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), DTYPE, heartbeat=HEARTBEAT)
     try:
         assert model.generate(PROMPT, 4) == reference  # an earlier request on the same cluster
         model.enable_hidden_states()  # hidden-state checkpoints switched on afterwards, as the demo does
@@ -322,7 +305,7 @@ def test_crash_during_a_second_prefill_after_an_earlier_generation(tiny):
 ], ids=["two-lost-leader-first", "three-lost-hidden", "three-lost-replicate"])
 def test_devices_lost_one_after_another_down_to_one_survivor(tiny, devices, failures, survivor, recovery,
                                                              reassign):
-    outcome = run_scenario(tiny, even(tiny, devices), failures, recovery=recovery, reassign=reassign,
+    outcome = run_scenario(tiny, even_assignment(tiny.config, devices), failures, recovery=recovery, reassign=reassign,
                            hidden=recovery == "reuse-hidden", replicate=recovery == "replicate")
     outcome.assert_lossless()
     assert len(outcome.recoveries) == len(failures)
@@ -341,7 +324,8 @@ def test_devices_lost_one_after_another_down_to_one_survivor(tiny, devices, fail
 
 def test_slow_device_that_keeps_beating_is_not_declared_dead(tiny):
     delay = 0.8  # far past the 0.25 s timeout
-    outcome = run_scenario(tiny, even(tiny, 4), [FailurePlan(2, after_tokens=2, mode="slow", delay_s=delay)],
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
+                           [FailurePlan(2, after_tokens=2, mode="slow", delay_s=delay)],
                            before_recover=lambda m, e: pytest.fail(f"a recovery was started for {e}"))
     outcome.assert_lossless()
     assert outcome.recoveries == []
@@ -392,7 +376,8 @@ def test_hung_device_is_declared_dead_and_fenced_out_when_it_wakes(tiny, release
         with pytest.raises(KeyError):
             model.monitor.last_beat(hung)
 
-    outcome = run_scenario(tiny, even(tiny, 4), [FailurePlan(hung, after_tokens=2, at_call=2, mode="hang")],
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
+                           [FailurePlan(hung, after_tokens=2, at_call=2, mode="hang")],
                            recovery="reuse-hidden", hidden=True, prepare=prepare, before_recover=before_recover,
                            after_recover=after_recover)
     if "timer" in seen:
@@ -419,8 +404,8 @@ def test_hung_device_is_declared_dead_and_fenced_out_when_it_wakes(tiny, release
     ([FailurePlan(1, 3, at_call=2), FailurePlan(2, 3, during_recovery=True)], False, "full-recompute"),
 ], ids=["together", "together-with-hidden-states", "buddy-during-recovery"])
 def test_replicate_falls_back_when_a_device_and_its_buddy_are_lost(tiny_4kv, failures, hidden, expected):
-    outcome = run_scenario(tiny_4kv, even(tiny_4kv, 4), failures, recovery="replicate", replicate=True,
-                           hidden=hidden)
+    outcome = run_scenario(tiny_4kv, even_assignment(tiny_4kv.config, 4), failures, recovery="replicate",
+                           replicate=True, hidden=hidden)
     outcome.assert_lossless()
     assert outcome.failed_devices == {1, 2}
     (rec,) = outcome.recoveries
@@ -432,7 +417,8 @@ def test_replicate_falls_back_when_a_device_and_its_buddy_are_lost(tiny_4kv, fai
 
 
 def test_replicate_needs_no_fallback_when_buddies_survive(tiny_4kv):
-    outcome = run_scenario(tiny_4kv, even(tiny_4kv, 4), [FailurePlan(1, 3, at_call=2), FailurePlan(3, 3, at_call=2)],
+    outcome = run_scenario(tiny_4kv, even_assignment(tiny_4kv.config, 4),
+                           [FailurePlan(1, 3, at_call=2), FailurePlan(3, 3, at_call=2)],
                            recovery="replicate", replicate=True)
     outcome.assert_lossless()
     (rec,) = outcome.recoveries
@@ -441,7 +427,7 @@ def test_replicate_needs_no_fallback_when_buddies_survive(tiny_4kv):
 
 
 def test_replicate_crash_during_prefill_needs_no_fallback(tiny_4kv):
-    outcome = run_scenario(tiny_4kv, even(tiny_4kv, 4), [FailurePlan(1, after_tokens=0, at_call=2)],
+    outcome = run_scenario(tiny_4kv, even_assignment(tiny_4kv.config, 4), [FailurePlan(1, after_tokens=0, at_call=2)],
                            recovery="replicate", replicate=True)
     outcome.assert_lossless()
     (rec,) = outcome.recoveries
@@ -454,7 +440,7 @@ def test_replicate_crash_during_prefill_needs_no_fallback(tiny_4kv):
 
 def test_recovery_started_before_a_second_dead_device_is_declared_does_not_deadlock(tiny):
     heartbeat = HeartbeatConfig(interval_s=0.2, timeout_s=0.5)
-    model = FaultTolerantLlama(tiny, even(tiny, 4), DTYPE, heartbeat=heartbeat)
+    model = FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), DTYPE, heartbeat=heartbeat)
     driver = None
     try:
         reference = model.generate(PROMPT, 4)
@@ -528,7 +514,7 @@ def fault_scenarios(draw):
 def test_property_any_failures_recover_losslessly(tiny, scenario):
     devices, heads, failures, recovery, reassign, seed, hidden, replicate = scenario
     c = tiny.config
-    assignment = (even(tiny, devices) if heads is None else
+    assignment = (even_assignment(c, devices) if heads is None else
                   custom_assignment(heads, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size))
     outcome = run_scenario(tiny, assignment, failures, recovery=recovery, reassign=reassign, seed=seed,
                            hidden=hidden, replicate=replicate, new_tokens=5)

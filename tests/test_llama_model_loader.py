@@ -17,30 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import llama_model_loader as loader
 from head_assignment import custom_assignment, initial_assignment
 from llama_model_loader import (ByteTokenizer, Checkpoint, CheckpointError, JsonTokenizer, LlamaConfig,
                                 expected_tensors, load_tokenizer, resolve_checkpoint)
+from reference_configs import OFFICIAL_LLAMA_3_2_1B, SHARED_REFERENCE
 from tensor_parallel_model import load_device_shard
 
-OFFICIAL = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
-    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
-    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
-    "vocab_size": 128256,
-}  # meta-llama/Llama-3.2-1B config.json, as in shared/reference/llama-3.2-1b-config.json
-SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llama-3.2-1b-config.json"
 TINY_TENSORS, TINY_BYTES = 29, 2 * (384 * 128 + 128 + 3 * (2 * 128 * 128 + 2 * 32 * 128 + 3 * 344 * 128 + 2 * 128))
 
 
 def official() -> dict:
-    return copy.deepcopy(OFFICIAL)
+    return copy.deepcopy(OFFICIAL_LLAMA_3_2_1B)
 
 
 def write_config(folder: Path, raw: dict) -> Path:
@@ -85,7 +72,7 @@ def test_official_config_reads_every_field(tmp_path):
 def test_official_config_copy_matches_shared_reference():
     if not SHARED_REFERENCE.is_file():
         pytest.skip(f"{SHARED_REFERENCE} is not present in this checkout")
-    assert json.loads(SHARED_REFERENCE.read_text()) == OFFICIAL
+    assert json.loads(SHARED_REFERENCE.read_text()) == OFFICIAL_LLAMA_3_2_1B
     assert LlamaConfig.from_json(SHARED_REFERENCE) == LlamaConfig.from_dict(official())
 
 

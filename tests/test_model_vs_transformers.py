@@ -13,13 +13,13 @@ import json
 import threading
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
-from head_assignment import Assignment, custom_assignment, initial_assignment
+from head_assignment import Assignment, custom_assignment, even_assignment, initial_assignment
 from llama_model_loader import Checkpoint, LlamaConfig
+from reference_configs import OFFICIAL_LLAMA_3_2_1B, SHARED_REFERENCE
 from synthetic_checkpoint import PRESETS
 from tensor_parallel_cluster import TensorParallelLlama
 from tensor_parallel_model import Rotary, rope_inverse_frequencies
@@ -35,20 +35,6 @@ PROMPT_SEED = 9
 SPLIT_GROUPS = {0: (0, 1, 2, 5), 1: (3, 4, 6, 7)}
 ASSIGNMENTS = ["1-device", "2-devices", "3-devices", "4-devices", "split-groups"]
 
-OFFICIAL_1B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
-    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
-    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
-    "vocab_size": 128256,
-}  # a copy of meta-llama/Llama-3.2-1B's config.json (also in shared/reference)
-SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llama-3.2-1b-config.json"
-
 
 def prompt_ids(seed: int = PROMPT_SEED, length: int = PROMPT_LEN) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
@@ -62,8 +48,7 @@ def make_assignment(config: LlamaConfig, name: str) -> Assignment:
         assert set(assignment.duplicated_kv_heads()) == {0, 1}, "the assignment must split both KV groups"
         return assignment
     devices = int(name.split("-")[0])
-    return initial_assignment(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size,
-                              devices)
+    return even_assignment(config, devices)
 
 
 def hf_greedy(hf, ids: list[int], new_tokens: int) -> list[int]:
@@ -254,7 +239,7 @@ def hf_config(raw: dict):
     return transformers.LlamaConfig(**copy.deepcopy(raw))
 
 
-@pytest.mark.parametrize("raw", [PRESETS["tiny"], OFFICIAL_1B_CONFIG], ids=["tiny", "llama-3.2-1b-official"])
+@pytest.mark.parametrize("raw", [PRESETS["tiny"], OFFICIAL_LLAMA_3_2_1B], ids=["tiny", "llama-3.2-1b-official"])
 def test_rope_inverse_frequencies_equal_transformers_llama3(raw):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     config = LlamaConfig.from_dict(raw)
@@ -266,7 +251,7 @@ def test_rope_inverse_frequencies_equal_transformers_llama3(raw):
     assert relative <= 1e-6
 
 
-@pytest.mark.parametrize("raw", [PRESETS["tiny"], OFFICIAL_1B_CONFIG], ids=["tiny", "llama-3.2-1b-official"])
+@pytest.mark.parametrize("raw", [PRESETS["tiny"], OFFICIAL_LLAMA_3_2_1B], ids=["tiny", "llama-3.2-1b-official"])
 def test_rope_config_exercises_every_llama3_band(raw):
     """So that the comparison above covers kept, blended and divided frequencies alike."""
     config = LlamaConfig.from_dict(raw)
@@ -280,7 +265,7 @@ def test_rope_config_exercises_every_llama3_band(raw):
     assert ((ratio[blended] < 1) & (ratio[blended] > 1 / scaling["factor"])).all()
 
 
-@pytest.mark.parametrize("raw", [PRESETS["tiny"], OFFICIAL_1B_CONFIG], ids=["tiny", "llama-3.2-1b-official"])
+@pytest.mark.parametrize("raw", [PRESETS["tiny"], OFFICIAL_LLAMA_3_2_1B], ids=["tiny", "llama-3.2-1b-official"])
 def test_rotary_tables_match_transformers_rotary_embedding(raw):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     positions = torch.tensor([0, 1, 2, 7, 39, 100, 255, 256, 1000, 4095])
@@ -299,7 +284,7 @@ def test_rotary_tables_match_transformers_rotary_embedding(raw):
 def test_official_config_copy_matches_shared_reference():
     if not SHARED_REFERENCE.is_file():
         pytest.skip(f"{SHARED_REFERENCE} is not present in this checkout")
-    assert json.loads(SHARED_REFERENCE.read_text()) == OFFICIAL_1B_CONFIG
+    assert json.loads(SHARED_REFERENCE.read_text()) == OFFICIAL_LLAMA_3_2_1B
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +349,7 @@ def test_llama_1b_synthetic_matches_transformers(llama_1b_checkpoint, hf_referen
     assert checkpoint.tensor_count == 146
     assert checkpoint.total_bytes == LLAMA_1B_BYTES == 2_471_628_800  # "about 2.47 GB" in bf16
     assert checkpoint.stored_dtype == "BF16"
-    assert checkpoint.config == LlamaConfig.from_dict(OFFICIAL_1B_CONFIG)
+    assert checkpoint.config == LlamaConfig.from_dict(OFFICIAL_LLAMA_3_2_1B)
     if SHARED_REFERENCE.is_file():
         assert checkpoint.config == LlamaConfig.from_json(SHARED_REFERENCE)
 

@@ -14,7 +14,7 @@ import torch
 import execution_optimization_algorithm_demo as demo
 from device_threads import StepAbandoned
 from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama, PostFailureState, Survivor
-from head_assignment import initial_assignment
+from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES, RecoveryImpossible
 from llama_model_loader import Checkpoint
@@ -67,13 +67,15 @@ class FakePost:
         return copy
 
 
+def new_tiny_model(tiny_checkpoint) -> FaultTolerantLlama:
+    """A FaultTolerantLlama on the tiny checkpoint: 4 devices, fp32, short heartbeats (the caller closes it)."""
+    checkpoint = Checkpoint(tiny_checkpoint)
+    return FaultTolerantLlama(checkpoint, even_assignment(checkpoint.config, 4), torch.float32, heartbeat=HEARTBEAT)
+
+
 @pytest.fixture
 def tiny_model(tiny_checkpoint):
-    checkpoint = Checkpoint(tiny_checkpoint)
-    c = checkpoint.config
-    model = FaultTolerantLlama(checkpoint, initial_assignment(c.num_attention_heads, c.num_key_value_heads,
-                                                              c.intermediate_size, 4),
-                               torch.float32, heartbeat=HEARTBEAT)
+    model = new_tiny_model(tiny_checkpoint)
     try:
         yield model
     finally:
@@ -153,7 +155,7 @@ def test_demo_report_ratios_match_its_own_timings(tiny_demo_run):
 def shape_only_post(reassign: str, failed: int = 1, context: int = CONTEXT) -> PostFailureState:
     """A post-failure state with the survivors' real shapes but no weights and no KV values."""
     c = CONFIG_1B
-    before = initial_assignment(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 4)
+    before = even_assignment(c, 4)
     plan = make_strategy(reassign, 0).plan(before, failed)
     after = plan.after
     survivors = {}
@@ -166,7 +168,7 @@ def shape_only_post(reassign: str, failed: int = 1, context: int = CONTEXT) -> P
 
 def test_full_prefill_of_the_1b_model_is_about_one_teraflop():
     c = CONFIG_1B
-    assignment = initial_assignment(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 4)
+    assignment = even_assignment(c, 4)
     flops = forward_flops(c, assignment, CONTEXT)
     assert flops == pytest.approx(1.0e12, rel=0.10)
     # DESIGN.md: about 61M multiply-adds per token per layer, most of it the MLP
@@ -177,7 +179,7 @@ def test_full_prefill_of_the_1b_model_is_about_one_teraflop():
     matmuls = 2 * per_token_layer_macs * CONTEXT * c.num_hidden_layers
     assert matmuls < flops < matmuls * 1.05  # plus attention over the causal half
     # splitting over devices without duplicated KV heads changes nothing
-    one = initial_assignment(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 1)
+    one = even_assignment(c, 1)
     assert forward_flops(c, one, CONTEXT) == pytest.approx(flops, rel=1e-12)
 
 
@@ -246,11 +248,7 @@ def test_kv_error_is_zero_for_identical_kv_and_catches_one_wrong_entry(tiny_mode
 def compared(tiny_checkpoint):
     """compare_recoveries of every strategy (2 repeats) after Device-1 of 4 crashes, hidden states and
     replication on; the failure-free tokens and KV come from the same model before the failure."""
-    checkpoint = Checkpoint(tiny_checkpoint)
-    c = checkpoint.config
-    model = FaultTolerantLlama(checkpoint, initial_assignment(c.num_attention_heads, c.num_key_value_heads,
-                                                              c.intermediate_size, 4),
-                               torch.float32, heartbeat=HEARTBEAT)
+    model = new_tiny_model(tiny_checkpoint)
     try:
         tokens = [int(model.prefill(PROMPT).argmax())]
         tokens.append(int(model.decode(tokens[0]).argmax()))

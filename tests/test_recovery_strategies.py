@@ -15,12 +15,11 @@ import torch
 
 from device_threads import DeviceCrashed, StepAbandoned
 from fault_tolerant_cluster import FailureEvent, FailurePlan, FaultTolerantLlama, Recovery, generate_with_failures
-from head_assignment import initial_assignment
+from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES, RecoveryImpossible, make_recovery
 from llama_model_loader import Checkpoint
 from performance_comparator import KV_TOLERANCE, kv_error, snapshot_kv
-from synthetic_checkpoint import write_synthetic_checkpoint
 from task_reassign import make_strategy
 from tensor_parallel_model import head_rows, load_device_shard
 
@@ -37,24 +36,9 @@ ALL_STRATEGIES = tuple(STRATEGIES)
 # Fixtures and helpers
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint) -> Checkpoint:
-    return Checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tiny_4kv(tmp_path_factory) -> Checkpoint:
-    return Checkpoint(write_synthetic_checkpoint("tiny-4kv", tmp_path_factory.mktemp("tiny-4kv") / "tiny-4kv", 0))
-
-
-def assignment_for(checkpoint: Checkpoint, devices: int):
-    c = checkpoint.config
-    return initial_assignment(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, devices)
-
-
 def new_model(checkpoint: Checkpoint, devices: int, hidden: bool = False, replicate: bool = False
               ) -> FaultTolerantLlama:
-    model = FaultTolerantLlama(checkpoint, assignment_for(checkpoint, devices), DTYPE, heartbeat=HEARTBEAT)
+    model = FaultTolerantLlama(checkpoint, even_assignment(checkpoint.config, devices), DTYPE, heartbeat=HEARTBEAT)
     if hidden:
         model.enable_hidden_states()
     model.replication = replicate

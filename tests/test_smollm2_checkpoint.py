@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable; everythi
 
 import json
 import subprocess
-from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer
 
 import smollm2_checkpoint as smol
 from llama_model_loader import Checkpoint, LlamaConfig, cache_root, load_tokenizer
+from torch_threads import one_thread
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, HEADS, KV_HEADS, HIDDEN = 30, 9, 3, 576
@@ -35,17 +35,6 @@ PER_LAYER = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", 
 def model(smollm2_dir, hf_reference):
     """transformers' LlamaForCausalLM on the converted folder, float32 (conftest's shared reference)."""
     return hf_reference(smollm2_dir, torch.float32)
-
-
-@contextmanager
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads make a forward 15 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def greedy(model, tokenizer: Tokenizer, prompt: str, new_tokens: int) -> str:

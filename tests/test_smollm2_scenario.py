@@ -10,7 +10,6 @@ hundredths of a second, so the whole module runs in well under a minute once it 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama, generate_wit
 from heartbeat_detection import HeartbeatConfig
 from recovery_report import json_path
 from tensor_parallel_cluster import TensorParallelLlama
+from torch_threads import one_thread
 
 PROMPT = "The capital of France is"
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -42,18 +42,6 @@ def engine(smollm2_dir):
     """The project's TensorParallelLlama on 4 devices, fp32, without failures."""
     with TensorParallelLlama.load(smollm2_dir, devices=DEVICES, dtype=torch.float32, log=lambda line: None) as model:
         yield model
-
-
-@contextmanager
-def one_thread():
-    """transformers' model on one intra-op thread, as each device thread runs: on a busy 2-core machine
-    two OpenMP threads wait on each other and a 135M-model forward takes 15 times longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def hf_input_ids(folder, prompt: str) -> list[int]:
