@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -147,7 +148,8 @@ class FaultTolerantLlama(TensorParallelLlama):
         self._calls: dict[int, int] = {}
         self._failed_at: dict[int, float] = {}
         self._released = threading.Event()
-        self._recovery_collectives: list[ThreadCollective] = []
+        self._recovery_collectives: weakref.WeakSet[ThreadCollective] = weakref.WeakSet()  # those still in use
+        self._collectives_lock = threading.Lock()  # the monitor thread aborts while the leader adds
         self._detections: queue.SimpleQueue[Detection] = queue.SimpleQueue()
         self.monitor = HeartbeatMonitor(assignment.devices, heartbeat, clock,
                                         on_beat=lambda d, t: self.log.add(d, "beat", t))
@@ -224,14 +226,16 @@ class FaultTolerantLlama(TensorParallelLlama):
     def _on_dead(self, detection: Detection) -> None:
         self.log.add(detection.device, "declared dead", detection.declared_at)
         self.collective.abort()  # the step in flight is abandoned, never finished with a dead device
-        for collective in self._recovery_collectives:
-            collective.abort()
+        with self._collectives_lock:
+            for collective in list(self._recovery_collectives):
+                collective.abort()
         self._detections.put(detection)
 
     def new_collective(self, devices: Sequence[int]) -> ThreadCollective:
         """A collective for recovery work; aborted like the main one when a device dies."""
         collective = ThreadCollective(tuple(devices), self.monitor.epoch, self._fault_point)
-        self._recovery_collectives = [c for c in self._recovery_collectives if not c.aborted] + [collective]
+        with self._collectives_lock:
+            self._recovery_collectives.add(collective)
         if set(devices) & set(self.monitor.dead()):
             collective.abort()
         return collective
