@@ -29,8 +29,8 @@ from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import CheckpointError, LlamaConfig
-from performance_comparator import (Timing, compare_device_level, compare_recoveries, measure_step_overhead,
-                                    snapshot_kv)
+from performance_comparator import (Timing, compare_device_level, compare_recoveries, failure_free_run,
+                                    measure_step_overhead)
 from recovery_plots import plot_timeline
 from recovery_report import Report, check_writable, json_path, render, render_comparison, write_report
 from synthetic_checkpoint import is_synthetic_checkpoint
@@ -183,26 +183,27 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     system = describe_system(model)
 
     log(f"failure-free reference run: {len(prompt_ids)}-token context, {o.new_tokens} new tokens")
-    reference = generate_reference(model, prompt_ids, o.new_tokens, o.fail_after)
+    reference_tokens, reference_kv, reference_prefill_s = failure_free_run(model, prompt_ids, o.new_tokens,
+                                                                           o.fail_after)
 
     keeping = keep_state_for(model, o.recovery)
     log(f"run with a failure: Device-{o.fail_device} crashes after {o.fail_after} tokens (keeping {keeping})")
     before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o, log)
-    if before != reference["tokens"][:o.fail_after]:
+    if before != reference_tokens[:o.fail_after]:
         raise RuntimeError("the run diverged from the failure-free run before the failure")
     event = model.wait_for_failure()
     post, weight_load_s = model.prepare_recovery([event], make_strategy(o.reassign, o.seed))
     plan = post.plan
     log(f"Device-{event.device} declared dead after {event.detection_latency_s:.2f} s; "
         f"comparing {len(o.recovery)} recovery strategies x {o.repeats}")
-    outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference["kv"],
-                                  reference["tokens"][o.fail_after:], before[-1])
+    outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference_kv,
+                                  reference_tokens[o.fail_after:], before[-1])
     device_level = compare_device_level(model, post, o.repeats)
     if model.replication:
         model.reprotect()
     overhead = measure_step_overhead(model, max(5, o.repeats)) if keeping != "nothing" else None
 
-    system |= {"prefill_seconds": reference["prefill_s"], "prefill_seconds_keeping": prefill_keeping_s,
+    system |= {"prefill_seconds": reference_prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
                "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, post.context_ids.numel())
                                         for row in outcomes if row.kept_bytes}}
@@ -224,25 +225,10 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         "comparison": comparison_rows(outcomes),
         "device_level": device_level_row(device_level),
         "overhead": {mode: timing_row(t) for mode, t in overhead.items()} if overhead else None,
-        "text": describe_text(model, o.prompt, prompt_ids, before, reference["tokens"], outcomes, o.fail_after),
+        "text": describe_text(model, o.prompt, prompt_ids, before, reference_tokens, outcomes, o.fail_after),
         "environment": describe_environment(),
         "files": {"timeline": str(timeline)},
     }
-
-
-def generate_reference(model: FaultTolerantLlama, prompt_ids: list[int], new_tokens: int, fail_after: int) -> dict:
-    """The failure-free run: its tokens and, for checking only, its KV at the failure point."""
-    started = time.perf_counter()
-    logits = model.prefill(prompt_ids)
-    prefill_s = time.perf_counter() - started
-    tokens, kv = [], None
-    while len(tokens) < new_tokens:
-        tokens.append(int(logits.argmax()))
-        if len(tokens) == fail_after:
-            kv = snapshot_kv(model)
-        if len(tokens) < new_tokens:
-            logits = model.decode(tokens[-1])
-    return {"tokens": tokens, "kv": kv, "prefill_s": prefill_s}
 
 
 def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:

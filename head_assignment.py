@@ -38,9 +38,6 @@ class Assignment:
     def mlp_width(self, device: int) -> int:
         return sum(stop - start for start, stop in self.mlp[device])
 
-    def owner_of_head(self, head: int) -> int:
-        return next(d for d, hs in self.heads.items() if head in hs)
-
     def duplicated_kv_heads(self) -> dict[int, tuple[int, ...]]:
         """KV heads held by more than one device (a GQA group split across devices)."""
         holders: dict[int, list[int]] = {}

@@ -18,6 +18,7 @@ from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivo
 from head_assignment import Assignment
 from kv_cache_reused import RecoveryImpossible, RecoveryStrategy, make_recovery, rebuild_from_hidden_states
 from llama_model_loader import LlamaConfig
+from tensor_parallel_cluster import TensorParallelLlama
 from tensor_parallel_model import DeviceState
 
 KVSnapshot = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]  # (layer, KV head) -> (K, V)
@@ -91,7 +92,7 @@ class DeviceLevelComparison:
 # Snapshots for checking (the leader never needs these to recover)
 
 
-def snapshot_kv(model: FaultTolerantLlama) -> KVSnapshot:
+def snapshot_kv(model: TensorParallelLlama) -> KVSnapshot:
     """Every (layer, KV head) of the cluster, copied: the failure-free reference."""
     snapshot: KVSnapshot = {}
     for worker in model.workers.values():
@@ -100,6 +101,21 @@ def snapshot_kv(model: FaultTolerantLlama) -> KVSnapshot:
             for g in cache.kv_heads:
                 snapshot.setdefault((layer, g), tuple(t.clone() for t in cache.head(layer, g)))
     return snapshot
+
+
+def failure_free_run(model: TensorParallelLlama, prompt_ids: Sequence[int], new_tokens: int,
+                     failure_after: int) -> tuple[list[int], KVSnapshot, float]:
+    """A run without failure: its tokens, its KV when `failure_after` tokens are out (for checking
+    only) and its prefill seconds."""
+    started, seen = time.perf_counter(), {}
+
+    def observe(tokens: list[int]) -> None:
+        if len(tokens) == 1:
+            seen["prefill_s"] = time.perf_counter() - started
+        if len(tokens) == failure_after:
+            seen["kv"] = snapshot_kv(model)
+    tokens = model.generate(prompt_ids, new_tokens, after_token=observe)
+    return tokens, seen.get("kv"), seen["prefill_s"]
 
 
 def kv_error(states: dict[int, DeviceState], reference: KVSnapshot) -> tuple[float, float]:

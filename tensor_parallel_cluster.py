@@ -133,12 +133,18 @@ class TensorParallelLlama:
     def decode(self, token_id: int) -> torch.Tensor:
         return self.forward([token_id])
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
-        """Greedy continuation of the prompt (the new tokens only)."""
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = False,
+                 after_token: Callable[[list[int]], object] = lambda tokens: None) -> list[int]:
+        """Greedy continuation of the prompt (the new tokens only).
+
+        `after_token(tokens)` is called after each new token, before it is fed back: the point
+        where a run can be observed (a KV snapshot) or interrupted.
+        """
         logits = self.prefill(prompt_ids)
         new_tokens: list[int] = []
         while len(new_tokens) < max_new_tokens:
             new_tokens.append(int(logits.argmax()))
+            after_token(new_tokens)
             if stop_at_eos and new_tokens[-1] in self.config.eos_token_ids:
                 break
             if len(new_tokens) < max_new_tokens:

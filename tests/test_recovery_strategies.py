@@ -19,7 +19,7 @@ from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES, RecoveryImpossible, make_recovery
 from llama_model_loader import Checkpoint
-from performance_comparator import KV_TOLERANCE, kv_error, snapshot_kv
+from performance_comparator import KV_TOLERANCE, failure_free_run, kv_error
 from task_reassign import make_strategy
 from tensor_parallel_model import head_rows, load_device_shard
 
@@ -54,14 +54,7 @@ def failure_free(checkpoint: Checkpoint, devices: int) -> tuple[list[int], dict]
     if key not in _REFERENCES:
         model = new_model(checkpoint, devices)
         try:
-            logits = model.prefill(PROMPT)
-            tokens, kv = [], None
-            while len(tokens) < NEW_TOKENS:
-                tokens.append(int(logits.argmax()))
-                if len(tokens) == FAIL_AFTER:
-                    kv = snapshot_kv(model)
-                if len(tokens) < NEW_TOKENS:
-                    logits = model.decode(tokens[-1])
+            tokens, kv, _ = failure_free_run(model, PROMPT, NEW_TOKENS, FAIL_AFTER)
             _REFERENCES[key] = (tokens, kv)
         finally:
             model.close()
