@@ -45,13 +45,16 @@ class GateBarrier:
     def broken(self) -> bool:
         return self._broken
 
-    def wait(self) -> None:
+    def wait(self, action: Callable[[], None] | None = None) -> None:
+        """Block until every party has arrived; the last to arrive runs `action` first, alone."""
         gate = [threading.Lock(), False]
         gate[0].acquire()
         with self._lock:
             if self._broken:
                 raise threading.BrokenBarrierError
             if len(self._waiting) + 1 == self._parties:
+                if action is not None:
+                    self._run_action(action)
                 waiting, self._waiting = self._waiting, []
                 for other in waiting:
                     other[0].release()
@@ -64,25 +67,35 @@ class GateBarrier:
     def abort(self) -> None:
         """Release every waiter with BrokenBarrierError; later waits fail at once."""
         with self._lock:
-            self._broken = True
-            waiting, self._waiting = self._waiting, []
+            self._break()
+
+    def _run_action(self, action: Callable[[], None]) -> None:
+        """Run the last arrival's action (lock held); if it fails, nobody waits for it."""
+        try:
+            action()
+        except BaseException:
+            self._break()
+            raise
+
+    def _break(self) -> None:
+        self._broken = True
+        waiting, self._waiting = self._waiting, []
         for gate in waiting:
             gate[1] = True
             gate[0].release()
 
 
 class ThreadCollective:
-    """All-reduce, all-gather and ring pass between device threads, for one group of devices (an epoch).
+    """The collective operations between device threads, for one group of devices (an epoch).
 
     Every call is a round: each device deposits its tensor, waits at a barrier, and reads the
     others'. Rounds alternate between two sets of slots, so that a fast device depositing the
     next round never overwrites what a slow one is still reading: one barrier per round. Sums
-    run in device order on every device, so results do not depend on thread timing. Large sums
-    are shared out by rows (each device adds its own rows for everyone) at the cost of a second
-    barrier; small ones (decode) each device does whole.
+    run in device order, so results do not depend on thread timing. An all-reduce is summed once,
+    by the last device to arrive, and shared (it is small: decode); a reduce-scatter has every
+    device sum its own rows; an all-gather of rows has each device write its rows into one
+    shared tensor, so nothing is copied twice.
     """
-
-    SHARED_SUM_ELEMENTS = 1 << 16
 
     def __init__(self, devices: Sequence[int], epoch: int = 0, fault_hook: FaultHook | None = None):
         self.devices = tuple(devices)
@@ -91,41 +104,56 @@ class ThreadCollective:
         self._slot = {d: i for i, d in enumerate(self.devices)}
         self._rounds = [0] * len(self.devices)  # calls made by each device (all make the same calls)
         self._inbox: list[list[Any]] = [[None] * len(self.devices) for _ in range(2)]
-        self._sums: list[torch.Tensor | None] = [None, None]
+        self._results: list[tuple[int, torch.Tensor] | None] = [None, None]  # per parity: (round, shared result)
+        self._results_lock = threading.Lock()
         self._barrier = GateBarrier(len(self.devices))
         self._aborted = threading.Event()
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        shared = tensor.numel() > self.SHARED_SUM_ELEMENTS
-        parity, parts = self._exchange(device, tensor, shared)
-        if not shared:
-            return _sum_in_order(parts)
-        total = self._sums[parity]  # allocated by the first device before the barrier
+        round_, parity = self._enter(device)
+        self._inbox[parity][self._slot[device]] = tensor
+        self._wait(lambda: self._results.__setitem__(parity, (round_, _sum_in_order(self._inbox[parity]))))
+        return self._results[parity][1]
+
+    def own_rows(self, device: int, length: int) -> slice:
         slot, n = self._slot[device], len(self.devices)
-        rows = slice(slot * tensor.shape[0] // n, (slot + 1) * tensor.shape[0] // n)
-        total[rows] = _sum_in_order([p[rows] for p in parts])
+        return slice(slot * length // n, (slot + 1) * length // n)
+
+    def reduce_scatter(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
+        rows = self.own_rows(device, tensor.shape[0])
+        return _sum_in_order([part[rows] for part in self._exchange(device, tensor)])
+
+    def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
+        round_, parity = self._enter(device)
+        with self._results_lock:  # the first device of the round makes the tensor all of them fill
+            if self._results[parity] is None or self._results[parity][0] != round_:
+                self._results[parity] = (round_, rows.new_empty((length, *rows.shape[1:])))
+            whole = self._results[parity][1]
+        whole[self.own_rows(device, length)] = rows
         self._wait()
-        return total
+        return whole
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return self._exchange(device, tensor)[1]
+        return self._exchange(device, tensor)
 
     def ring_pass(self, device: int, payload: Any) -> Any:
         """Send `payload` to the next device in ring order; receive the previous device's."""
-        return self._exchange(device, payload)[1][self._slot[device] - 1]
+        return self._exchange(device, payload)[self._slot[device] - 1]
 
-    def _exchange(self, device: int, payload: Any, shared_sum: bool = False) -> tuple[int, list[Any]]:
-        """Deposit, wait for everyone, and read every device's deposit of this round."""
+    def _enter(self, device: int) -> tuple[int, int]:
+        """A device starts its next round (where injected faults strike): the round and its parity."""
         if self.fault_hook is not None:
             self.fault_hook(device)
         slot = self._slot[device]
-        parity = self._rounds[slot] % 2
         self._rounds[slot] += 1
-        if shared_sum and slot == 0:
-            self._sums[parity] = torch.empty_like(payload)
-        self._inbox[parity][slot] = payload
+        return self._rounds[slot], self._rounds[slot] % 2
+
+    def _exchange(self, device: int, payload: Any) -> list[Any]:
+        """Deposit, wait for everyone, and read every device's deposit of this round."""
+        round_, parity = self._enter(device)
+        self._inbox[parity][self._slot[device]] = payload
         self._wait()
-        return parity, list(self._inbox[parity])
+        return list(self._inbox[parity])
 
     def abort(self) -> None:
         """Release every waiting device with StepAbandoned; later calls fail at once too."""
@@ -140,9 +168,9 @@ class ThreadCollective:
     def aborted(self) -> bool:
         return self._barrier.broken
 
-    def _wait(self) -> None:
+    def _wait(self, action: Callable[[], None] | None = None) -> None:
         try:
-            self._barrier.wait()
+            self._barrier.wait(action)
         except threading.BrokenBarrierError:
             raise StepAbandoned(f"epoch {self.epoch} collective aborted") from None
 

@@ -22,7 +22,8 @@ from llama_model_loader import Checkpoint, LlamaConfig
 from reference_configs import OFFICIAL_LLAMA_3_2_1B, SHARED_REFERENCE
 from synthetic_checkpoint import PRESETS
 from tensor_parallel_cluster import TensorParallelLlama
-from tensor_parallel_model import Rotary, rope_inverse_frequencies
+import tensor_parallel_model
+from tensor_parallel_model import Rotary, causal_attention, rope_inverse_frequencies
 
 PROMPT_LEN, NEW_TOKENS = 40, 8
 FP32_RELATIVE = 1e-4  # max |ours - ref| <= 1e-4 * max |ref|
@@ -231,6 +232,30 @@ def test_prompt_is_not_a_near_tie(tiny_reference):
 
 # --------------------------------------------------------------------------------------------
 # RoPE alone
+
+
+def sdpa_after_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """torch's SDPA in fp64 with an explicit mask: new token i (at start + i) sees keys 0..start + i."""
+    visible = torch.ones(q.shape[1], keys.shape[1], dtype=torch.bool).tril(diagonal=start)
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), keys.double(), values.double(),
+                                                            attn_mask=visible, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("query_heads, kv_heads", [(6, 2), (3, 3)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("start, new", [(0, 1), (0, 11), (7, 1), (7, 11), (0, 12)])
+def test_blocked_causal_attention_equals_sdpa(monkeypatch, dtype, query_heads, kv_heads, start, new):
+    """Several query blocks with a ragged last one, after cached tokens or not, grouped or not."""
+    monkeypatch.setattr(tensor_parallel_model, "ATTENTION_BLOCK", 4)
+    generator = torch.Generator().manual_seed(start * 100 + new)
+    q = (torch.randn(query_heads, new, 16, generator=generator) * 3).to(dtype)
+    keys = (torch.randn(kv_heads, start + new, 16, generator=generator) * 3).to(dtype)
+    values = torch.randn(kv_heads, start + new, 16, generator=generator).to(dtype)
+    expected = sdpa_after_cached(q, keys, values, start)
+    ours = causal_attention(q, keys, values, start)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8  # bf16: the output's own rounding
+    assert (ours.double() - expected).abs().max().item() <= tolerance * expected.abs().max().item()
 
 
 def hf_config(raw: dict):
