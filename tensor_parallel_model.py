@@ -474,7 +474,7 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     kv_heads, group = keys.shape[0], heads // keys.shape[0]
     dtype, keys, values = q.dtype, keys.float(), values.float()  # in fp32 whatever the dtype, as SDPA
     q = q.float() * head_dim ** -0.5
-    out = torch.empty_like(q)
+    blocks = []
     for first in range(0, T, ATTENTION_BLOCK):
         last = min(first + ATTENTION_BLOCK, T)
         rows, visible = last - first, start + last
@@ -483,8 +483,8 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         if rows > 1:
             scores[..., start + first:] += _future_mask(rows)
         block_out = torch.bmm(torch.softmax(scores, dim=-1).view(kv_heads, group * rows, visible), values[:, :visible])
-        out[:, first:last] = block_out.view(heads, rows, head_dim)
-    return out.to(dtype)
+        blocks.append(block_out.view(heads, rows, head_dim))
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).to(dtype)
 
 
 def _future_mask(rows: int) -> torch.Tensor:
