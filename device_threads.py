@@ -6,12 +6,10 @@ gets `StepAbandoned`) and redone after recovery, so a dead device never deadlock
 """
 from __future__ import annotations
 
-import os
 import threading
-from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from queue import SimpleQueue
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,51 +25,6 @@ class DeviceCrashed(Exception):
 
 
 FaultHook = Callable[[int], None]  # called with the device at every collective call; may raise or block
-
-
-class CoreTurns:
-    """Which core each device thread runs on, and whose turn it is there.
-
-    With more devices than cores (four on two here), the OS switches between the threads of a
-    core every few milliseconds, in the middle of their matmuls, each evicting the other's cache,
-    and it may wake threads onto a busy core while another one idles. Instead device d is pinned
-    to core d mod cores and keeps it until it waits for the other devices in a collective call
-    (or its task ends); then the next device of that core runs. Measured on this machine: a
-    512-token prefill 3-4% faster, decode 2-3%. The machine's cores are one per process: `MACHINE`.
-    """
-
-    def __init__(self, cores: Sequence[int]):
-        self.cores = tuple(cores)
-        self._turns = [threading.Lock() for _ in self.cores]
-
-    def enter(self, device: int) -> threading.Lock:
-        """Pin the calling thread to the device's core; the lock that is that core's turn."""
-        slot = device % len(self.cores)
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {self.cores[slot]})
-        return self._turns[slot]
-
-
-def _usable_cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-
-MACHINE = CoreTurns(_usable_cores())
-_device_thread = threading.local()  # `turn`: the core lock of the device thread running here, if any
-
-
-@contextmanager
-def _off_core() -> Iterator[None]:
-    """Give up this device thread's core while it waits for other devices (no-op elsewhere)."""
-    turn = getattr(_device_thread, "turn", None)
-    if turn is None:
-        yield
-        return
-    turn.release()
-    try:
-        yield
-    finally:
-        turn.acquire()
 
 
 class GateBarrier:
@@ -157,10 +110,9 @@ class ThreadCollective:
         self._aborted = threading.Event()
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        with _off_core():
-            round_, parity = self._enter(device)
-            self._inbox[parity][self._slot[device]] = tensor
-            self._wait(lambda: self._results.__setitem__(parity, (round_, _sum_in_order(self._inbox[parity]))))
+        round_, parity = self._enter(device)
+        self._inbox[parity][self._slot[device]] = tensor
+        self._wait(lambda: self._results.__setitem__(parity, (round_, _sum_in_order(self._inbox[parity]))))
         return self._results[parity][1]
 
     def own_rows(self, device: int, length: int) -> slice:
@@ -172,14 +124,13 @@ class ThreadCollective:
         return _sum_in_order([part[rows] for part in self._exchange(device, tensor)])
 
     def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
-        with _off_core():
-            round_, parity = self._enter(device)
-            with self._results_lock:  # the first device of the round makes the tensor all of them fill
-                if self._results[parity] is None or self._results[parity][0] != round_:
-                    self._results[parity] = (round_, rows.new_empty((length, *rows.shape[1:])))
-                whole = self._results[parity][1]
-            whole[self.own_rows(device, length)] = rows
-            self._wait()
+        round_, parity = self._enter(device)
+        with self._results_lock:  # the first device of the round makes the tensor all of them fill
+            if self._results[parity] is None or self._results[parity][0] != round_:
+                self._results[parity] = (round_, rows.new_empty((length, *rows.shape[1:])))
+            whole = self._results[parity][1]
+        whole[self.own_rows(device, length)] = rows
+        self._wait()
         return whole
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -190,8 +141,7 @@ class ThreadCollective:
         return self._exchange(device, payload)[self._slot[device] - 1]
 
     def _enter(self, device: int) -> tuple[int, int]:
-        """A device starts its next round (where injected faults strike, off its core): the round
-        and its parity."""
+        """A device starts its next round (where injected faults strike): the round and its parity."""
         if self.fault_hook is not None:
             self.fault_hook(device)
         slot = self._slot[device]
@@ -200,10 +150,9 @@ class ThreadCollective:
 
     def _exchange(self, device: int, payload: Any) -> list[Any]:
         """Deposit, wait for everyone, and read every device's deposit of this round."""
-        with _off_core():
-            parity = self._enter(device)[1]
-            self._inbox[parity][self._slot[device]] = payload
-            self._wait()
+        round_, parity = self._enter(device)
+        self._inbox[parity][self._slot[device]] = payload
+        self._wait()
         return list(self._inbox[parity])
 
     def abort(self) -> None:
@@ -237,14 +186,13 @@ Task = Callable[["DeviceWorker"], Any]
 
 
 class DeviceWorker:
-    """A device's thread: runs the tasks it is given, one at a time, on its turn of its core
-    (`CoreTurns`); `state` is what it holds."""
+    """A device's thread: runs the tasks it is given, one at a time; `state` is what it holds."""
 
-    def __init__(self, device: int, cores: CoreTurns = MACHINE):
+    def __init__(self, device: int, intra_op_threads: int = 1):
         self.device = device
         self.state: DeviceState | None = None  # set by the task that loads the shard
         self._tasks: SimpleQueue[tuple[Task, Future] | None] = SimpleQueue()
-        self._cores = cores
+        self._intra_op_threads = intra_op_threads
         self._thread = threading.Thread(target=self._run, name=f"Device-{device}", daemon=True)
         self._thread.start()
 
@@ -261,16 +209,13 @@ class DeviceWorker:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        torch.set_num_threads(1)  # the devices share the cores: one each
-        turn = _device_thread.turn = self._cores.enter(self.device)
+        torch.set_num_threads(self._intra_op_threads)  # the devices share the cores: one each
         while (item := self._tasks.get()) is not None:
             task, future = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                with turn:
-                    result = task(self)
-                future.set_result(result)
+                future.set_result(task(self))
             except DeviceCrashed as crash:
                 self.state = None  # its memory is gone with it
                 future.set_exception(crash)

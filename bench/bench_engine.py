@@ -6,7 +6,9 @@ What it measures, per dtype (float32, then bfloat16, freeing memory in between):
     on its own; one sample per repeat is the median of its steps (milliseconds per token);
   * this machine's matmul peak: best of 10 torch.mm of 2048 x 2048 in the same dtype, in the main
     thread with torch's default thread count; the prefill FLOPs (counted from shapes, see
-    common.prefill_flops) divided by the median time give each model's fraction of that peak.
+    common.prefill_flops) divided by the median time give each model's fraction of that peak;
+  * decode's floor: a token streams every weight once, so weight bytes / the measured bandwidth of
+    a matrix-vector product (common.gemv_bandwidth) bounds a step from below, for both models.
 
 How: the engine (`--devices` device threads, one intra-op thread each) and the reference
 (`LlamaForCausalLM`, sdpa attention, `use_cache=True`, `torch.inference_mode()`, the main thread's
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common import DTYPES, machine, matmul_peak, min_median, model_folder, prefill_flops
+from common import (DTYPES, gemv_bandwidth, machine, matmul_peak, min_median, model_folder, parameter_count,
+                    prefill_flops)
 
 import torch
 from transformers import LlamaForCausalLM
@@ -40,6 +43,12 @@ from transformers.utils import logging as hf_logging
 
 from llama_model_loader import Checkpoint
 from tensor_parallel_cluster import TensorParallelLlama
+
+
+@dataclass
+class MachineLimits:
+    matmul_flops: float      # FLOP/s of a large matmul (prefill's bound)
+    gemv_bytes_per_s: float  # weight bytes/s of a matrix-vector product (decode's bound)
 
 
 @dataclass
@@ -116,7 +125,7 @@ def alternate(engine_case: Callable[[], float], reference_case: Callable[[], flo
 
 def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: torch.Tensor) -> None:
     dtype = DTYPES[dtype_name]
-    peak = matmul_peak(dtype)
+    limits = MachineLimits(matmul_peak(dtype), gemv_bandwidth(dtype))
     started = time.perf_counter()
     engine = EngineRunner(folder, args.devices, dtype)
     engine_load = time.perf_counter() - started
@@ -145,15 +154,16 @@ def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: to
         engine.close()
         if reference is not None:
             reference.close()
-        del engine, reference
+        engine = reference = None  # drop the weights before the next dtype
         gc.collect()
 
-    print_table(dtype_name, args, rows, peak, Checkpoint(folder), engine_load, reference_load,
+    print_table(dtype_name, args, rows, limits, Checkpoint(folder), engine_load, reference_load,
                 difference, same_top)
 
 
-def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], peak: float, checkpoint: Checkpoint,
-                engine_load: float, reference_load: float, difference: float, same_top: bool) -> None:
+def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], limits: MachineLimits,
+                checkpoint: Checkpoint, engine_load: float, reference_load: float, difference: float,
+                same_top: bool) -> None:
     config = checkpoint.config
     stored = {"BF16": "bfloat16", "F32": "float32"}.get(checkpoint.stored_dtype)
     lazy_note = (" (the stored dtype: transformers memory-maps the file and pages weights in during the warm-up)"
@@ -176,9 +186,18 @@ def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], peak
     flops = prefill_flops(config, longest)
     row = next(r for r in rows if r.what == f"prefill {longest} tokens")
     e_rate, r_rate = flops / statistics.median(row.engine), flops / statistics.median(row.reference)
+    peak = limits.matmul_flops
     print(f"\nMatmul peak (torch.mm 2048x2048 {dtype_name}, main thread, best of 10): {peak / 1e9:.0f} GFLOP/s. "
           f"Prefill {longest} = {flops / 1e9:.0f} GFLOP (counted from shapes): engine {e_rate / 1e9:.0f} GFLOP/s "
           f"= {e_rate / peak:.0%} of peak, reference {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
+    streamed = parameter_count(checkpoint) * DTYPES[dtype_name].itemsize
+    floor_ms = streamed / limits.gemv_bytes_per_s * 1e3
+    decode = rows[-1]
+    e_ms, r_ms = statistics.median(decode.engine), statistics.median(decode.reference)
+    print(f"\nDecode floor: a token streams every weight ({streamed / 1e9:.2f} GB; the tied embedding once, as "
+          f"the LM head); at the measured matrix-vector bandwidth ({limits.gemv_bytes_per_s / 1e9:.1f} GB/s, "
+          f"main thread, 1 GB weight, best of 5) that is {floor_ms:.0f} ms: engine {e_ms / floor_ms - 1:+.0%}, "
+          f"reference {r_ms / floor_ms - 1:+.0%} above it.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

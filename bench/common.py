@@ -68,6 +68,20 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, tries: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
+def gemv_bandwidth(dtype: torch.dtype, nbytes: int = 1 << 30, tries: int = 5) -> float:
+    """Best bytes/s at which a matrix-vector product streams a `nbytes` weight (decode's bound),
+    in the calling thread with its default threads."""
+    weight = torch.randn(nbytes // (2048 * dtype.itemsize), 2048).to(dtype)
+    x = torch.randn(1, 2048).to(dtype)
+    torch.nn.functional.linear(x, weight)  # warm-up
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - started)
+    return weight.nbytes / best
+
+
 def memory_status() -> dict[str, int]:
     """This process's VmRSS and VmHWM (peak RSS), in bytes, from /proc/self/status."""
     values = {}

@@ -3,13 +3,12 @@ failed or aborted round releases every device instead of leaving it waiting."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Callable
 
 import pytest
 import torch
 
-from device_threads import MACHINE, CoreTurns, DeviceCrashed, DeviceWorker, StepAbandoned, ThreadCollective
+from device_threads import StepAbandoned, ThreadCollective
 
 Body = Callable[[int, ThreadCollective], Any]
 
@@ -107,53 +106,3 @@ def test_abort_releases_waiting_devices_and_fails_later_calls():
         return collective.all_reduce(device, torch.ones(1))
 
     assert all(isinstance(r, StepAbandoned) for r in on_devices(3, body))
-
-
-def one_core_workers(devices: int) -> list[DeviceWorker]:
-    """Device threads that all share one core (the first this process may use)."""
-    turns = CoreTurns(MACHINE.cores[:1])
-    return [DeviceWorker(d, turns) for d in range(devices)]
-
-
-def stop_all(workers: list[DeviceWorker]) -> None:
-    for worker in workers:
-        worker.stop(timeout=5)
-
-
-def test_devices_sharing_a_core_take_turns():
-    workers = one_core_workers(2)
-    try:
-        def busy(worker: DeviceWorker) -> tuple[float, float]:
-            started = time.perf_counter()
-            time.sleep(0.05)  # holding the core's turn
-            return started, time.perf_counter()
-
-        (a_start, a_end), (b_start, b_end) = (f.result(timeout=5) for f in [w.submit(busy) for w in workers])
-        assert a_end <= b_start or b_end <= a_start  # one after the other, never both at once
-    finally:
-        stop_all(workers)
-
-
-def test_a_device_waiting_in_a_collective_lets_the_others_of_its_core_run():
-    workers = one_core_workers(3)
-    collective = ThreadCollective(range(3))
-    try:
-        futures = [w.submit(lambda w: collective.all_reduce(w.device, torch.ones(2))) for w in workers]
-        for future in futures:
-            assert torch.equal(future.result(timeout=10), torch.full((2,), 3.0))  # no deadlock
-    finally:
-        collective.abort()  # frees the devices if they did deadlock
-        stop_all(workers)
-
-
-def test_a_crashed_device_gives_its_core_back():
-    workers = one_core_workers(2)
-    try:
-        def crash(worker: DeviceWorker):
-            raise DeviceCrashed("injected")
-
-        with pytest.raises(DeviceCrashed):
-            workers[0].submit(crash).result(timeout=5)
-        assert workers[1].submit(lambda w: w.device).result(timeout=5) == 1
-    finally:
-        stop_all(workers)

@@ -35,10 +35,12 @@ from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES, make_recovery
 from llama_model_loader import Checkpoint
 from performance_comparator import KV_TOLERANCE, kv_error, snapshot_kv
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
+from tensor_parallel_model import SEQUENCE_PARALLEL_MIN_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.25)
 PROMPT = list(range(5, 29))  # 24 byte tokens
+LONG_PROMPT = list(range(5, 5 + 40))  # 40 tokens: prefill and full recompute run sequence-parallel
 NEW_TOKENS = 6
 DTYPE = torch.float32
 TOLERANCE = KV_TOLERANCE[DTYPE]
@@ -138,13 +140,14 @@ def check_recovered_state(model: FaultTolerantLlama, reference_kv) -> None:
 _REFERENCES: dict[tuple, tuple[list[int], dict]] = {}
 
 
-def failure_free(checkpoint: Checkpoint, assignment: Assignment, new_tokens: int) -> tuple[list[int], dict]:
+def failure_free(checkpoint: Checkpoint, assignment: Assignment, new_tokens: int,
+                 prompt: Sequence[int] = PROMPT) -> tuple[list[int], dict]:
     """Tokens and the whole KV of a failure-free run on its own model (cached per assignment)."""
-    key = (str(checkpoint.folder), tuple(assignment.heads.items()), new_tokens)
+    key = (str(checkpoint.folder), tuple(assignment.heads.items()), new_tokens, tuple(prompt))
     if key not in _REFERENCES:
         model = FaultTolerantLlama(checkpoint, assignment, DTYPE, heartbeat=HEARTBEAT)
         try:
-            _REFERENCES[key] = (model.generate(PROMPT, new_tokens), snapshot_kv(model))
+            _REFERENCES[key] = (model.generate(prompt, new_tokens), snapshot_kv(model))
         finally:
             model.close()
     return _REFERENCES[key]
@@ -153,11 +156,12 @@ def failure_free(checkpoint: Checkpoint, assignment: Assignment, new_tokens: int
 def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Sequence[FailurePlan], *,
                  recovery: str = "full-recompute", reassign: str = "random", seed: int = 0,
                  hidden: bool = False, replicate: bool = False, new_tokens: int = NEW_TOKENS,
+                 prompt: Sequence[int] = PROMPT,
                  prepare: Hook | None = None, before_recover: Hook | None = None,
                  after_recover: Hook | None = None, grace: bool = True) -> Outcome:
     """The run with `failures` on a fresh model, every recovery checked as it happens, against a
     failure-free run of the same assignment."""
-    reference, reference_kv = failure_free(checkpoint, assignment, new_tokens)
+    reference, reference_kv = failure_free(checkpoint, assignment, new_tokens, prompt)
     model = FaultTolerantLlama(checkpoint, assignment, DTYPE, heartbeat=HEARTBEAT)
     try:
         if hidden:
@@ -179,7 +183,7 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
                 after_recover(m, event, result)
 
         started = time.perf_counter()
-        tokens = generate_with_failures(model, PROMPT, new_tokens, failures, recover)
+        tokens = generate_with_failures(model, prompt, new_tokens, failures, recover)
         seconds = time.perf_counter() - started
         worst, scale = kv_error({d: w.state for d, w in model.workers.items()}, reference_kv)
         return Outcome(reference, tokens, recoveries, worst, scale, model.assignment, model.leader,
@@ -245,6 +249,17 @@ def test_crash_during_prefill_or_decode_is_survived_losslessly(tiny, after_token
     assert rec.strategy == recovery and rec.fallback_reason is None
     assert [e.device for e in rec.events] == [2]
     assert 2 not in outcome.assignment.devices
+
+
+@pytest.mark.parametrize("at_call", [2, 3], ids=["in-a-reduce-scatter", "in-an-all-gather"])
+@pytest.mark.parametrize("recovery", ["full-recompute", "reuse-replay", "reuse-hidden"])
+def test_crash_during_a_sequence_parallel_prefill_is_survived_losslessly(tiny, at_call, recovery):
+    """A long prompt's prefill, and the recompute after it, split the residual stream by rows."""
+    assert len(LONG_PROMPT) >= SEQUENCE_PARALLEL_MIN_TOKENS
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4), [FailurePlan(1, after_tokens=0, at_call=at_call)],
+                           recovery=recovery, hidden=recovery == "reuse-hidden", prompt=LONG_PROMPT, new_tokens=3)
+    outcome.assert_lossless()
+    assert [e.device for e in outcome.events] == [1]
 
 
 @pytest.mark.parametrize("second, recovery", [
