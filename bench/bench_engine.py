@@ -8,7 +8,9 @@ What it measures, per dtype (float32, then bfloat16, freeing memory in between):
     thread with torch's default thread count; the prefill FLOPs (counted from shapes, see
     common.prefill_flops) divided by the median time give each model's fraction of that peak;
   * decode's floor: a token streams every weight once, so weight bytes / the measured bandwidth of
-    a matrix-vector product (common.gemv_bandwidth) bounds a step from below, for both models.
+    a matrix-vector product (common.gemv_bandwidth) bounds a step from below, for both models;
+  * decode again with the engine's device code as one device called in the main thread (both
+    cores, no device threads): what the split and the threads cost, apart from the arithmetic.
 
 How: the engine (`--devices` device threads, one intra-op thread each) and the reference
 (`LlamaForCausalLM`, sdpa attention, `use_cache=True`, `torch.inference_mode()`, the main thread's
@@ -42,7 +44,9 @@ from transformers import LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from llama_model_loader import Checkpoint
+from device_threads import ThreadCollective
 from tensor_parallel_cluster import TensorParallelLlama
+from tensor_parallel_model import device_forward
 
 
 @dataclass
@@ -72,6 +76,28 @@ class EngineRunner:
         for token in tokens.tolist():
             started = time.perf_counter()
             self.model.decode(token)
+            times.append(time.perf_counter() - started)
+        return times
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class OneDeviceInMainThread:
+    """The same device code for a single device, called in the main thread with its default threads
+    (decode only): the split and the device threads taken apart from the arithmetic."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.model = TensorParallelLlama.load(folder, devices=1, dtype=dtype, log=lambda m: None)
+        self.state = self.model.workers[0].state  # its thread stays idle: the main thread computes
+        self.collective = ThreadCollective([0])
+
+    def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
+        device_forward(self.state, prompt, 0, self.collective)
+        times = []
+        for position, token in enumerate(tokens.tolist(), start=len(prompt)):
+            started = time.perf_counter()
+            device_forward(self.state, torch.tensor([token]), position, self.collective)
             times.append(time.perf_counter() - started)
         return times
 
@@ -150,6 +176,8 @@ def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: to
         e, r = alternate(lambda: statistics.median(engine.decode_times(prompt, steps)) * 1e3,
                          lambda: statistics.median(reference.decode_times(prompt, steps)) * 1e3, args.repeats)
         rows.append(Row(f"decode after {args.decode_after} tokens ({args.decode_steps} steps)", "ms/token", e, r))
+        engine.close()  # its weights make room for the single device's
+        rows.append(single_device_decode(folder, dtype, reference, prompt, steps, args.repeats))
     finally:
         engine.close()
         if reference is not None:
@@ -159,6 +187,17 @@ def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: to
 
     print_table(dtype_name, args, rows, limits, Checkpoint(folder), engine_load, reference_load,
                 difference, same_top)
+
+
+def single_device_decode(folder: Path, dtype: torch.dtype, reference: ReferenceRunner, prompt: torch.Tensor,
+                         steps: torch.Tensor, repeats: int) -> Row:
+    single = OneDeviceInMainThread(folder, dtype)
+    try:
+        e, r = alternate(lambda: statistics.median(single.decode_times(prompt, steps)) * 1e3,
+                         lambda: statistics.median(reference.decode_times(prompt, steps)) * 1e3, repeats)
+    finally:
+        single.close()
+    return Row("decode, the device code as 1 device in the main thread (no device threads)", "ms/token", e, r)
 
 
 def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], limits: MachineLimits,
@@ -192,7 +231,7 @@ def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], limi
           f"= {e_rate / peak:.0%} of peak, reference {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
     streamed = parameter_count(checkpoint) * DTYPES[dtype_name].itemsize
     floor_ms = streamed / limits.gemv_bytes_per_s * 1e3
-    decode = rows[-1]
+    decode = next(r for r in rows if r.what.startswith("decode after"))
     e_ms, r_ms = statistics.median(decode.engine), statistics.median(decode.reference)
     print(f"\nDecode floor: a token streams every weight ({streamed / 1e9:.2f} GB; the tied embedding once, as "
           f"the LM head); at the measured matrix-vector bandwidth ({limits.gemv_bytes_per_s / 1e9:.1f} GB/s, "
