@@ -110,9 +110,12 @@ class ThreadCollective:
         self._aborted = threading.Event()
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        round_, parity = self._enter(device)
-        self._inbox[parity][self._slot[device]] = tensor
-        self._wait(lambda: self._results.__setitem__(parity, (round_, _sum_in_order(self._inbox[parity]))))
+        round_, parity = self._deposit(device, tensor)
+
+        def sum_once() -> None:  # run by the last device to arrive, before the others go on
+            self._results[parity] = (round_, _sum_in_order(self._inbox[parity]))
+
+        self._wait(sum_once)
         return self._results[parity][1]
 
     def own_rows(self, device: int, length: int) -> slice:
@@ -148,10 +151,15 @@ class ThreadCollective:
         self._rounds[slot] += 1
         return self._rounds[slot], self._rounds[slot] % 2
 
-    def _exchange(self, device: int, payload: Any) -> list[Any]:
-        """Deposit, wait for everyone, and read every device's deposit of this round."""
+    def _deposit(self, device: int, payload: Any) -> tuple[int, int]:
+        """Start the device's next round with `payload` in its slot: the round and its parity."""
         round_, parity = self._enter(device)
         self._inbox[parity][self._slot[device]] = payload
+        return round_, parity
+
+    def _exchange(self, device: int, payload: Any) -> list[Any]:
+        """Deposit, wait for everyone, and read every device's deposit of this round."""
+        parity = self._deposit(device, payload)[1]
         self._wait()
         return list(self._inbox[parity])
 

@@ -33,8 +33,9 @@ FAILURE_MODES = ("crash", "hang", "slow")
 class FailurePlan:
     """Inject a fault: `device` fails after `after_tokens` generated tokens (0: during the prefill).
 
-    It strikes at the device's `at_call`-th collective call of that step (by default in the middle
-    of the layers), so the others are caught mid-step. "crash": the thread ends and its memory is
+    It strikes at the device's `at_call`-th collective call of that step (by default the call
+    numbered like the layers: half-way through a decode step, a quarter of the way through a
+    sequence-parallel prefill, which makes four calls per layer), so the others are caught mid-step. "crash": the thread ends and its memory is
     gone. "hang": alive but silent and idle until released, then fenced out. "slow": its compute
     stalls for `delay_s` while its heartbeats go on (it must not be declared dead). With
     `during_recovery`, it fails when it is next asked to help rebuild the KV cache instead.
