@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable; the reference loads local folders
 REPO = Path(__file__).resolve().parents[1]
@@ -56,16 +57,21 @@ def prefill_flops(config: LlamaConfig, length: int) -> int:
     return layers + 2 * h * config.vocab_size
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, tries: int = 10) -> float:
-    """Best FLOP/s of torch.mm on n x n in `dtype`, in the calling thread with its default threads."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)  # warm-up
+def best_seconds(run: Callable[[], object], tries: int) -> float:
+    """The fastest of `tries` timed calls of `run`, after one untimed warm-up."""
+    run()
     best = float("inf")
     for _ in range(tries):
         started = time.perf_counter()
-        torch.mm(a, b)
+        run()
         best = min(best, time.perf_counter() - started)
-    return 2 * n ** 3 / best
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, tries: int = 10) -> float:
+    """Best FLOP/s of torch.mm on n x n in `dtype`, in the calling thread with its default threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b), tries)
 
 
 def gemv_bandwidth(dtype: torch.dtype, nbytes: int = 1 << 30, tries: int = 5) -> float:
@@ -73,13 +79,7 @@ def gemv_bandwidth(dtype: torch.dtype, nbytes: int = 1 << 30, tries: int = 5) ->
     in the calling thread with its default threads."""
     weight = torch.randn(nbytes // (2048 * dtype.itemsize), 2048).to(dtype)
     x = torch.randn(1, 2048).to(dtype)
-    torch.nn.functional.linear(x, weight)  # warm-up
-    best = float("inf")
-    for _ in range(tries):
-        started = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
-        best = min(best, time.perf_counter() - started)
-    return weight.nbytes / best
+    return weight.nbytes / best_seconds(lambda: torch.nn.functional.linear(x, weight), tries)
 
 
 def memory_status() -> dict[str, int]:
