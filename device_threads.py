@@ -3,21 +3,32 @@
 `ThreadCollective` is the device boundary: the only way tensors move between devices during a
 step. A step in which a device dies is abandoned (the collective is aborted, every waiting device
 gets `StepAbandoned`) and redone after recovery, so a dead device never deadlocks the others.
+Every call carries its sender's epoch; a call from a device that missed a declaration of death, or
+into a collective of an epoch that has ended, is refused (`StaleEpoch`): that is the fencing.
 """
 from __future__ import annotations
 
+import signal
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, wait
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from queue import SimpleQueue
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from tensor_parallel_model import DeviceState
 
+POLL_S = 0.05  # how often a waiting leader looks at the devices, the monitor's verdicts and Ctrl-C
+
 
 class StepAbandoned(Exception):
     """The step could not finish because a device of its group is gone (or the run is stopping)."""
+
+
+class StaleEpoch(StepAbandoned):
+    """A message stamped with an epoch that has ended: its sender was fenced out."""
 
 
 class DeviceCrashed(Exception):
@@ -85,6 +96,14 @@ class GateBarrier:
             gate[0].release()
 
 
+class EpochView(Protocol):
+    """What the fencing needs to know: the leader's current epoch and each device's own."""
+
+    def current(self) -> int: ...
+
+    def of(self, device: int) -> int: ...
+
+
 class ThreadCollective:
     """The collective operations between device threads, for one group of devices (an epoch).
 
@@ -95,19 +114,27 @@ class ThreadCollective:
     by the last device to arrive, and shared (it is small: decode); a reduce-scatter has every
     device sum its own rows; an all-gather of rows has each device write its rows into one
     shared tensor, so nothing is copied twice.
+
+    With `epochs`, every call is checked before it touches anything: the sender's own epoch and
+    this collective's must both be the leader's current one. `lost` names the devices whose
+    silence aborted it (no one waits for their answers); `silence_bound_s` bounds how long a
+    leader waits for a crashed device to be declared dead.
     """
 
-    def __init__(self, devices: Sequence[int], epoch: int = 0, fault_hook: FaultHook | None = None):
+    def __init__(self, devices: Sequence[int], epoch: int = 0, fault_hook: FaultHook | None = None,
+                 epochs: EpochView | None = None, silence_bound_s: float = 60.0):
         self.devices = tuple(devices)
         self.epoch = epoch
         self.fault_hook = fault_hook
+        self.epochs = epochs
+        self.silence_bound_s = silence_bound_s
+        self.lost: frozenset[int] = frozenset()
         self._slot = {d: i for i, d in enumerate(self.devices)}
         self._rounds = [0] * len(self.devices)  # calls made by each device (all make the same calls)
         self._inbox: list[list[Any]] = [[None] * len(self.devices) for _ in range(2)]
         self._results: list[tuple[int, torch.Tensor] | None] = [None, None]  # per parity: (round, shared result)
         self._results_lock = threading.Lock()
         self._barrier = GateBarrier(len(self.devices))
-        self._aborted = threading.Event()
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
         round_, parity = self._deposit(device, tensor)
@@ -147,6 +174,7 @@ class ThreadCollective:
         """A device starts its next round (where injected faults strike): the round and its parity."""
         if self.fault_hook is not None:
             self.fault_hook(device)
+        self._refuse_stale(device)
         slot = self._slot[device]
         self._rounds[slot] += 1
         return self._rounds[slot], self._rounds[slot] % 2
@@ -163,14 +191,21 @@ class ThreadCollective:
         self._wait()
         return list(self._inbox[parity])
 
-    def abort(self) -> None:
-        """Release every waiting device with StepAbandoned; later calls fail at once too."""
-        self._barrier.abort()
-        self._aborted.set()
+    def _refuse_stale(self, device: int) -> None:
+        """Fencing: a call stamped with an ended epoch, or into an ended epoch's collective, goes nowhere."""
+        if self.epochs is None:
+            return
+        sender, current = self.epochs.of(device), self.epochs.current()
+        if sender != self.epoch or self.epoch != current:
+            raise StaleEpoch(f"Device-{device} called with epoch {sender} into epoch {self.epoch}'s collective "
+                             f"(current epoch {current}): refused")
 
-    def wait_aborted(self) -> None:
-        """Block until the collective is aborted (the leader waits so for a device that went silent)."""
-        self._aborted.wait()
+    def abort(self, lost: Sequence[int] = ()) -> None:
+        """Release every waiting device with StepAbandoned; later calls fail at once too. `lost`: the
+        devices that went silent (the leader does not wait for them to answer)."""
+        with self._results_lock:
+            self.lost = self.lost | frozenset(lost)
+        self._barrier.abort()
 
     @property
     def aborted(self) -> bool:
@@ -232,33 +267,78 @@ class DeviceWorker:
                 future.set_exception(error)
 
 
-def run_on_devices(workers: Sequence[DeviceWorker], task: Task,
-                   collective: ThreadCollective | None = None) -> dict[int, Any]:
+def run_on_devices(workers: Sequence[DeviceWorker], task: Task, collective: ThreadCollective) -> dict[int, Any]:
     """Run `task` on every device at once and wait for their answers.
 
     A crashed device never answers: the caller learns of it only when the heartbeat monitor
     declares it dead and aborts `collective`; then, as when any device's step is abandoned, the
     whole step raises StepAbandoned, to be redone after recovery. Any other error aborts
-    `collective` (so that no device waits for the failed one) and is raised as it is.
+    `collective` (so that no device waits for the failed one), and once every device not lost has
+    answered, the first such error in device order is raised: a peer's StepAbandoned, which the
+    abort caused, never hides it. Every wait is bounded, and Ctrl-C is acted on here (see
+    `interrupts_at_wait_points`).
     """
     futures = {w.device: w.submit(task) for w in workers}
-    pending, silent = set(futures.values()), False
-    while pending:
-        done, pending = wait(pending, timeout=0.05, return_when=FIRST_EXCEPTION)
-        if pending and collective is not None and collective.aborted:
-            raise StepAbandoned("a device stopped answering during the step")  # declared dead meanwhile
-        for future in done:
-            error = future.exception()
-            if isinstance(error, DeviceCrashed):
-                silent = True
-            elif error is not None:
-                if collective is not None:
-                    collective.abort()
-                if isinstance(error, StepAbandoned):
-                    raise StepAbandoned("a device failed during the step")
-                raise error
-    if silent:
-        if collective is not None:
-            collective.wait_aborted()
-        raise StepAbandoned("a device stopped answering during the step")
+    crashed_at: float | None = None
+    while True:
+        raise_if_interrupted()
+        errors = {d: f.exception() for d, f in futures.items() if f.done() and f.exception() is not None}
+        if any(not isinstance(e, DeviceCrashed) for e in errors.values()):
+            collective.abort()  # nobody waits for a device whose step failed
+        waiting = [f for d, f in futures.items() if not f.done() and d not in collective.lost]
+        if not waiting:
+            break
+        if any(isinstance(e, DeviceCrashed) for e in errors.values()) and not collective.aborted:
+            crashed_at = crashed_at or time.monotonic()
+            if time.monotonic() - crashed_at > collective.silence_bound_s:
+                raise RuntimeError(f"a device crashed but was not declared dead within "
+                                   f"{collective.silence_bound_s:.1f} s")
+        wait(waiting, timeout=POLL_S, return_when=FIRST_COMPLETED)
+    errors = {d: f.exception() for d, f in futures.items() if f.done() and f.exception() is not None}
+    root = next((e for _, e in sorted(errors.items()) if not isinstance(e, (DeviceCrashed, StepAbandoned))), None)
+    if root is not None:
+        raise root
+    if errors or collective.aborted:
+        raise StepAbandoned("a device failed or stopped answering during the step")
     return {device: future.result() for device, future in futures.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C, acted on where the leader waits
+
+_interrupt = {"requested": False}
+
+
+@contextmanager
+def interrupts_at_wait_points() -> Iterator[None]:
+    """While active, Ctrl-C (SIGINT) only records a request, and the leader's waits raise
+    KeyboardInterrupt when they next look (every POLL_S).
+
+    Python raises KeyboardInterrupt at whatever line the main thread is running. Inside
+    concurrent.futures.wait() that can be while it holds the futures' locks: the device threads
+    then block for ever on those locks when they answer, and stopping takes as long as every
+    join's timeout (seen as a demo still running 10 s after Ctrl-C on a loaded machine). Acted on
+    at a wait, the interrupt never lands inside a lock. A second Ctrl-C acts at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request(signum, frame) -> None:
+        _interrupt["requested"] = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupt["requested"] = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed since the last look (a safe point to stop)."""
+    if _interrupt["requested"]:
+        _interrupt["requested"] = False
+        raise KeyboardInterrupt

@@ -23,14 +23,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from device_threads import StepAbandoned
+from device_threads import StepAbandoned, interrupts_at_wait_points
 from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import CheckpointError, LlamaConfig
-from performance_comparator import (Timing, compare_device_level, compare_recoveries, failure_free_run,
-                                    measure_step_overhead)
+from performance_comparator import (KeepingCost, StrategyOutcome, Timing, compare_device_level, compare_recoveries,
+                                    failure_free_run, measure_keeping_cost)
 from recovery_plots import plot_timeline
 from recovery_report import Report, check_writable, json_path, render, render_comparison, write_report
 from synthetic_checkpoint import is_synthetic_checkpoint
@@ -40,6 +40,7 @@ from tensor_parallel_cluster import DTYPES, open_checkpoint
 DEFAULT_PROMPT = "The history of fault tolerance in distributed computing begins with"
 DEFAULT_REPORT = Path("/tmp/kv_cache_performance_report.txt")
 TIMELINE_NAME = "kv_cache_timeline.png"  # written in the report's folder
+PREFILL_REPEATS = 2  # warm prefills per keeping mode in the cost of keeping state (each is a whole prefill)
 
 
 class UsageError(Exception):
@@ -183,27 +184,28 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     system = describe_system(model)
 
     log(f"failure-free reference run: {len(prompt_ids)}-token context, {o.new_tokens} new tokens")
-    reference_tokens, reference_kv, reference_prefill_s = failure_free_run(model, prompt_ids, o.new_tokens,
-                                                                           o.fail_after)
+    reference = failure_free_run(model, prompt_ids, o.new_tokens, o.fail_after)
 
     keeping = keep_state_for(model, o.recovery)
     log(f"run with a failure: Device-{o.fail_device} crashes after {o.fail_after} tokens (keeping {keeping})")
     before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o, log)
-    if before != reference_tokens[:o.fail_after]:
+    if before != reference.tokens[:o.fail_after]:
         raise RuntimeError("the run diverged from the failure-free run before the failure")
     event = model.wait_for_failure()
     post, weight_load_s = model.prepare_recovery([event], make_strategy(o.reassign, o.seed))
     plan = post.plan
     log(f"Device-{event.device} declared dead after {event.detection_latency_s:.2f} s; "
         f"comparing {len(o.recovery)} recovery strategies x {o.repeats}")
-    outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference_kv,
-                                  reference_tokens[o.fail_after:], before[-1])
+    outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference, o.fail_after, before[-1])
     device_level = compare_device_level(model, post, o.repeats)
     if model.replication:
         model.reprotect()
-    overhead = measure_step_overhead(model, max(5, o.repeats)) if keeping != "nothing" else None
+    cost = None
+    if keeping != "nothing":
+        log("cost of keeping state: prefills and decode steps, alternating")
+        cost = measure_keeping_cost(model, decode_repeats=max(5, o.repeats), prefill_repeats=PREFILL_REPEATS)
 
-    system |= {"prefill_seconds": reference_prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
+    system |= {"prefill_seconds": reference.prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
                "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, post.context_ids.numel())
                                         for row in outcomes if row.kept_bytes}}
@@ -222,10 +224,11 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                     "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
                     "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}},
         "comparison_meta": {"repeats": o.repeats, "context_tokens": post.context_ids.numel()},
-        "comparison": comparison_rows(outcomes),
+        "comparison": comparison_rows(outcomes, event.detection_latency_s, weight_load_s),
         "device_level": device_level_row(device_level),
-        "overhead": {mode: timing_row(t) for mode, t in overhead.items()} if overhead else None,
-        "text": describe_text(model, o.prompt, prompt_ids, before, reference_tokens, outcomes, o.fail_after),
+        "overhead": {mode: timing_row(t) for mode, t in cost.decode.items()} if cost else None,
+        "prefill_overhead": {mode: timing_row(t) for mode, t in cost.prefill.items()} if cost else None,
+        "text": describe_text(model, o.prompt, prompt_ids, before, reference.tokens, outcomes, o.fail_after),
         "environment": describe_environment(),
         "files": {"timeline": str(timeline)},
     }
@@ -238,7 +241,7 @@ def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:
         model.enable_hidden_states()
         kept.append("hidden states")
     if "replicate" in strategies:
-        model.replication = True
+        model.enable_replication()
         kept.append("KV replica")
     return " and ".join(kept) or "nothing"
 
@@ -289,20 +292,34 @@ def timing_row(t: Timing) -> dict:
     return {"min_s": t.min, "median_s": t.median, "max_s": t.max, "seconds": list(t.seconds)}
 
 
-def comparison_rows(outcomes) -> list[dict]:
+def comparison_rows(outcomes: Sequence[StrategyOutcome], detection_s: float, weights_s: float) -> list[dict]:
+    """One row per strategy. `interruption_s` is what a user waited in this run with that strategy:
+    detection + weight inheritance (both shared) + its KV rebuild (median) + the redo of the abandoned step."""
     baseline = next((o for o in outcomes if o.name == "full-recompute" and o.timing), None)
     rows = []
     for o in outcomes:
+        kv = o.kv
         row = {"name": o.name, "keeps": o.keeps, "flops": o.flops, "reuse_rate": o.reuse_rate,
-               "kept_bytes": o.kept_bytes, "kv_max_error": o.kv_max_error, "kv_tolerance": o.kv_tolerance,
+               "kept_bytes": o.kept_bytes,
+               "kept_heads_max_abs_diff": kv.kept_max_abs_diff if kv else None,
+               "rebuilt_heads_max_rel_error": kv.rebuilt_max_rel_error if kv else None,
+               "rebuilt_heads_tolerance": kv.tolerance if kv else None,
+               "logits_max_rel_diff": o.logits_max_rel_diff if kv else None,
+               "logits_tolerance": o.logits_tolerance if kv else None, "verdict": o.verdict(),
                "tokens_identical": o.tokens_identical, "continuation_ids": o.continuation,
-               "lossless": o.lossless, "error": o.error, "speedup": None, "flop_ratio": None}
+               "lossless": o.lossless, "error": o.error, "speedup": None, "flop_ratio": None,
+               "redo_s": o.redo_s if kv else None, "interruption_s": None, "interruption_ratio": None}
         if o.timing:
             row |= timing_row(o.timing)
+            row["interruption_s"] = detection_s + weights_s + o.timing.median + o.redo_s
         if baseline and o.timing:
             row["speedup"] = baseline.timing.median / o.timing.median
             row["flop_ratio"] = baseline.flops / o.flops if o.flops else float("inf")
         rows.append(row)
+    whole = next((r for r in rows if r["name"] == "full-recompute" and r["interruption_s"]), None)
+    for row in rows:
+        if whole and row["interruption_s"]:
+            row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"]
     return rows
 
 
@@ -351,8 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = parse_args(argv)
         log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr))
-        report = run_scenario(options, log)
-        write_report(options.report, report)
+        with interrupts_at_wait_points():  # Ctrl-C stops the run where the leader waits, never inside a lock
+            report = run_scenario(options, log)
+            write_report(options.report, report)
     except (UsageError, CheckpointError) as bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ recovery interrupted by another failure starts again from what is left.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import weakref
@@ -17,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from device_threads import DeviceCrashed, DeviceWorker, StepAbandoned, ThreadCollective, run_on_devices
+from device_threads import (POLL_S, DeviceCrashed, DeviceWorker, StepAbandoned, ThreadCollective, raise_if_interrupted,
+                            run_on_devices)
 from head_assignment import Assignment, Range
 from heartbeat_detection import Clock, Detection, HeartbeatConfig, HeartbeatMonitor, HeartbeatSender, MonitorThread
 from kv_cache_reused import RecoveryImpossible, RecoveryStrategy, make_recovery, replicate_new_kv
@@ -27,6 +27,7 @@ from tensor_parallel_cluster import TensorParallelLlama
 from tensor_parallel_model import DeviceShard, DeviceState, HiddenStateStore, KVCache, extend_shard
 
 FAILURE_MODES = ("crash", "hang", "slow")
+FALLBACKS = ("reuse-hidden", "full-recompute")  # tried in order when the asked strategy is impossible
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class FailurePlan:
     It strikes at the device's `at_call`-th collective call of that step (by default the call
     numbered like the layers: half-way through a decode step, a quarter of the way through a
     sequence-parallel prefill, which makes four calls per layer), so the others are caught mid-step. "crash": the thread ends and its memory is
-    gone. "hang": alive but silent and idle until released, then fenced out. "slow": its compute
-    stalls for `delay_s` while its heartbeats go on (it must not be declared dead). With
+    gone. "hang": alive but silent and idle until released (its heartbeats stop and resume with it,
+    stamped with its old epoch), then fenced out. "slow": its compute stalls for `delay_s` while its
+    heartbeats go on (it must not be declared dead). With
     `during_recovery`, it fails when it is next asked to help rebuild the KV cache instead.
     """
 
@@ -115,6 +117,7 @@ class Recovery:
     weight_load_s: float
     rebuild_s: float
     attempts: int                 # more than 1 when another failure interrupted the recovery
+    context_tokens: int           # positions whose KV was rebuilt
 
 
 @dataclass
@@ -142,24 +145,36 @@ class FaultTolerantLlama(TensorParallelLlama):
         super().__init__(checkpoint, assignment, dtype, progress)
         self.clock, self.heartbeat = clock, heartbeat
         self.log = EventLog(clock)
-        self.collective.fault_hook = self._fault_point
         self.replication = False
         self.retired: list[DeviceWorker] = []  # dead devices' workers, joined at the end of the run
         self._armed: dict[int, FailurePlan] = {}
         self._calls: dict[int, int] = {}
         self._failed_at: dict[int, float] = {}
-        self._released = threading.Event()
+        self._hung: dict[int, threading.Event] = {}  # hung device -> set when it is released
+        self._closing = threading.Event()  # cuts injected stalls short when the run ends
         self._recovery_collectives: weakref.WeakSet[ThreadCollective] = weakref.WeakSet()  # those still in use
         self._collectives_lock = threading.Lock()  # the monitor thread aborts while the leader adds
-        self._detections: queue.SimpleQueue[Detection] = queue.SimpleQueue()
+        self._detections: list[Detection] = []  # declared, not yet handled by a recovery
+        self._detections_lock = threading.Lock()
         self.monitor = HeartbeatMonitor(assignment.devices, heartbeat, clock,
                                         on_beat=lambda d, t: self.log.add(d, "beat", t))
-        self.senders = {d: HeartbeatSender(d, self.monitor, heartbeat.interval_s, lambda: self.monitor.epoch)
+        self.device_epochs = {d: self.monitor.epoch for d in assignment.devices}  # each device's own epoch
+        self.collective = self.new_collective(assignment.devices, track=False)
+        self.senders = {d: HeartbeatSender(d, self.monitor, heartbeat.interval_s,
+                                           lambda d=d: self.device_epochs.get(d, -1))
                         for d in assignment.devices}
         self.watcher = MonitorThread(self.monitor, self._on_dead, poll_s=heartbeat.interval_s / 4)
         for sender in self.senders.values():
             sender.start()
         self.watcher.start()
+
+    # The fencing's view of epochs (device_threads.EpochView): the leader's and each device's own
+
+    def current(self) -> int:
+        return self.monitor.epoch
+
+    def of(self, device: int) -> int:
+        return self.device_epochs.get(device, -1)
 
     @property
     def leader(self) -> int:
@@ -210,54 +225,81 @@ class FaultTolerantLlama(TensorParallelLlama):
         del self._armed[plan.device]
         if plan.mode == "slow":  # a fault simulation: the device stalls, its heartbeats go on
             self.log.add(plan.device, "stalled", duration=plan.delay_s)
-            self._released.wait(plan.delay_s)
+            self._closing.wait(plan.delay_s)
             return
         self._failed_at[plan.device] = self.clock()
         self.log.add(plan.device, "died")
-        self.senders[plan.device].silence()
         if plan.mode == "hang":
-            self._released.wait()  # alive but silent and idle; when it wakes up it is fenced out
+            self._hang(plan.device)
             return
+        self.senders[plan.device].silence()
         raise DeviceCrashed(f"Device-{plan.device} crashed (injected)")
+
+    def _hang(self, device: int) -> None:
+        """Alive but silent and idle until released; then it beats again and resumes its stale step,
+        both stamped with the epoch it had (the fencing must refuse them)."""
+        released = self._hung.setdefault(device, threading.Event())
+        self.senders[device].pause()
+        while not (released.is_set() or self._closing.is_set()):
+            released.wait(POLL_S)
+        self.senders[device].resume()
 
     def release_hung(self) -> None:
         """Wake hung devices (they resume their stale step, which the fencing must reject)."""
-        self._released.set()
+        for released in self._hung.values():
+            released.set()
 
     def _on_dead(self, detection: Detection) -> None:
+        """A declaration: abandon the work in flight, admit the survivors to the new epoch, queue it."""
         self.log.add(detection.device, "declared dead", detection.declared_at)
-        self.collective.abort()  # the step in flight is abandoned, never finished with a dead device
+        self.collective.abort(lost=(detection.device,))  # the step in flight is never finished with a dead device
         with self._collectives_lock:
             for collective in list(self._recovery_collectives):
-                collective.abort()
-        self._detections.put(detection)
+                collective.abort(lost=(detection.device,))
+        dead = set(self.monitor.dead())
+        for device in list(self.workers):
+            if device not in dead:
+                self.device_epochs[device] = max(self.device_epochs[device], detection.epoch)
+        with self._detections_lock:
+            self._detections.append(detection)
 
-    def new_collective(self, devices: Sequence[int]) -> ThreadCollective:
-        """A collective for recovery work; aborted like the main one when a device dies."""
-        collective = ThreadCollective(tuple(devices), self.monitor.epoch, self._fault_point)
-        with self._collectives_lock:
-            self._recovery_collectives.add(collective)
-        if set(devices) & set(self.monitor.dead()):
-            collective.abort()
+    def declare_dead(self, device: int, signal: str) -> None:
+        """Declare a device dead on a signal other than its silence (as a failed collective reveals a
+        killed peer); handled like a heartbeat declaration."""
+        detection = self.monitor.declare(device, signal)
+        if detection is not None:
+            self._on_dead(detection)
+
+    def new_collective(self, devices: Sequence[int], track: bool = True) -> ThreadCollective:
+        """A collective of the current epoch, aborted when one of its devices is declared dead
+        (`track`: recovery work, which the monitor aborts; the main collective it aborts itself)."""
+        collective = ThreadCollective(tuple(devices), self.monitor.epoch, self._fault_point, epochs=self,
+                                      silence_bound_s=4 * self.heartbeat.timeout_s)
+        if track:
+            with self._collectives_lock:
+                self._recovery_collectives.add(collective)
+        lost = set(devices) & set(self.monitor.dead())
+        if lost:
+            collective.abort(lost=tuple(lost))
         return collective
 
     def wait_for_failure(self, timeout_s: float | None = None) -> FailureEvent:
-        """The next declared death (blocks until the monitor declares one)."""
+        """The next declared death (waits until the monitor declares one, at most `timeout_s`)."""
         timeout_s = timeout_s if timeout_s is not None else self.heartbeat.timeout_s * 4
-        try:
-            detection = self._detections.get(timeout=timeout_s)
-        except queue.Empty:
-            raise RuntimeError(f"no device was declared dead within {timeout_s:.1f} s") from None
-        return self._event(detection)
+        deadline = time.monotonic() + timeout_s
+        while not (events := self.pending_failures(limit=1)):
+            raise_if_interrupted()
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no device was declared dead within {timeout_s:.1f} s")
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        return events[0]
 
-    def pending_failures(self) -> list[FailureEvent]:
-        """Deaths already declared but not yet handled (several devices can die at once)."""
-        events = []
-        while True:
-            try:
-                events.append(self._event(self._detections.get_nowait()))
-            except queue.Empty:
-                return events
+    def pending_failures(self, limit: int | None = None) -> list[FailureEvent]:
+        """Deaths already declared but not yet handled (several devices can die at once), oldest first."""
+        with self._detections_lock:
+            taken = self._detections[:limit]
+            del self._detections[:len(taken)]
+        return [self._event(detection) for detection in taken]
 
     def _event(self, detection: Detection) -> FailureEvent:
         failed_at = self._failed_at.get(detection.device, detection.last_beat_at)
@@ -306,20 +348,26 @@ class FaultTolerantLlama(TensorParallelLlama):
         return PostFailureState(plans, torch.tensor(self.cached_ids, dtype=torch.long), survivors)
 
     def retire(self, dead: Sequence[int], assignment: Assignment) -> None:
-        """The dead devices leave: the new assignment, a new epoch and a new collective begin."""
+        """The dead devices leave: the new assignment and a collective of the current epoch begin."""
         for device in dead:
             if device in self.workers:
                 self.retired.append(self.workers.pop(device))
             self.monitor.remove(device)
         self.assignment = assignment
-        epoch = self.monitor.advance_epoch()
-        self.collective = ThreadCollective(assignment.devices, epoch, self._fault_point)
+        self.collective = self.new_collective(assignment.devices, track=False)
 
     def adopt(self, states: dict[int, DeviceState], context_ids: torch.Tensor) -> None:
         """Install recovered device states, whose KV caches hold `context_ids`."""
         for device, state in states.items():
             self.workers[device].state = state
         self.cached_ids = context_ids.tolist()
+
+    def enable_replication(self) -> None:
+        """Copy every device's KV to its buddy from now on, starting with what is already cached (a
+        copy that lacked those positions would protect nothing)."""
+        self.replication = True
+        if self.position:
+            self.reprotect()
 
     def reprotect(self) -> None:
         """After a recovery with replication on, every device sends its whole KV to its new buddy."""
@@ -335,8 +383,12 @@ class FaultTolerantLlama(TensorParallelLlama):
 
     def prepare_recovery(self, events: Sequence[FailureEvent], reassign: ReassignStrategy
                          ) -> tuple[PostFailureState, float]:
-        """Plan, inherit weights and collect what survived; returns the state and the weight-load time."""
-        dead = sorted(d for d in {e.device for e in events} | set(self.monitor.dead()) if d in self.workers)
+        """Plan, inherit weights and collect what survived; returns the state and the weight-load time.
+
+        Only the deaths in `events` are planned for: a device declared meanwhile aborts this
+        recovery's collectives, and the restarted recovery takes its event (so none stays queued).
+        """
+        dead = sorted(d for d in {e.device for e in events} if d in self.workers)
         plans = self.plan_recovery(dead, reassign)
         started = time.perf_counter()
         shards = self.inherit_weights(plans[-1].after)
@@ -364,29 +416,37 @@ class FaultTolerantLlama(TensorParallelLlama):
             except StepAbandoned:
                 events += [self.wait_for_failure(), *self.pending_failures()]
                 continue
-            return Recovery(tuple(events), tuple(applied), strategy, fallback, load_s, rebuild_s, attempts)
+            return Recovery(tuple(events), tuple(applied), strategy, fallback, load_s, rebuild_s, attempts,
+                            post.context_ids.numel())
 
     def _rebuild(self, post: PostFailureState, recovery: RecoveryStrategy) -> tuple[str, str | None]:
-        """Rebuild with the asked strategy, or fall back to one that still works (and say why)."""
-        try:
-            self.adopt(recovery.recover(self, post), post.context_ids)
-            return recovery.name, None
-        except RecoveryImpossible as reason:
-            fallback = make_recovery("reuse-hidden" if all(s.hidden_states is not None
-                                                            for s in post.survivors.values()) else "full-recompute")
-            self.adopt(fallback.recover(self, post), post.context_ids)
-            return fallback.name, f"{recovery.name} impossible ({reason}); fell back to {fallback.name}"
+        """Rebuild with the asked strategy, or fall back to the first that still works (and say why):
+        reuse-hidden when the hidden states cover the context, else full-recompute, which always can."""
+        reasons = []
+        for strategy in (recovery, *(make_recovery(n) for n in FALLBACKS if n != recovery.name)):
+            try:
+                self.adopt(strategy.recover(self, post), post.context_ids)
+            except RecoveryImpossible as reason:
+                reasons.append(f"{strategy.name} impossible ({reason})")
+                continue
+            return strategy.name, "; ".join(reasons + [f"fell back to {strategy.name}"]) if reasons else None
+        raise AssertionError("full-recompute needs nothing kept and cannot be impossible")
 
     # ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._released.set()
-        self.watcher.stop()
-        for sender in self.senders.values():
-            sender.stop()
-        super().close()
-        for worker in self.retired:
-            worker.stop(timeout=5)
+        """Stop the watcher, the heartbeats and every device thread, even if one of them fails to stop
+        (the watcher re-raises the first error its handler met, after everything is stopped)."""
+        self._closing.set()
+        self.release_hung()
+        try:
+            self.watcher.stop()
+        finally:
+            for sender in self.senders.values():
+                sender.stop()
+            super().close()
+            for worker in self.retired:
+                worker.stop(timeout=5)
 
 
 def missing_ranges(wanted: Sequence[Range], held: Sequence[Range]) -> tuple[Range, ...]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Iterable
 
 Clock = Callable[[], float]  # seconds, monotonic
@@ -41,6 +43,8 @@ class Detection:
     device: int
     last_beat_at: float  # clock time of the last beat seen
     declared_at: float  # clock time the monitor declared it dead
+    epoch: int = 1  # the epoch the declaration opened: messages stamped with an older one are refused
+    signal: str = "heartbeat"  # what revealed the death: "heartbeat" (silence) or another signal
 
     @property
     def silence_s(self) -> float:
@@ -71,11 +75,21 @@ class FakeClock:
         return self.now()
 
 
-class HeartbeatMonitor:
-    """The leader's view: the time of each device's last beat. Thread-safe (a lock).
+class BeatVerdict(str, Enum):
+    """What the monitor did with a beat."""
 
-    Beats come from sender threads while `check` runs on the monitor thread, hence the lock.
-    Beats from devices not watched (never added, or removed) are ignored.
+    ACCEPTED = "accepted"
+    STALE_EPOCH = "stale epoch"      # sent from an epoch older than the current one: fenced
+    DECLARED_DEAD = "declared dead"  # the device was declared dead: it must not come back to life
+    NOT_WATCHED = "not watched"      # never added, or removed after a recovery
+
+
+class HeartbeatMonitor:
+    """The leader's view: the time of each device's last beat, and the current epoch. Thread-safe (a lock).
+
+    Beats come from sender threads while `check` runs on the monitor thread, hence the lock. Every
+    declaration of death opens a new epoch; a beat stamped with an older epoch is refused first
+    (fencing), then beats of devices declared dead or not watched. Refused beats are counted.
     """
 
     def __init__(self, devices: Iterable[int], config: HeartbeatConfig, clock: Clock = time.monotonic,
@@ -88,39 +102,58 @@ class HeartbeatMonitor:
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
         self._dead: set[int] = set()
         self._epoch = 0
+        self._refused: Counter[tuple[int, int, BeatVerdict]] = Counter()
 
     @property
     def epoch(self) -> int:
-        """Bumped after each recovery; beats tagged with an older epoch are fenced off."""
+        """Opened anew by each declaration of death; beats tagged with an older epoch are fenced off."""
         with self._lock:
             return self._epoch
 
-    def advance_epoch(self) -> int:
-        """Start a new epoch (after a recovery) and return it."""
+    def beat(self, device: int, epoch: int = 0) -> BeatVerdict:
+        """Record a beat now, unless fenced: a stale epoch or a device declared dead must not come back to life."""
         with self._lock:
-            self._epoch += 1
-            return self._epoch
-
-    def beat(self, device: int, epoch: int = 0) -> None:
-        """Record a beat now, unless fenced: a device declared dead or a stale epoch must not come back to life."""
-        with self._lock:
-            if device not in self._last or device in self._dead or epoch < self._epoch:
-                return
-            self._last[device] = self._clock()
+            if epoch < self._epoch:
+                verdict = BeatVerdict.STALE_EPOCH
+            elif device in self._dead:
+                verdict = BeatVerdict.DECLARED_DEAD
+            elif device not in self._last:
+                verdict = BeatVerdict.NOT_WATCHED
+            else:
+                verdict = BeatVerdict.ACCEPTED
+                self._last[device] = beat_at = self._clock()
+            if verdict is not BeatVerdict.ACCEPTED:
+                self._refused[(device, epoch, verdict)] += 1
+                return verdict
         if self._on_beat is not None:
-            self._on_beat(device, self._last.get(device, 0.0))
+            self._on_beat(device, beat_at)
+        return verdict
+
+    def refused(self) -> dict[tuple[int, int, BeatVerdict], int]:
+        """Refused beats so far: (device, the epoch it stamped, why) -> how many."""
+        with self._lock:
+            return dict(self._refused)
 
     def check(self) -> list[Detection]:
         """Declare dead every live device silent for strictly more than timeout_s; each is reported once only."""
         with self._lock:
             now = self._clock()
-            found = [
-                Detection(d, last, now)
-                for d, last in sorted(self._last.items())
-                if d not in self._dead and now - last > self.config.timeout_s
-            ]
-            self._dead.update(x.device for x in found)
-            return found
+            silent = [(d, last) for d, last in sorted(self._last.items())
+                      if d not in self._dead and now - last > self.config.timeout_s]
+            if not silent:
+                return []
+            self._epoch += 1
+            self._dead.update(d for d, _ in silent)
+            return [Detection(d, last, now, self._epoch) for d, last in silent]
+
+    def declare(self, device: int, signal: str) -> Detection | None:
+        """Declare a device dead at once on another signal than silence (None if it already was)."""
+        with self._lock:
+            if device in self._dead or device not in self._last:
+                return None
+            self._epoch += 1
+            self._dead.add(device)
+            return Detection(device, self._last[device], self._clock(), self._epoch, signal)
 
     def alive(self) -> tuple[int, ...]:
         with self._lock:
@@ -146,6 +179,8 @@ class HeartbeatSender:
     """A device's beating thread: calls monitor.beat(device, epoch) every interval_s until stopped or silenced.
 
     It is a thread of its own so that the device's compute cannot delay its beats (torch releases the GIL).
+    `epoch_fn` gives the device's own epoch (the last it was admitted to), so a device that missed a
+    declaration stamps a stale one.
     """
 
     def __init__(
@@ -161,6 +196,7 @@ class HeartbeatSender:
         self._interval_s = interval_s
         self._epoch_fn = epoch_fn
         self._halt = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name or f"heartbeat-{device}", daemon=False)
 
     def start(self) -> None:
@@ -172,10 +208,19 @@ class HeartbeatSender:
             self._beat()
 
     def _beat(self) -> None:
-        self._monitor.beat(self.device, self._epoch_fn())
+        if not self._paused.is_set():
+            self._monitor.beat(self.device, self._epoch_fn())
+
+    def pause(self) -> None:
+        """Simulate a hang: no beat until `resume` (the thread stays, as a stopped process's would)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        """The hung device wakes: it beats again, stamped with its own (by now perhaps stale) epoch."""
+        self._paused.clear()
 
     def silence(self) -> None:
-        """Simulate a crash or hang: no beat happens after this returns (the thread has exited)."""
+        """Simulate a crash: no beat happens after this returns (the thread has exited)."""
         self._end()
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""The four ways to rebuild the KV cache after a device is lost (DESIGN.md section 3).
+"""The four ways to rebuild the KV cache after a device is lost (docs/design.md, "Recovery").
 
     full-recompute   drop every cache, prefill the whole context again on the new assignment
     reuse-replay     keep survivors' KV; one forward pass in which only lost K/V are projected
@@ -7,7 +7,8 @@
 
 Each strategy turns a `PostFailureState` into one new `DeviceState` per survivor. The work runs in
 the survivors' own threads, as it would on real devices; the two strategies that need state kept
-during normal running (hidden states, the buddy copy) say so in `keeps`.
+during normal running (hidden states, the buddy copy) say so in `keeps`; those that keep the
+survivors' own KV untouched say so in `reuses_kv` (the lossless check then demands the same bits).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 
 from device_threads import ThreadCollective, run_on_devices
-from tensor_parallel_model import (DeviceState, KVCache, Rotary, device_forward, kv_weight_rows,
+from tensor_parallel_model import (DeviceState, HiddenStateStore, KVCache, Rotary, device_forward, kv_weight_rows,
                                    project_kv_heads)
 
 if TYPE_CHECKING:  # the cluster calls replicate_new_kv below, so import it only for type checking
@@ -30,13 +31,14 @@ class RecoveryImpossible(Exception):
 class RecoveryStrategy(Protocol):
     name: str
     keeps: str  # what it needs kept during normal running: "nothing", "hidden states", "KV replica"
+    reuses_kv: bool  # survivors keep their own KV as it was (else every head is recomputed)
 
     def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
         """New device states with complete KV caches; `post` is this run's own copy."""
 
 
 class FullRecompute:
-    name, keeps = "full-recompute", "nothing"
+    name, keeps, reuses_kv = "full-recompute", "nothing", False
 
     def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
         states = {d: model.state_for(s, fresh_cache(model, s)) for d, s in post.survivors.items()}
@@ -47,7 +49,7 @@ class FullRecompute:
 class ReuseReplay:
     """Survivors keep their KV, but x_l for every layer still needs the whole forward pass."""
 
-    name, keeps = "reuse-replay", "nothing"
+    name, keeps, reuses_kv = "reuse-replay", "nothing", True
 
     def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
         states = {d: model.state_for(s, s.cache.regrouped(s.shard.kv_heads)) for d, s in post.survivors.items()}
@@ -62,18 +64,20 @@ class ReuseReplay:
 class ReuseHiddenStates:
     """HCache-style: K/V of a lost head at layer l is `rope(h_l Wk)`, `h_l Wv`, h_l the stored attention input."""
 
-    name, keeps = "reuse-hidden", "hidden states"
+    name, keeps, reuses_kv = "reuse-hidden", "hidden states", True
 
     def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
         if any(s.hidden_states is None for s in post.survivors.values()):
             raise RecoveryImpossible("no hidden-state checkpoints were kept")
+        for survivor in post.survivors.values():
+            check_hidden_states_cover(survivor.hidden_states, post.context_ids.numel())
         return run_on_survivors(model, post, lambda s: model.state_for(s, rebuild_from_hidden_states(model, s)))
 
 
 class Replicate:
     """DejaVu/FailSafe-style: each device's KV is copied to its buddy every step; promote the copy."""
 
-    name, keeps = "replicate", "KV replica"
+    name, keeps, reuses_kv = "replicate", "KV replica", True
 
     def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
         sources = kv_sources(post)
@@ -129,6 +133,13 @@ def run_on_survivors(model: FaultTolerantLlama, post: PostFailureState,
     return run_on_devices([model.workers[d] for d in devices], task, model.new_collective(devices))
 
 
+def check_hidden_states_cover(store: HiddenStateStore, length: int) -> None:
+    """A rebuild from hidden states needs every position's layer inputs."""
+    if store.length < length:
+        raise RecoveryImpossible(f"the hidden states hold {store.length} of the {length} cached positions "
+                                 f"(they were switched on after the prefill)")
+
+
 def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) -> KVCache:
     """Keep the held KV; project the missing KV heads from the stored inputs of every layer."""
     config, shard, store = model.config, survivor.shard, survivor.hidden_states
@@ -136,6 +147,7 @@ def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) ->
     missing = survivor.missing_kv_heads
     if not missing or cache.length == 0:
         return cache
+    check_hidden_states_cover(store, cache.length)
     rows = kv_weight_rows(shard, missing, config.head_dim)
     rope = Rotary(config, model.dtype).factors(0, cache.length)
     for i, layer in enumerate(shard.layers):
@@ -177,7 +189,11 @@ def copy_from_peers(survivor: Survivor, sources: dict[int, KVCache]) -> KVCache:
 
 
 def replicate_new_kv(state: DeviceState, start: int, length: int, collective: ThreadCollective) -> None:
-    """Send this step's new KV entries to the buddy (next device); store the predecessor's."""
+    """Send this step's new KV entries to the buddy (next device); store the predecessor's.
+
+    A copy counts only the positions it holds from 0 on: one started in the middle of a run (its
+    predecessor's earlier entries never sent) claims nothing until it is filled from 0.
+    """
     cache = state.cache
     sent = (state.device, cache.kv_heads, [k[:, start:start + length] for k in cache.k],
             [v[:, start:start + length] for v in cache.v])
@@ -190,4 +206,5 @@ def replicate_new_kv(state: DeviceState, start: int, length: int, collective: Th
         state.replicas = {source: replica}  # a device keeps only its current predecessor's copy
     for layer, (k, v) in enumerate(zip(keys, values)):
         replica.write(layer, start, k, v)
-    replica.length = start + length
+    if start <= replica.length:
+        replica.length = max(replica.length, start + length)

@@ -2,8 +2,9 @@
 
 Strategies run alternately, each from its own copy of the state, several times; the report gives
 min / median / max seconds and ratios of medians against full recompute, beside the FLOP ratio
-counted from shapes. Every strategy's rebuilt KV is checked against a failure-free run, and its
-continuation must produce the failure-free run's tokens.
+counted from shapes. Every strategy's KV is checked head by head against a failure-free run
+(lossless_checks.py), and its continuation must produce the failure-free run's tokens with the
+same logits.
 """
 from __future__ import annotations
 
@@ -14,19 +15,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from device_threads import run_on_devices
 from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivor
 from head_assignment import Assignment
 from kv_cache_reused import RecoveryImpossible, RecoveryStrategy, make_recovery, rebuild_from_hidden_states
 from llama_model_loader import LlamaConfig
+from lossless_checks import LOGITS_TOLERANCE, KVCheck, KVSnapshot, check_kv, kept_heads, logits_rel_diff
 from tensor_parallel_cluster import TensorParallelLlama
 from tensor_parallel_model import DeviceState
-
-KVSnapshot = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]  # (layer, KV head) -> (K, V)
-
-# Lossless means: every rebuilt K/V entry within this fraction of the largest |value| of the
-# failure-free run. Recovery changes which device sums which heads, so the summation order (and,
-# in bf16, the rounding of partial sums) differs from the failure-free run: a few ulps, no more.
-KV_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @dataclass(frozen=True)
@@ -56,24 +52,39 @@ class StrategyOutcome:
     flops: float
     reuse_rate: float            # share of the KV entries needed after recovery that were kept
     kept_bytes: int              # state kept during normal running for this strategy (all survivors)
-    kv_max_error: float = float("nan")
-    kv_tolerance: float = float("nan")
+    kv: KVCheck | None = None    # the per-head check of its KV against the failure-free run
+    logits_max_rel_diff: float = float("nan")  # worst step after recovery, relative to the logits' scale
+    logits_tolerance: float = float("nan")
     continuation: list[int] = field(default_factory=list)
     tokens_identical: bool = False
+    redo_s: float = float("nan")  # the abandoned step, redone on the recovered state
     error: str | None = None     # why it could not run, if it could not
 
     @property
-    def kv_lossless(self) -> bool:
-        return self.kv_max_error <= self.kv_tolerance
+    def logits_ok(self) -> bool:
+        return self.logits_max_rel_diff <= self.logits_tolerance
 
     @property
     def lossless(self) -> bool:
-        return self.error is None and self.kv_lossless and self.tokens_identical
+        return self.error is None and self.kv is not None and self.kv.ok and self.logits_ok and self.tokens_identical
+
+    def verdict(self) -> str:
+        """What failed, in words, or 'lossless'."""
+        if self.error is not None:
+            return f"could not run: {self.error}"
+        problems = [] if self.kv.ok else [self.kv.describe()]
+        if not self.logits_ok:
+            problems.append(f"logits off by {self.logits_max_rel_diff:.3g} of their scale "
+                            f"(bound {self.logits_tolerance:.3g})")
+        if not self.tokens_identical:
+            problems.append("the tokens after the recovery differ from the failure-free run's")
+        return "; ".join(problems) or "lossless"
 
 
 @dataclass(frozen=True)
 class DeviceLevelComparison:
-    """The seed's comparison on the new owner: rebuild all its KV heads, or only the inherited ones."""
+    """The seed's comparison on the new owner, both from the stored layer inputs: rebuild every KV
+    head it now holds (as if it had kept nothing), or only the KV heads it inherited (keeping its own)."""
 
     device: int
     all_query_heads: int
@@ -92,44 +103,43 @@ class DeviceLevelComparison:
 # Snapshots for checking (the leader never needs these to recover)
 
 
+def snapshot_states(states: dict[int, DeviceState]) -> KVSnapshot:
+    """Every (device, layer, KV head) the states hold, copied."""
+    return {(device, layer, g): tuple(t.clone() for t in state.cache.head(layer, g))
+            for device, state in states.items()
+            for layer in range(state.cache.num_layers) for g in state.cache.kv_heads}
+
+
 def snapshot_kv(model: TensorParallelLlama) -> KVSnapshot:
-    """Every (layer, KV head) of the cluster, copied: the failure-free reference."""
-    snapshot: KVSnapshot = {}
-    for worker in model.workers.values():
-        cache = worker.state.cache
-        for layer in range(cache.num_layers):
-            for g in cache.kv_heads:
-                snapshot.setdefault((layer, g), tuple(t.clone() for t in cache.head(layer, g)))
-    return snapshot
+    """Every (device, layer, KV head) of the cluster, copied: the failure-free reference."""
+    return snapshot_states({d: w.state for d, w in model.workers.items()})
+
+
+@dataclass
+class FailureFreeRun:
+    """A generation without failure, for checking: its tokens, the logits of every step, the KV when
+    the failure would strike, and how long the prefill took."""
+
+    tokens: list[int]
+    logits: list[torch.Tensor]
+    kv: KVSnapshot
+    prefill_s: float
 
 
 def failure_free_run(model: TensorParallelLlama, prompt_ids: Sequence[int], new_tokens: int,
-                     failure_after: int) -> tuple[list[int], KVSnapshot, float]:
-    """A run without failure: its tokens, its KV when `failure_after` tokens are out (for checking
-    only) and its prefill seconds."""
-    started, seen = time.perf_counter(), {}
-
-    def observe(tokens: list[int]) -> None:
-        if len(tokens) == 1:
-            seen["prefill_s"] = time.perf_counter() - started
+                     failure_after: int) -> FailureFreeRun:
+    """A run without failure; its KV is snapshotted once `failure_after` tokens are out."""
+    started = time.perf_counter()
+    logits = [model.prefill(prompt_ids)]
+    prefill_s = time.perf_counter() - started
+    tokens, kv = [int(logits[0].argmax())], None
+    while True:
         if len(tokens) == failure_after:
-            seen["kv"] = snapshot_kv(model)
-    tokens = model.generate(prompt_ids, new_tokens, after_token=observe)
-    return tokens, seen.get("kv"), seen["prefill_s"]
-
-
-def kv_error(states: dict[int, DeviceState], reference: KVSnapshot) -> tuple[float, float]:
-    """(largest |difference| of any entry held by any device, largest |value| of the reference)."""
-    worst, scale = 0.0, max(max(k.abs().max().item(), v.abs().max().item()) for k, v in reference.values())
-    for state in states.values():
-        cache = state.cache
-        for layer in range(cache.num_layers):
-            for g in cache.kv_heads:
-                for got, want in zip(cache.head(layer, g), reference[(layer, g)]):
-                    if got.shape != want.shape:
-                        return float("inf"), scale
-                    worst = max(worst, (got.float() - want.float()).abs().max().item())
-    return worst, scale
+            kv = snapshot_kv(model)
+        if len(tokens) == new_tokens:
+            return FailureFreeRun(tokens, logits, kv, prefill_s)
+        logits.append(model.decode(tokens[-1]))
+        tokens.append(int(logits[-1].argmax()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,43 +226,51 @@ def time_strategies(model: FaultTolerantLlama, post: PostFailureState, strategie
     return timings, states, errors
 
 
-def continue_generation(model: FaultTolerantLlama, last_token: int, count: int) -> list[int]:
-    """Greedy tokens after feeding `last_token` (the step that the failure abandoned)."""
-    tokens: list[int] = []
-    logits = model.decode(last_token)
+def continue_generation(model: FaultTolerantLlama, last_token: int, count: int
+                        ) -> tuple[list[int], list[torch.Tensor], float]:
+    """Greedy tokens after feeding `last_token` (the step that the failure abandoned), the logits of
+    each step, and the seconds of the first step (the abandoned step, redone)."""
+    started = time.perf_counter()
+    logits = [model.decode(last_token)]
+    redo_s = time.perf_counter() - started
+    tokens = [int(logits[0].argmax())]
     while len(tokens) < count:
-        tokens.append(int(logits.argmax()))
-        if len(tokens) < count:
-            logits = model.decode(tokens[-1])
-    return tokens
+        logits.append(model.decode(tokens[-1]))
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, logits, redo_s
 
 
 def compare_recoveries(model: FaultTolerantLlama, post: PostFailureState, strategy_names: Sequence[str],
-                       repeats: int, reference_kv: KVSnapshot, reference_tail: list[int],
-                       last_token: int) -> list[StrategyOutcome]:
+                       repeats: int, reference: FailureFreeRun, fail_after: int, last_token: int
+                       ) -> list[StrategyOutcome]:
     """Time, cost and check every strategy; the model is left with the last checked strategy's state."""
     strategies = [make_recovery(n) for n in strategy_names]
     kept = {s.name: kept_bytes(s, post) for s in strategies}  # before any continuation grows the stores
     timings, states, errors = time_strategies(model, post, strategies, repeats)
-    tolerance = KV_TOLERANCE[model.dtype]
+    survivor_heads = {d: s.cache.kv_heads for d, s in post.survivors.items()}
     outcomes = []
     for strategy in strategies:
         outcome = StrategyOutcome(strategy.name, strategy.keeps, timings.get(strategy.name),
                                   recovery_flops(strategy.name, model.config, post), reuse_rate(strategy.name, post),
                                   kept[strategy.name], error=errors.get(strategy.name))
         if outcome.error is None:
-            worst, scale = kv_error(states[strategy.name], reference_kv)
-            outcome.kv_max_error, outcome.kv_tolerance = worst, tolerance * scale
+            outcome.kv = check_kv(snapshot_states(states[strategy.name]), reference.kv,
+                                  kept_heads(survivor_heads, strategy.reuses_kv), model.dtype)
             model.adopt(states[strategy.name], post.context_ids)
-            outcome.continuation = continue_generation(model, last_token, len(reference_tail))
-            outcome.tokens_identical = outcome.continuation == reference_tail
+            tokens, logits, outcome.redo_s = continue_generation(model, last_token, len(reference.tokens) - fail_after)
+            outcome.continuation = tokens
+            outcome.tokens_identical = tokens == reference.tokens[fail_after:]
+            outcome.logits_max_rel_diff = logits_rel_diff(logits, reference.logits[fail_after:])
+            outcome.logits_tolerance = LOGITS_TOLERANCE[model.dtype]
         outcomes.append(outcome)
     return outcomes
 
 
 def compare_device_level(model: FaultTolerantLlama, post: PostFailureState, repeats: int
                          ) -> DeviceLevelComparison | None:
-    """On the receiver that inherited most: rebuild every KV head it holds, or only the inherited."""
+    """On the receiver that inherited most: rebuild every KV head it holds, or only the inherited.
+
+    Each run waits on the device as a step does: it ends if the device is declared dead."""
     receivers = [d for d in post.plan.moved_heads if post.survivors[d].missing_kv_heads]
     if not receivers or any(s.hidden_states is None for s in post.survivors.values()):
         return None
@@ -263,7 +281,8 @@ def compare_device_level(model: FaultTolerantLlama, post: PostFailureState, repe
 
     def timed(rebuild_from: Survivor) -> float:
         started = time.perf_counter()
-        worker.submit(lambda w: rebuild_from_hidden_states(model, rebuild_from)).result()
+        run_on_devices([worker], lambda w: rebuild_from_hidden_states(model, rebuild_from),
+                       model.new_collective((device,)))
         return time.perf_counter() - started
 
     all_times, inherited_times = [], []
@@ -275,14 +294,32 @@ def compare_device_level(model: FaultTolerantLlama, post: PostFailureState, repe
                                  Timing(tuple(all_times)), Timing(tuple(inherited_times)))
 
 
-def measure_step_overhead(model: FaultTolerantLlama, repeats: int) -> dict[str, Timing]:
-    """Decode-step time with nothing kept, with hidden-state checkpoints, and with KV replication.
+@dataclass(frozen=True)
+class KeepingCost:
+    """What keeping state costs in normal running, per mode ('nothing kept', 'hidden states',
+    'KV replica'): a prefill of the whole context and a decode step, timed alternately, warm."""
 
-    Each measurement recomputes the last cached position from the token that filled it, so the
-    cache neither grows nor changes; the three modes alternate, in an order rotated every round,
-    so that machine noise and warm-up fall on all of them alike.
+    prefill: dict[str, Timing]
+    decode: dict[str, Timing]
+
+
+def measure_keeping_cost(model: FaultTolerantLlama, decode_repeats: int, prefill_repeats: int) -> KeepingCost:
+    """Prefill and decode-step time with nothing kept, with hidden-state checkpoints, and with KV replication.
+
+    Each measurement recomputes cached positions from the tokens that filled them (the prefill
+    all of them, the decode step the last), so the cache does not grow and its values change only
+    by rounding (a prefill sums the positions that decode steps filled in another order); the modes
+    alternate, in an order rotated every round, so that machine noise and warm-up fall on all
+    of them alike (the process's first, cold prefill is never one of them).
     """
-    position, token = model.position - 1, model.cached_ids[-1]
+    cached = list(model.cached_ids)
+    prefill = _alternate_modes(model, prefill_repeats, lambda: model.forward(cached, start=0))
+    decode = _alternate_modes(model, decode_repeats, lambda: model.forward(cached[-1:], start=len(cached) - 1))
+    return KeepingCost(prefill, decode)
+
+
+def _alternate_modes(model: FaultTolerantLlama, repeats: int, step: Callable[[], object]) -> dict[str, Timing]:
+    """Time `step` in every keeping mode, `repeats` rounds with the order rotated; settings restored."""
     kept_hidden = {d: w.state.hidden_states for d, w in model.workers.items()}
     modes: dict[str, Callable[[], None]] = {
         "nothing kept": lambda: _keep(model, kept_hidden, hidden=False, replicate=False),
@@ -298,10 +335,10 @@ def measure_step_overhead(model: FaultTolerantLlama, repeats: int) -> dict[str, 
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:  # order rotated
             modes[name]()
             started = time.perf_counter()
-            model.forward([token], start=position)
+            step()
             seconds[name].append(time.perf_counter() - started)
     _keep(model, kept_hidden, hidden=True, replicate=replication)
-    return {name: Timing(tuple(s)) for name, s in seconds.items()}
+    return {name: Timing(tuple(s)) for name, s in seconds.items() if s}
 
 
 def _keep(model: FaultTolerantLlama, stores: dict, hidden: bool, replicate: bool) -> None:

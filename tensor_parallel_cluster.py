@@ -152,7 +152,8 @@ class TensorParallelLlama:
         return new_tokens
 
     def enable_hidden_states(self) -> None:
-        """Start keeping per-layer inputs (HCache-style checkpoints) on every device."""
+        """Start keeping per-layer inputs (HCache-style checkpoints) on every device, from the next
+        step on: a store holds only what it recorded from position 0 (switch it on before the prefill)."""
         for worker in self.workers.values():
             worker.state.hidden_states = HiddenStateStore(self.config.num_hidden_layers, self.config.hidden_size,
                                                           self.dtype)

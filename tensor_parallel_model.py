@@ -344,11 +344,15 @@ class HiddenStateStore:
     Under tensor parallelism it is the same on every device, so any survivor can rebuild a lost
     KV head from it with one small matmul, `h_l Wk/Wv[lost]`, without the layers below. (Storing
     h_l rather than the residual x_l costs the same memory and saves the norm at recovery.)
+
+    `length` counts only positions recorded in every layer from position 0: a store switched on
+    after a prefill, or one that missed a step, never claims positions it does not hold.
     """
 
     def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, capacity: int = 256):
         self.x = torch.zeros((num_layers, capacity, hidden_size), dtype=dtype)
         self.length = 0
+        self._recorded = [0] * num_layers  # per layer: positions 0.._recorded[l] are held
 
     @property
     def nbytes(self) -> int:
@@ -361,6 +365,12 @@ class HiddenStateStore:
             grown[:, :self.x.shape[1]] = self.x
             self.x = grown
         self.x[layer, start:start + x.shape[0]] = x
+        if start <= self._recorded[layer]:  # contiguous with what is held: the held prefix grows
+            self._recorded[layer] = max(self._recorded[layer], start + x.shape[0])
+
+    def commit(self, length: int) -> None:
+        """A step finished: up to `length` positions count, as far as every layer holds them."""
+        self.length = min(length, *self._recorded)
 
     def layer_inputs(self, layer: int, length: int) -> torch.Tensor:
         """Inputs of the first `length` positions (a store can run ahead of a cache being rebuilt)."""
@@ -393,7 +403,7 @@ class DeviceState:
         """A step finished on every device: its positions now count as cached."""
         self.cache.length = length
         if self.hidden_states is not None:
-            self.hidden_states.length = length
+            self.hidden_states.commit(length)
 
 
 def project_qkv(layer: LayerShard, num_q: int, num_kv: int, head_dim: int, h: torch.Tensor,

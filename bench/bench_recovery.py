@@ -4,7 +4,7 @@ What it measures, for each `--devices` count, each `--reassign` strategy and eac
 context L (one "trial" each):
   * a fresh cluster prefills L-1 prompt tokens and decodes one, keeping what every strategy needs
     (hidden-state checkpoints and the buddy's KV replica), so the context at the failure is L;
-  * the per-step cost of keeping them (performance_comparator.measure_step_overhead: decode steps
+  * the per-step cost of keeping them (performance_comparator.measure_keeping_cost: decode steps
     at the same position with nothing kept, hidden states, KV replica, alternating), once per
     (devices, L), on the first reassignment's trial, before the failure;
   * Device-`--fail-device` crashes mid-step; the heartbeat monitor declares it dead; the leader
@@ -50,7 +50,7 @@ from fault_tolerant_cluster import FailureEvent, FailurePlan, FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES, make_recovery
-from performance_comparator import Timing, kept_bytes, measure_step_overhead, recovery_flops, time_strategies
+from performance_comparator import Timing, kept_bytes, measure_keeping_cost, recovery_flops, time_strategies
 from recovery_plots import plot_recovery_vs_context
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
 from tensor_parallel_cluster import open_checkpoint
@@ -140,7 +140,7 @@ def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, r
     prefill_s = time.perf_counter() - started
     model.decode(token)  # the context is now L tokens
     # decode steps that recompute position L-1 (the cache does not grow)
-    overhead = measure_step_overhead(model, overhead_repeats) if overhead_repeats else None
+    overhead = measure_keeping_cost(model, overhead_repeats, prefill_repeats=0).decode if overhead_repeats else None
     model.arm(FailurePlan(fail_device, after_tokens=1))
     try:
         model.decode(token)

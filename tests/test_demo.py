@@ -36,9 +36,12 @@ def assert_every_row_lossless(saved: dict, names) -> None:
     assert [r["name"] for r in rows] == list(names)
     for row in rows:
         assert row["error"] is None, row
-        assert row["lossless"] and row["tokens_identical"], row
-        assert row["kv_max_error"] <= row["kv_tolerance"], row
+        assert row["lossless"] and row["tokens_identical"] and row["verdict"] == "lossless", row
+        assert row["kept_heads_max_abs_diff"] == 0.0, row
+        assert row["rebuilt_heads_max_rel_error"] <= row["rebuilt_heads_tolerance"], row
+        assert row["logits_max_rel_diff"] <= row["logits_tolerance"], row
         assert row["continuation_ids"] == saved["text"]["reference_after_ids"], row
+        assert row["interruption_s"] > row["median_s"] + saved["failure"]["detection_latency_s"], row
 
 
 @pytest.fixture(scope="module")

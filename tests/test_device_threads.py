@@ -3,12 +3,13 @@ failed or aborted round releases every device instead of leaving it waiting."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import pytest
 import torch
 
-from device_threads import StepAbandoned, ThreadCollective
+from device_threads import DeviceWorker, StaleEpoch, StepAbandoned, ThreadCollective, run_on_devices
 
 Body = Callable[[int, ThreadCollective], Any]
 
@@ -106,3 +107,51 @@ def test_abort_releases_waiting_devices_and_fails_later_calls():
         return collective.all_reduce(device, torch.ones(1))
 
     assert all(isinstance(r, StepAbandoned) for r in on_devices(3, body))
+
+
+# --------------------------------------------------------------------------------------------
+# The root error of a failed step
+
+
+def test_a_devices_real_error_is_raised_even_when_its_peers_abandoned_the_step_first():
+    """Device-2 breaks the step and raises its error 0.2 s later: its peers' StepAbandoned (which the
+    break caused) arrive first, and must not hide the error that is the cause."""
+    workers = [DeviceWorker(d) for d in range(3)]
+    collective = ThreadCollective((0, 1, 2))
+
+    def breaks_then_fails(device: int) -> None:
+        if device == 2:
+            collective.abort()
+            time.sleep(0.2)
+            raise ValueError("Device-2's programming error")
+    collective.fault_hook = breaks_then_fails
+    try:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="Device-2's programming error"):
+                run_on_devices(workers, lambda w: collective.all_reduce(w.device, torch.ones(2)), collective)
+            collective = ThreadCollective((0, 1, 2), fault_hook=breaks_then_fails)
+    finally:
+        for worker in workers:
+            worker.stop(timeout=5)
+
+
+def test_a_call_stamped_with_an_ended_epoch_is_refused_before_it_touches_anything():
+    class Epochs:
+        def __init__(self):
+            self.now, self.own = 1, {0: 1, 1: 1}
+
+        def current(self):
+            return self.now
+
+        def of(self, device):
+            return self.own[device]
+
+    epochs = Epochs()
+    collective = ThreadCollective((0, 1), epoch=1, epochs=epochs)
+    epochs.own[1] = 0  # Device-1 missed the declaration that opened epoch 1
+    with pytest.raises(StaleEpoch, match="Device-1 called with epoch 0 into epoch 1's collective"):
+        collective.all_reduce(1, torch.ones(1))
+    epochs.own[1], epochs.now = 1, 2  # the collective's own epoch has ended
+    with pytest.raises(StaleEpoch, match=r"\(current epoch 2\)"):
+        collective.all_gather(0, torch.ones(1))
+    assert not collective.aborted  # refused by the epoch alone

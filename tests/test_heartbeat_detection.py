@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from heartbeat_detection import (
+    BeatVerdict,
     Detection,
     FakeClock,
     HeartbeatConfig,
@@ -162,17 +163,53 @@ def test_beat_from_a_device_already_declared_dead_is_ignored():
     assert monitor.alive() == ()
 
 
-def test_beat_with_a_stale_epoch_is_ignored_after_advance_epoch():
+def test_every_declaration_opens_a_new_epoch_once_per_poll():
     clock = FakeClock()
-    monitor = HeartbeatMonitor([0], HeartbeatConfig(), clock)
+    monitor = HeartbeatMonitor([0, 1, 2], HeartbeatConfig(), clock)
     assert monitor.epoch == 0
-    assert monitor.advance_epoch() == 1
+    clock.advance(6.0)
+    monitor.beat(2)
+    found = monitor.check()  # devices 0 and 1 declared in the same poll: one new epoch
+    assert [(d.device, d.epoch) for d in found] == [(0, 1), (1, 1)]
     assert monitor.epoch == 1
+    clock.advance(6.0)
+    assert [(d.device, d.epoch) for d in monitor.check()] == [(2, 2)]
+    assert monitor.epoch == 2
+
+
+def test_beat_stamped_with_an_ended_epoch_is_refused_for_its_epoch_and_counted():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(), clock)
+    clock.advance(4.0)
+    monitor.beat(0)
+    clock.advance(2.0)  # device 1 silent 6 s: declared, epoch 1 begins
+    assert [d.device for d in monitor.check()] == [1]
     clock.advance(1.0)
-    monitor.beat(0, epoch=0)
-    assert monitor.last_beat(0) == 0.0
+    assert monitor.beat(0, epoch=0) is BeatVerdict.STALE_EPOCH  # a live device that missed the news
+    assert monitor.last_beat(0) == 4.0
+    assert monitor.beat(1, epoch=0) is BeatVerdict.STALE_EPOCH  # the dead one: its epoch refuses it first
+    assert monitor.beat(1, epoch=1) is BeatVerdict.DECLARED_DEAD
+    assert monitor.beat(0, epoch=1) is BeatVerdict.ACCEPTED
+    assert monitor.last_beat(0) == 7.0
+    monitor.remove(1)
+    assert monitor.beat(1, epoch=1) is BeatVerdict.NOT_WATCHED
+    assert monitor.refused() == {(0, 0, BeatVerdict.STALE_EPOCH): 1, (1, 0, BeatVerdict.STALE_EPOCH): 1,
+                                 (1, 1, BeatVerdict.DECLARED_DEAD): 1, (1, 1, BeatVerdict.NOT_WATCHED): 1}
+
+
+def test_declaring_on_another_signal_opens_an_epoch_at_once_and_only_once():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(), clock)
+    clock.advance(0.5)
+    detection = monitor.declare(1, "collective")
+    assert detection == Detection(device=1, last_beat_at=0.0, declared_at=0.5, epoch=1, signal="collective")
+    assert monitor.dead() == (1,) and monitor.epoch == 1
+    assert monitor.declare(1, "collective") is None  # already declared
+    assert monitor.declare(7, "collective") is None  # not watched
+    clock.advance(10.0)
     monitor.beat(0, epoch=1)
-    assert monitor.last_beat(0) == 1.0
+    assert monitor.check() == []  # not declared a second time by its silence
+    assert monitor.epoch == 1
 
 
 # --- real threads ----------------------------------------------------------------------------------
@@ -195,6 +232,28 @@ def test_sender_beats_immediately_at_start_and_stop_joins_promptly():
     sender.stop()
     assert monitor.last_beat(0) == 3.0
     assert time.monotonic() - started < 1.0  # did not wait out the 10 s interval
+
+
+def test_paused_sender_beats_again_on_resume_with_its_own_epoch():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(interval_s=0.01, timeout_s=50.0), clock)
+    own_epoch = [0]
+    sender = HeartbeatSender(0, monitor, interval_s=0.01, epoch_fn=lambda: own_epoch[0])
+    sender.start()
+    try:
+        sender.pause()
+        time.sleep(0.05)  # any beat in flight has landed
+        clock.advance(1.0)
+        time.sleep(0.1)
+        assert monitor.last_beat(0) < 1.0, "a paused sender beat"
+        monitor.declare(0, "test")  # epoch 1 begins while it is paused; it still believes in epoch 0
+        sender.resume()
+        deadline = time.monotonic() + 2.0
+        while not monitor.refused() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        sender.stop()
+    assert (0, 0, BeatVerdict.STALE_EPOCH) in monitor.refused()
 
 
 def test_silenced_sender_is_detected_within_timeout_plus_interval_and_live_ones_are_not():

@@ -18,9 +18,9 @@ from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES, RecoveryImpossible
 from llama_model_loader import Checkpoint
-from performance_comparator import (KV_TOLERANCE, StrategyOutcome, Timing, compare_recoveries, forward_flops,
-                                    kv_error, measure_step_overhead, recovery_flops, reuse_rate, snapshot_kv,
-                                    time_strategies)
+from lossless_checks import LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, KVCheck, check_kv
+from performance_comparator import (StrategyOutcome, Timing, compare_recoveries, failure_free_run, forward_flops,
+                                    measure_keeping_cost, recovery_flops, reuse_rate, snapshot_kv, time_strategies)
 from synthetic_checkpoint import preset_config
 from task_reassign import make_strategy
 from tensor_parallel_model import DeviceShard, KVCache
@@ -111,15 +111,16 @@ def test_time_strategies_reports_an_impossible_strategy_once_and_times_the_rest(
 # Ratios come from the comparison's own timings
 
 
-def outcome(name: str, seconds: tuple[float, ...] | None, flops: float) -> StrategyOutcome:
+def outcome(name: str, seconds: tuple[float, ...] | None, flops: float, redo_s: float = 0.5) -> StrategyOutcome:
     return StrategyOutcome(name, "nothing", Timing(seconds) if seconds else None, flops, 0.0, 0,
-                           kv_max_error=0.0, kv_tolerance=1.0, tokens_identical=True)
+                           kv=KVCheck(0.0, 0.0, 1e-4), logits_max_rel_diff=0.0, logits_tolerance=1e-4,
+                           tokens_identical=True, redo_s=redo_s)
 
 
 def test_comparison_rows_speedup_is_the_ratio_of_medians():
     rows = demo.comparison_rows([outcome("full-recompute", (3.0, 1.0, 2.0), 100.0),
                                  outcome("reuse-replay", (1.0, 0.5, 0.25), 97.0),
-                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0)])
+                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0)], detection_s=5.0, weights_s=1.0)
     by_name = {r["name"]: r for r in rows}
     assert by_name["full-recompute"]["speedup"] == pytest.approx(1.0)
     assert by_name["reuse-replay"]["speedup"] == pytest.approx(2.0 / 0.5)
@@ -130,8 +131,20 @@ def test_comparison_rows_speedup_is_the_ratio_of_medians():
 
 
 def test_comparison_rows_without_the_baseline_give_no_ratio():
-    (row,) = demo.comparison_rows([outcome("reuse-hidden", (0.1,), 5.0)])
-    assert row["speedup"] is None and row["flop_ratio"] is None
+    (row,) = demo.comparison_rows([outcome("reuse-hidden", (0.1,), 5.0)], detection_s=5.0, weights_s=1.0)
+    assert row["speedup"] is None and row["flop_ratio"] is None and row["interruption_ratio"] is None
+    assert row["interruption_s"] == pytest.approx(5.0 + 1.0 + 0.1 + 0.5)
+
+
+def test_the_whole_interruption_is_detection_weights_rebuild_and_redo():
+    rows = demo.comparison_rows([outcome("full-recompute", (3.0, 1.0, 2.0), 100.0, redo_s=0.25),
+                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0, redo_s=0.5)], detection_s=4.0,
+                                weights_s=1.5)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["full-recompute"]["interruption_s"] == pytest.approx(4.0 + 1.5 + 2.0 + 0.25)
+    assert by_name["replicate"]["interruption_s"] == pytest.approx(4.0 + 1.5 + 0.2 + 0.5)
+    assert by_name["replicate"]["interruption_ratio"] == pytest.approx(7.75 / 6.2)
+    assert by_name["replicate"]["speedup"] == pytest.approx(10.0)  # the rebuild alone: 10x; the whole: 1.25x
 
 
 def test_demo_report_ratios_match_its_own_timings(tiny_demo_run):
@@ -221,23 +234,20 @@ def test_reuse_rate_is_the_share_of_kv_entries_kept(reassign):
 
 
 # --------------------------------------------------------------------------------------------
-# The KV check
+# Snapshots
 
 
-def test_kv_error_is_zero_for_identical_kv_and_catches_one_wrong_entry(tiny_model):
+def test_snapshot_holds_every_devices_own_copy_of_every_head_it_holds(tiny_model):
     tiny_model.generate(PROMPT, 3)
-    states = {d: w.state for d, w in tiny_model.workers.items()}
-    reference = snapshot_kv(tiny_model)
-    worst, scale = kv_error(states, reference)
-    assert worst == 0.0 and scale > 0
-    for which in (0, 1):  # K, then V
-        layer, g = tiny_model.config.num_hidden_layers - 1, tiny_model.config.num_key_value_heads - 1
-        wrong = {key: tuple(t.clone() for t in kv) for key, kv in reference.items()}
-        wrong[(layer, g)][which][-1, 5] += 1.0
-        worst, _ = kv_error(states, wrong)
-        assert worst >= 1.0 - 1e-6, worst
-    shorter = {key: (k[:-1], v[:-1]) for key, (k, v) in reference.items()}
-    assert kv_error(states, shorter)[0] == float("inf")
+    snapshot = snapshot_kv(tiny_model)
+    config = tiny_model.config
+    expected = {(d, layer, g) for d in tiny_model.assignment.devices for layer in range(config.num_hidden_layers)
+                for g in tiny_model.assignment.kv_heads(d)}
+    assert set(snapshot) == expected
+    for (d, layer, g), (k, v) in snapshot.items():
+        cached_k, cached_v = tiny_model.workers[d].state.cache.head(layer, g)
+        assert torch.equal(k, cached_k) and torch.equal(v, cached_v)
+        assert k.data_ptr() != cached_k.data_ptr(), "a snapshot must be a copy"
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,16 +257,13 @@ def test_kv_error_is_zero_for_identical_kv_and_catches_one_wrong_entry(tiny_mode
 @pytest.fixture(scope="module")
 def compared(tiny_checkpoint):
     """compare_recoveries of every strategy (2 repeats) after Device-1 of 4 crashes, hidden states and
-    replication on; the failure-free tokens and KV come from the same model before the failure."""
+    replication on; the failure-free run (tokens, logits, KV) comes from the same model before."""
     model = new_tiny_model(tiny_checkpoint)
     try:
-        tokens = [int(model.prefill(PROMPT).argmax())]
-        tokens.append(int(model.decode(tokens[0]).argmax()))
-        reference_kv = snapshot_kv(model)  # the failure strikes the step after 2 tokens: PROMPT + 1 token cached
-        while len(tokens) < 5:
-            tokens.append(int(model.decode(tokens[-1]).argmax()))
+        reference = failure_free_run(model, PROMPT, 5, 2)  # the failure strikes the step after 2 tokens
+        tokens = reference.tokens
         model.enable_hidden_states()
-        model.replication = True
+        model.enable_replication()
         model.prefill(PROMPT)
         model.decode(tokens[0])
         model.arm(FailurePlan(1, 2))
@@ -264,25 +271,27 @@ def compared(tiny_checkpoint):
             model.decode(tokens[1])
         event = model.wait_for_failure()
         post, _ = model.prepare_recovery([event], make_strategy("random", 0))
-        outcomes = compare_recoveries(model, post, list(STRATEGIES), 2, reference_kv, tokens[2:], tokens[1])
-        return {"post": post, "outcomes": outcomes, "tokens": tokens, "reference_kv": reference_kv, "repeats": 2}
+        outcomes = compare_recoveries(model, post, list(STRATEGIES), 2, reference, 2, tokens[1])
+        return {"post": post, "outcomes": outcomes, "reference": reference, "repeats": 2}
     finally:
         model.close()
 
 
 def test_compare_recoveries_times_checks_and_costs_every_strategy(compared):
-    post, outcomes, reference_kv = compared["post"], compared["outcomes"], compared["reference_kv"]
-    assert post.context_ids.tolist() == PROMPT + compared["tokens"][:1]
-    assert len(set(compared["tokens"][2:])) > 1, "a degenerate continuation would prove nothing"
+    post, outcomes, reference = compared["post"], compared["outcomes"], compared["reference"]
+    assert post.context_ids.tolist() == PROMPT + reference.tokens[:1]
+    assert len(set(reference.tokens[2:])) > 1, "a degenerate continuation would prove nothing"
     by_name = {o.name: o for o in outcomes}
     assert list(by_name) == list(STRATEGIES)
-    scale = max(max(k.abs().max().item(), v.abs().max().item()) for k, v in reference_kv.values())
     for o in outcomes:
         assert o.error is None, (o.name, o.error)
         assert len(o.timing.seconds) == compared["repeats"]
-        assert o.kv_tolerance == pytest.approx(KV_TOLERANCE[torch.float32] * scale)
-        assert o.kv_lossless, (o.name, o.kv_max_error)
-        assert len(o.continuation) == 3
+        assert o.kv.ok, (o.name, o.kv.describe())
+        assert o.kv.kept_max_abs_diff == 0.0 and o.kv.tolerance == REBUILT_KV_TOLERANCE[torch.float32]
+        assert o.logits_max_rel_diff <= o.logits_tolerance == LOGITS_TOLERANCE[torch.float32]
+        assert o.lossless and o.verdict() == "lossless"
+        assert len(o.continuation) == 3 and o.redo_s > 0
+    assert by_name["replicate"].kv.rebuilt_max_rel_error == 0.0  # a promoted copy is the same bits
     assert by_name["full-recompute"].reuse_rate == 0.0
     assert all(by_name[n].reuse_rate == 0.75 for n in ("reuse-replay", "reuse-hidden", "replicate"))
     flops = [by_name[n].flops for n in ("full-recompute", "reuse-replay", "reuse-hidden", "replicate")]
@@ -293,16 +302,25 @@ def test_compare_recoveries_times_checks_and_costs_every_strategy(compared):
     per_survivor = len(shard.layers) * context * hidden * itemsize
     assert by_name["reuse-hidden"].kept_bytes == per_survivor * len(post.survivors)
     assert by_name["replicate"].kept_bytes > 0
-    # the first strategy checked continues from the right place
-    first = outcomes[0]
-    assert first.continuation == compared["tokens"][2:] and first.lossless
 
 
 def test_compare_recoveries_checks_every_strategys_continuation_from_the_failure_point(compared):
     """Each strategy's continuation starts at the failure point, not where the previous strategy's ended."""
-    tail = compared["tokens"][2:]
+    tail = compared["reference"].tokens[2:]
     wrong = {o.name: o.continuation for o in compared["outcomes"] if o.continuation != tail or not o.lossless}
     assert not wrong, f"failure-free tokens {tail}, continuations {wrong}"
+
+
+def test_a_recovery_that_keeps_the_argmax_but_shifts_the_logits_is_not_lossless(compared):
+    """The verdict reads the logits, not only the tokens: 1% of the scale added to one logit keeps every
+    argmax (the tokens stay identical) and fails."""
+    outcome = compared["outcomes"][0]
+    shifted = StrategyOutcome(outcome.name, outcome.keeps, outcome.timing, outcome.flops, outcome.reuse_rate,
+                              outcome.kept_bytes, kv=outcome.kv, logits_max_rel_diff=0.01,
+                              logits_tolerance=outcome.logits_tolerance, continuation=outcome.continuation,
+                              tokens_identical=True, redo_s=outcome.redo_s)
+    assert not shifted.lossless
+    assert "logits off by 0.01" in shifted.verdict()
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,39 +328,42 @@ def test_compare_recoveries_checks_every_strategys_continuation_from_the_failure
 
 
 @pytest.mark.parametrize("replication", [False, True])
-def test_measure_step_overhead_gives_three_modes_and_restores_the_settings(tiny_model, replication):
+def test_keeping_cost_gives_three_modes_for_prefill_and_decode_and_restores_the_settings(tiny_model, replication):
     model = tiny_model
     model.enable_hidden_states()
-    model.replication = replication
+    if replication:
+        model.enable_replication()
     model.generate(PROMPT, 2)
     stores = {d: w.state.hidden_states for d, w in model.workers.items()}
-    timings = measure_step_overhead(model, repeats=3)
-    assert set(timings) == {"nothing kept", "hidden states", "KV replica"}
-    assert all(len(t.seconds) == 3 and t.min > 0 for t in timings.values())
+    cost = measure_keeping_cost(model, decode_repeats=3, prefill_repeats=2)
+    assert set(cost.decode) == set(cost.prefill) == {"nothing kept", "hidden states", "KV replica"}
+    assert all(len(t.seconds) == 3 and t.min > 0 for t in cost.decode.values())
+    assert all(len(t.seconds) == 2 and t.min > 0 for t in cost.prefill.values())
     assert model.replication is replication
     assert all(w.state.hidden_states is stores[d] for d, w in model.workers.items())
 
 
-def test_measure_step_overhead_without_hidden_states_keeps_them_off(tiny_model):
+def test_keeping_cost_without_hidden_states_keeps_them_off(tiny_model):
     model = tiny_model
     model.generate(PROMPT, 2)
-    timings = measure_step_overhead(model, repeats=2)
-    assert set(timings) == {"nothing kept", "KV replica"}
-    assert all(len(t.seconds) == 2 for t in timings.values())
+    cost = measure_keeping_cost(model, decode_repeats=2, prefill_repeats=0)
+    assert set(cost.decode) == {"nothing kept", "KV replica"} and cost.prefill == {}
+    assert all(len(t.seconds) == 2 for t in cost.decode.values())
     assert model.replication is False
     assert all(w.state.hidden_states is None for w in model.workers.values())
 
 
-def test_measure_step_overhead_leaves_the_cache_as_it_was(tiny_model):
+def test_keeping_cost_leaves_the_cache_as_it_was(tiny_model):
     model = tiny_model
     model.enable_hidden_states()
     generated = model.generate(PROMPT, 4)
     model.generate(PROMPT, 3)  # the cache holds PROMPT + 2 tokens; the third is still to be fed
     cached = list(model.cached_ids)
     kv = snapshot_kv(model)
-    measure_step_overhead(model, repeats=1)
+    measure_keeping_cost(model, decode_repeats=1, prefill_repeats=1)
     assert model.cached_ids == cached
     assert all(w.state.cache.length == len(cached) for w in model.workers.values())
-    assert kv_error({d: w.state for d, w in model.workers.items()}, kv)[0] == 0.0
+    # the same values up to rounding: a prefill sums the positions that decode steps filled in another order
+    assert check_kv(snapshot_kv(model), kv, frozenset(), torch.float32).ok
     # and generation goes on as if nothing had been measured
     assert int(model.decode(generated[2]).argmax()) == generated[3]

@@ -199,3 +199,18 @@ def test_greedy_continuation_depends_on_the_context(tiny_model):
     assert len(set(tokens)) >= 2, tokens
     other = tiny_model.generate([256] + list(b"Water boils at a temperature of"), 8)
     assert other != tokens
+
+
+@pytest.mark.slow
+def test_the_default_runs_greedy_text_on_the_1b_model_is_not_one_repeated_token(llama_1b_checkpoint):
+    """The demo's default prompt padded to its default 512-token context: 16 greedy tokens, at least
+    half of them distinct, so that "the tokens after the recovery are identical" can fail. (With
+    attention scores of std 1 the weights gave ' cam' sixteen times.)"""
+    import execution_optimization_algorithm_demo as demo
+    from llama_model_loader import load_tokenizer
+    checkpoint = Checkpoint(llama_1b_checkpoint)
+    prompt = demo.build_prompt(load_tokenizer(checkpoint.folder, checkpoint.config), demo.DEFAULT_PROMPT, 512)
+    assert len(prompt) == 512
+    with TensorParallelLlama(checkpoint, initial_assignment(32, 8, 8192, 4)) as model:
+        tokens = model.generate(prompt, 16)
+    assert len(set(tokens)) >= 8, tokens
