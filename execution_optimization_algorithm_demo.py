@@ -307,6 +307,7 @@ def comparison_rows(outcomes: Sequence[StrategyOutcome], detection_s: float, wei
                "logits_max_rel_diff": o.logits_max_rel_diff if kv else None,
                "logits_tolerance": o.logits_tolerance if kv else None, "verdict": o.verdict(),
                "tokens_identical": o.tokens_identical, "continuation_ids": o.continuation,
+               "near_tie_mismatches": list(o.near_tie_mismatches),
                "lossless": o.lossless, "error": o.error, "speedup": None, "flop_ratio": None,
                "redo_s": o.redo_s if kv else None, "interruption_s": None, "interruption_ratio": None}
         if o.timing:

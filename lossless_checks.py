@@ -8,6 +8,11 @@ Three checks against a failure-free run of the same prompt on the same assignmen
   a small head cannot hide its error behind a large one.
 - The logits of every step after the recovery are compared with the failure-free run's, relative
   to their own scale, so a recovery that keeps the argmax but shifts the distribution is caught.
+  Each step is fed the failure-free run's token, so that every step compares like with like.
+- The greedy token of every step must be the failure-free run's, except at a near-tie: a step
+  whose top-2 margin in the failure-free run is within what the logits bound lets rounding move
+  (twice the bound). A new device layout sums in another order; in bf16 that moves the logits by
+  a few per cent, which can flip a near-tie without anything being lost.
 """
 from __future__ import annotations
 
@@ -21,11 +26,13 @@ KVSnapshot = dict[KVKey, tuple[torch.Tensor, torch.Tensor]]  # -> (K, V), each [
 
 # Bounds on the rebuilt KV (per head, relative to its largest |value|) and on the logits (relative to
 # the largest |logit| of the step). A rebuild sums the devices' partial outputs in another grouping,
-# so the values move by rounding: measured on the default run (fp32) at most 2e-6 for the KV and
-# 4e-6 for the logits, in bf16 at most 2e-2 and 3e-2. An error of 1% in one position of one head
-# is 100x the fp32 bound.
-REBUILT_KV_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
-LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
+# so the values move by rounding. Measured in fp32 on the default run (synthetic Llama-3.2-1B, 515
+# tokens): at most 3.5e-6 for the KV and 3.8e-6 for the logits, so 1e-4 leaves a margin of 25x,
+# and an error of 1% in one position of one head is 100x the bound. In bf16 rounding is 65536 times
+# coarser: measured at most 4.9e-2 (KV) and 3.7e-2 (logits) on the same model at 67 tokens, 1.5e-2
+# on the tiny preset; the bound is 1e-1, and bf16 is a check of gross errors only.
+REBUILT_KV_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1}
+LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1}
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,17 @@ def logits_rel_diff(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -
     if len(got) != len(want):
         return float("inf")
     return max((relative_error(g, w) for g, w in zip(got, want)), default=0.0)
+
+
+def near_ties(logits: Sequence[torch.Tensor], tolerance: float) -> frozenset[int]:
+    """Steps whose top-2 margin is at most twice `tolerance` times the step's largest |logit|:
+    logits each moved by at most the bound can swap their order."""
+    ties = set()
+    for step, row in enumerate(logits):
+        top2 = row.float().topk(2).values
+        if (top2[0] - top2[1]).item() <= 2 * tolerance * _max_abs(row.float()):
+            ties.add(step)
+    return frozenset(ties)
 
 
 def kept_heads(survivor_kv_heads: Mapping[int, Sequence[int]], reuses_kv: bool) -> frozenset[tuple[int, int]]:

@@ -193,7 +193,8 @@ def _overhead(r: Report) -> str:
 def _lossless(r: Report) -> str:
     lines = [_heading("7. Lossless checks (against a failure-free run of the same prompt)"),
              "kept KV must be the same bits; each rebuilt (layer, KV head), K and V apart, is bounded relative "
-             "to its own largest |value|; the logits of every step after the recovery relative to theirs"]
+             "to its own largest |value|; each step after the recovery is fed the failure-free token, and its "
+             "logits are bounded relative to theirs and its greedy token must be the failure-free one"]
     for row in r["comparison"]:
         if row["error"]:
             lines.append(f"{row['name']:<16} not run: {row['error']}")
@@ -202,11 +203,21 @@ def _lossless(r: Report) -> str:
                      f"max relative error {row['rebuilt_heads_max_rel_error']:.3g} (bound "
                      f"{row['rebuilt_heads_tolerance']:.3g}); logits max relative difference "
                      f"{row['logits_max_rel_diff']:.3g} (bound {row['logits_tolerance']:.3g}); next "
-                     f"{len(r['text']['reference_after_ids'])} tokens "
-                     f"{'identical' if row['tokens_identical'] else 'DIFFERENT'}")
+                     f"{len(r['text']['reference_after_ids'])} tokens {_tokens_verdict(row)}")
         if not row["lossless"]:
             lines.append(f"{'':<16} NOT LOSSLESS: {row['verdict']}")
     return "\n".join(lines)
+
+
+def _tokens_verdict(row: dict) -> str:
+    if row["tokens_identical"]:
+        return "identical"
+    ties = row.get("near_tie_mismatches")
+    if ties:
+        steps = ", ".join(str(step + 1) for step in ties)
+        return (f"identical but at step {steps}, a near-tie of the failure-free run (top-2 margin within what "
+                f"the logits bound lets rounding move): not a loss")
+    return "DIFFERENT"
 
 
 def _text(r: Report) -> str:
@@ -214,7 +225,8 @@ def _text(r: Report) -> str:
     lines = [_heading("8. Generated text"),
              f"prompt ({len(t['prompt_ids'])} tokens): {t['prompt']!r}",
              f"before the failure:  {t['before_text']!r}",
-             f"failure-free run:    {t['reference_text']!r}"]
+             f"failure-free run:    {t['reference_text']!r}",
+             "after a recovery, the greedy token of each step (each step fed the failure-free token):"]
     for name, text in t["after_texts"].items():
         lines.append(f"after, {name + ':':<14}{text!r}")
     return "\n".join(lines)

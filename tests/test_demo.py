@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import execution_optimization_algorithm_demo as demo
 from kv_cache_reused import STRATEGIES
+from lossless_checks import LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE
 from recovery_report import render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +39,7 @@ def assert_every_row_lossless(saved: dict, names) -> None:
     for row in rows:
         assert row["error"] is None, row
         assert row["lossless"] and row["tokens_identical"] and row["verdict"] == "lossless", row
+        assert row["near_tie_mismatches"] == [], row
         assert row["kept_heads_max_abs_diff"] == 0.0, row
         assert row["rebuilt_heads_max_rel_error"] <= row["rebuilt_heads_tolerance"], row
         assert row["logits_max_rel_diff"] <= row["logits_tolerance"], row
@@ -120,6 +123,18 @@ def test_every_strategy_is_lossless_with_a_prompt_that_does_not_repeat_one_token
     saved = load_json(report)
     assert len(set(saved["text"]["reference_after_ids"])) > 1, "the continuation must not be one repeated token"
     assert_every_row_lossless(saved, STRATEGIES)
+
+
+def test_a_bfloat16_run_is_lossless_within_the_bfloat16_bounds(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "bf16.txt"
+    assert demo.main(args(tiny_checkpoint, report, "--dtype", "bfloat16", "--quiet")) == 0
+    saved = load_json(report)
+    for row in saved["comparison"]:
+        assert row["lossless"], row["verdict"]
+        assert row["kept_heads_max_abs_diff"] == 0.0  # kept KV is the same bits in any dtype
+        assert row["rebuilt_heads_tolerance"] == REBUILT_KV_TOLERANCE[torch.bfloat16]
+        assert row["logits_tolerance"] == LOGITS_TOLERANCE[torch.bfloat16]
+    assert saved["model"]["compute_dtype"] == "bfloat16"
 
 
 def test_help_mentions_every_option(capsys):

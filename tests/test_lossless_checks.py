@@ -14,7 +14,7 @@ from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES, make_recovery
 from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, check_kv, kept_heads, logits_rel_diff,
-                             relative_error)
+                             near_ties, relative_error)
 from performance_comparator import failure_free_run, snapshot_kv
 from task_reassign import make_strategy
 
@@ -128,6 +128,14 @@ def test_logits_differences_are_relative_to_each_steps_scale():
     assert logits_rel_diff(shifted, want) > LOGITS_TOLERANCE[DTYPE]
     assert logits_rel_diff(want[:1], want) == float("inf")
     assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+def test_a_near_tie_is_a_step_whose_top_two_are_within_twice_the_bound_of_the_scale():
+    tolerance = 1e-2
+    steps = [torch.tensor([10.0, 9.9, -3.0]),   # margin 0.1 <= 2 x 1% x 10: rounding may swap them
+             torch.tensor([10.0, 9.7, -3.0]),   # margin 0.3: it may not
+             torch.tensor([-8.0, 1.0, 0.95])]   # margin 0.05 <= 2 x 1% x 8 (the scale is the largest |logit|)
+    assert near_ties(steps, tolerance) == {0, 2}
 
 
 def test_kept_heads_are_the_survivors_own_heads_for_a_reuse_strategy_only():

@@ -323,6 +323,20 @@ def test_a_recovery_that_keeps_the_argmax_but_shifts_the_logits_is_not_lossless(
     assert "logits off by 0.01" in shifted.verdict()
 
 
+def test_a_different_token_is_a_loss_unless_the_failure_free_run_had_a_near_tie_there(compared):
+    outcome = compared["outcomes"][0]
+
+    def with_tokens(identical: bool, near_tie_mismatches: tuple[int, ...]) -> StrategyOutcome:
+        return StrategyOutcome(outcome.name, outcome.keeps, outcome.timing, outcome.flops, outcome.reuse_rate,
+                               outcome.kept_bytes, kv=outcome.kv, logits_max_rel_diff=outcome.logits_max_rel_diff,
+                               logits_tolerance=outcome.logits_tolerance, tokens_identical=identical,
+                               near_tie_mismatches=near_tie_mismatches, redo_s=outcome.redo_s)
+    assert with_tokens(True, ()).lossless
+    assert with_tokens(False, (2,)).lossless  # a flipped near-tie is rounding
+    different = with_tokens(False, ())
+    assert not different.lossless and "tokens after the recovery differ" in different.verdict()
+
+
 # --------------------------------------------------------------------------------------------
 # The cost in normal running
 
