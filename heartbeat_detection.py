@@ -93,7 +93,7 @@ class HeartbeatMonitor:
     """
 
     def __init__(self, devices: Iterable[int], config: HeartbeatConfig, clock: Clock = time.monotonic,
-                 on_beat: Callable[[int, float], None] | None = None) -> None:
+                 on_beat: Callable[[int, float], None] | None = None, epoch: int = 0) -> None:
         self.config = config
         self._clock = clock
         self._on_beat = on_beat  # told of every accepted beat (device, time), e.g. for a timeline
@@ -101,13 +101,19 @@ class HeartbeatMonitor:
         now = clock()
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
         self._dead: set[int] = set()
-        self._epoch = 0
+        self._epoch = epoch
         self._refused: Counter[tuple[int, int, BeatVerdict]] = Counter()
 
     @property
     def epoch(self) -> int:
         """Opened anew by each declaration of death; beats tagged with an older epoch are fenced off."""
         with self._lock:
+            return self._epoch
+
+    def advance_epoch(self) -> int:
+        """Open the next epoch without a death (a group re-formed after a device's error)."""
+        with self._lock:
+            self._epoch += 1
             return self._epoch
 
     def beat(self, device: int, epoch: int = 0) -> BeatVerdict:
