@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
                              LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Reply, Reprotect,
-                             Restore, SendTo, Shutdown, Snapshot, Step, Stop)
+                             Restore, SendTo, Snapshot, Step, Telemetry)
 from device_threads import POLL_S, StaleEpoch, StepAbandoned
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
@@ -104,6 +104,7 @@ class Leader:
         self._plans: list[ReassignmentPlan] = []
         self._post: PostFailure | None = None    # the state recoveries start from (kept while holding)
         self._recovered = False                  # the recovery in progress has rebuilt at least once
+        self._attempts = 0                       # its preparations (more than 1: a death interrupted it)
         self._replication = False
         self._failover = False
         self._requests = 0
@@ -118,18 +119,30 @@ class Leader:
     # ---------------------------------------------------------------------------------------
     # Declarations (called on the host's control thread)
 
-    def declared(self, detection: Detection, failover: bool = False) -> None:
-        """A member was declared dead: open the next epoch for the survivors at once, queue the failure."""
+    def declared(self, detection: Detection, failover: bool = False) -> bool:
+        """A member was declared dead: open the next epoch for the survivors at once (telling the dead
+        device too: a hung one reads it when it wakes, and stops), and queue the failure.
+
+        The new epoch's group is claimed first. If another device already formed it with other
+        members, this leader's view is stale (it was cut off): False, and its host must stop."""
         with self._lock:
             if detection.device not in self.members:
-                return
-            self.epoch = detection.epoch
-            self.members = tuple(m for m in self.members if m != detection.device)
+                return True
+            survivors = tuple(m for m in self.members if m != detection.device)
+            try:
+                self._transport.collective(detection.epoch, survivors)
+            except ValueError:
+                self.stop()
+                return False
+            self.epoch, self.members = detection.epoch, survivors
             self._declared.append(FailureEvent(detection.device, detection, self.host))
             self._failover = self._failover or failover
             news = NewEpoch(self.epoch, self.members, self.assignment, self.host, (detection.device,))
-        for member in self.members:
-            self._send(Address("control", member), news)
+        for device in (*self.members, detection.device):
+            self._send(Address("control", device), news)
+        self._send(Address("driver", DRIVER),
+                   Telemetry(((detection.declared_at, detection.device, "declared dead", 0.0),)))
+        return True
 
     def _reform(self) -> None:
         """Open a new epoch with the same members: a group broken by a device's error is replaced."""
@@ -153,13 +166,13 @@ class Leader:
                 reply = Reply(getattr(self, f"_on_{type(envelope.body).__name__}")(envelope.body))
             except BaseException as error:  # noqa: BLE001 - handed back to the driver
                 reply = Reply(error=error)
-            if self._stopping.is_set() and not isinstance(envelope.body, Shutdown):
+            if self._stopping.is_set():
                 return  # the host died meanwhile: a dead leader answers nothing
             self._send(Address("driver", DRIVER), reply, envelope.request)
-            if isinstance(envelope.body, Shutdown):
-                self.stop()
 
     def _on_Step(self, request: Step) -> StepResult:
+        (chunk,) = request.chunks
+        self._context = self._context[:chunk.start]  # overwritten by this step, whether it finishes or not
         recoveries = []
         while True:
             if self._declared:
@@ -171,13 +184,12 @@ class Leader:
             except StepAbandoned:
                 self._await_declaration()
                 continue
-            (chunk,) = request.chunks
-            self._context = self._context[:chunk.start] + list(chunk.token_ids)
+            self._context += list(chunk.token_ids)
             return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment)
 
     def _on_Prepare(self, request: Prepare) -> PostFailure:
         if self._recovered:  # a new failure: a new recovery
-            self._events, self._plans, self._recovered = [], [], False
+            self._events, self._plans, self._recovered, self._attempts = [], [], False, 0
         while True:
             try:
                 self._post = self._prepare()
@@ -198,23 +210,13 @@ class Leader:
             raise ValueError(f"Device-{request.device} is not a live device (members {list(self.members)})")
         return self._run_group({request.device: request.command})[request.device]
 
-    def _on_Shutdown(self, request: Shutdown) -> None:
-        others = [m for m in self.members if m != self.host]
-        for group in (others, [self.host]):
-            try:
-                self._run_group({m: Stop() for m in group}, bound_s=10.0)
-            except StepAbandoned:
-                pass
-
     # ---------------------------------------------------------------------------------------
     # Recovery
 
     def _recover(self, strategy: str, prepared: PostFailure | None = None) -> Recovery:
         """Prepare (unless already prepared) and rebuild; started again on what is left when another
         device dies meanwhile."""
-        attempts = 0
         while True:
-            attempts += 1
             try:
                 post = prepared if prepared is not None and not self._declared else self._prepare()
                 used, fallback, rebuild_s = self._rebuild(post, strategy, restore=prepared is not None)
@@ -222,12 +224,12 @@ class Leader:
                 self._await_declaration()
                 prepared = None
                 continue
-            recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s, attempts,
-                                len(post.context_ids))
+            recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
+                                self._attempts, len(post.context_ids))
             if self.policy.hold:  # the driver may rebuild again from the same state
                 self._post, self._recovered = post, True
             else:
-                self._post, self._events, self._plans = None, [], []
+                self._post, self._events, self._plans, self._attempts = None, [], [], 0
             return recovery
 
     def _prepare(self) -> PostFailure:
@@ -235,6 +237,7 @@ class Leader:
         the survivors to the leader's record of the context, and ask what they hold."""
         with self._lock:
             taken, self._declared = self._declared, []
+        self._attempts += 1
         self._events += taken
         for event in taken:
             if event.device in self.assignment.devices:
@@ -302,9 +305,11 @@ class Leader:
     # Commands and answers
 
     def _run_group(self, commands: Mapping[int, Any], bound_s: float | None = None) -> dict[int, Any]:
-        """Send each device its command and wait for every answer, except from a device declared
-        dead meanwhile. Any error is raised once every live device has answered: a device's own
-        error first (in device order), never the StepAbandoned its peers got from it."""
+        """Send each device its command and wait for every answer. Once the step is known to be broken
+        (a device answered with an error, or one of them was declared dead), the others' answers are
+        awaited for one heartbeat interval only: a crashed device never answers, and a late answer is
+        ignored. Any error is then raised: a device's own error first (in device order), never the
+        StepAbandoned its peers got from it."""
         self._requests += 1
         request, epoch = self._requests, self.epoch
         for device, command in commands.items():
@@ -314,6 +319,8 @@ class Leader:
         deadline = None if bound_s is None else time.monotonic() + bound_s
         while True:
             waiting = [d for d in commands if d not in answers and d not in errors and d in self.members]
+            if (errors or len(waiting) < len(commands) - len(answers) - len(errors)) and deadline is None:
+                deadline = time.monotonic() + self._heartbeat.interval_s  # broken: a grace for the rest
             if not waiting or (deadline is not None and time.monotonic() > deadline):
                 break
             self._refuse_if_host_gone()

@@ -23,7 +23,7 @@ import torch
 import kv_cache_reused
 from device_protocol import (DRIVER, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
                              Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Reply, ReportKV,
-                             Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild)
+                             Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
 from device_threads import POLL_S, StaleEpoch, ThreadCollective
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
@@ -112,6 +112,8 @@ class DeviceActor:
         self._stopping = threading.Event()
         self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike, released)
         self._monitor = self._watch(self._watched())
+        self._judging = self.device != self._leader_id  # the leader judges silences once every device is up
+        self._declared_here: list = []  # leaders this device declared dead (its own view, until told)
         self.leader = None  # cluster_leader.Leader when this device leads
 
     # ---------------------------------------------------------------------------------------
@@ -119,15 +121,22 @@ class DeviceActor:
 
     def start(self) -> None:
         if self.device == self._leader_id:
-            self._become_leader(detection=None)
+            self._become_leader(lost=[])
         self._transport.start_thread(f"Device-{self.device}", self._serve_commands)
         self._transport.start_thread(f"Device-{self.device}-control", self._serve_control)
 
     def _stop(self) -> None:
+        """The device's threads end (the compute thread is released from any collective it waits in)."""
         self._stopping.set()
         self.faults.close()
         if self.leader is not None:
             self.leader.stop()
+        self._transport.abort_epoch(self._epoch)
+
+    def _fenced(self) -> None:
+        """Declared dead by the others, or cut off from them: this device takes no further part."""
+        self._telemetry("fenced out")
+        self._stop()
 
     def _die(self) -> None:
         """An injected crash: the threads end, and the memory is gone."""
@@ -150,10 +159,6 @@ class DeviceActor:
             envelope = self._transport.receive(Address("commands", self.device), POLL_S)
             if envelope is None:
                 continue
-            if isinstance(envelope.body, Stop):  # obeyed whatever its epoch, as a process obeys SIGTERM
-                self._answer(envelope, Reply())
-                self._stop()
-                return
             try:
                 value = self._execute(envelope)
             except DeviceCrashed:
@@ -294,6 +299,7 @@ class DeviceActor:
     def _on_TimeHiddenRebuild(self, command: TimeHiddenRebuild) -> float:
         """The seed's comparison, on a copy: project from the stored inputs every KV head this device
         now needs, or only those its cache lacks (keeping its own)."""
+        self.faults.at_recovery_work()
         state = self._state
         wanted = state.shard.kv_heads
         kept = tuple(g for g in wanted if g in state.cache.kv_heads) if command.inherited_only else ()
@@ -328,21 +334,32 @@ class DeviceActor:
     # The control thread: beats, watching, epochs
 
     def _serve_control(self) -> None:
-        interval, next_beat = self._setup.heartbeat.interval_s, 0.0
+        interval, next_beat, was_hung = self._setup.heartbeat.interval_s, 0.0, False
         while not self._stopping.is_set():
             if self.faults.hung.is_set():  # a stopped device does nothing, beats included
+                was_hung = True
                 time.sleep(POLL_S)
                 continue
             now = time.monotonic()
             if now >= next_beat:  # a beat that fell due while hung goes out at once, with the old epoch
                 self._beat()
                 next_beat = max(next_beat + interval, now)
+            if was_hung:  # what came meanwhile first: its silence says nothing of the others'
+                was_hung = False
+                self._drain_control()
+                continue
             envelope = self._transport.receive(Address("control", self.device),
                                                min(POLL_S, max(0.0, next_beat - time.monotonic())))
             if envelope is not None:
                 self._on_control(envelope.body)
-            for detection in self._monitor.check():
+                self._drain_control()  # beats queued while this thread waited for the CPU are not silence
+            for detection in self._monitor.check() if self._judging else ():
                 self._on_declared(detection)
+
+    def _drain_control(self) -> None:
+        while not self._stopping.is_set() and (envelope := self._transport.receive(
+                Address("control", self.device), 0)) is not None:
+            self._on_control(envelope.body)
 
     def _beat(self) -> None:
         beat = Beat(self.device, self._epoch)
@@ -352,10 +369,15 @@ class DeviceActor:
         self._telemetry("beat")
 
     def _on_control(self, body: Any) -> None:
-        if isinstance(body, Beat):
+        if isinstance(body, Stop):  # obeyed at once, whatever the device is doing, as SIGTERM is
+            self._stop()
+        elif isinstance(body, Beat):
             self._monitor.beat(body.device, body.epoch)
         elif isinstance(body, NewEpoch):
             self._admit(body)
+        elif isinstance(body, Watch) and self.leader is not None:
+            self._monitor.restart()
+            self._judging = True
         elif isinstance(body, Declare) and self.leader is not None:
             detection = self._monitor.declare(body.device, body.signal)
             if detection is not None:
@@ -367,8 +389,7 @@ class DeviceActor:
             return
         self._transport.abort_epoch(self._epoch)
         if self.device not in epoch.members:
-            self._telemetry("fenced out")
-            self._stop()
+            self._fenced()
             return
         with self._epoch_changed:
             self._epoch, self._members, self._assignment = epoch.epoch, epoch.members, epoch.assignment
@@ -376,22 +397,27 @@ class DeviceActor:
             if epoch.leader != self._leader_id and self.leader is None:
                 self._leader_id = epoch.leader
                 self._monitor = self._watch([epoch.leader])
+            self._declared_here = []
             self._epoch_changed.notify_all()
 
     def _on_declared(self, detection) -> None:
         if self.leader is not None:
-            self.leader.declared(detection)
+            if not self.leader.declared(detection):
+                self._fenced()
             return
-        # the leader is gone: the lowest-numbered survivor leads now
+        # the leader is gone: the lowest-numbered survivor (of those this device has not declared) leads
         self._transport.abort_epoch(self._epoch)
-        survivors = tuple(m for m in self._members if m != detection.device)
-        if min(survivors) == self.device:
-            self._become_leader(detection)
+        self._declared_here.append(detection)
+        lost = {d.device for d in self._declared_here}
+        successor = min(m for m in self._members if m not in lost)
+        if successor == self.device:
+            self._become_leader(self._declared_here)
         else:
-            self._leader_id = min(survivors)
-            self._monitor = self._watch([self._leader_id])
+            self._leader_id = successor
+            self._monitor = self._watch([successor])
 
-    def _become_leader(self, detection) -> None:
+    def _become_leader(self, lost: list) -> None:
+        """Lead from now on: watch every other member, and open an epoch for each lost leader."""
         from cluster_leader import Leader
         watched = [m for m in self._members if m != self.device]
         self._monitor = self._watch(watched, epoch=self._epoch)
@@ -399,9 +425,12 @@ class DeviceActor:
         self.leader = Leader(self.device, self._transport, self._epoch, self._members, self._assignment,
                              self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot)
         self.leader.start()
-        if detection is not None:
-            failover = self._monitor.declare(detection.device, detection.signal)
-            self.leader.declared(replace(failover, last_beat_at=detection.last_beat_at), failover=True)
+        for detection in lost:
+            declared = self._monitor.declare(detection.device, detection.signal)
+            if declared is not None and not self.leader.declared(
+                    replace(declared, last_beat_at=detection.last_beat_at), failover=True):
+                self._fenced()
+                return
 
     def _cached_ids_snapshot(self) -> list[int]:
         return list(self._cached_ids)

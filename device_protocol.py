@@ -4,11 +4,13 @@ A device is a private world reached only by messages. Who sends what:
 
 | from -> to | inbox | messages |
 |---|---|---|
-| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo`, `Declare`, `Shutdown` |
+| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo` |
 | leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
-| leader -> device | `commands` | commands: `Forward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV`, `Stop` |
+| leader -> device | `commands` | commands: `Forward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
 | every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (to the leader) |
+| driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
+| driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing) |
 | device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
 
 Collectives and KV transfers between devices go through the `Collective` (tensor_parallel_model.py),
@@ -174,11 +176,6 @@ class CorruptKV:
     delta: float
 
 
-@dataclass(frozen=True)
-class Stop:
-    """End the device's threads."""
-
-
 # --------------------------------------------------------------------------------------------
 # Control (any device -> any device's control inbox)
 
@@ -199,6 +196,17 @@ class NewEpoch:
     assignment: Assignment
     leader: int
     lost: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the device's threads at once (the driver closing the cluster)."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    """From the driver to the leader once every device is up: start judging the members' silences
+    (before, a device still starting is silent for no fault of its own)."""
 
 
 @dataclass(frozen=True)
@@ -259,11 +267,6 @@ class SendTo:
 
     device: int
     command: Any
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """Stop every device (the leader last)."""
 
 
 # --------------------------------------------------------------------------------------------

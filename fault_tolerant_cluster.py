@@ -4,18 +4,16 @@
 a device (fault_injection.py), continuing a hung one, declaring a death on another signal than
 silence, switching on what the strategies need kept, and, when the leader holds
 (`RecoveryPolicy(hold=True)`), preparing and running recoveries itself (several strategies from one
-post-failure state, as the comparison does). Every call is a message to the leader; the devices'
-tensors stay theirs (`kv_snapshot` and `describe` ask them).
+post-failure state, as the comparison does). Every call is a message to the leader.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 from cluster_leader import FailureEvent, PostFailure, Recovery, StepFailed
-from device_protocol import (DRIVER, Address, Arm, Broadcast, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
-                             Keep, Prepare, Recover, ReportKV, Restore, SendTo, TimeHiddenRebuild)
+from device_protocol import (DRIVER, Address, Arm, Broadcast, CorruptKV, Declare, Envelope, Keep, Prepare, Recover,
+                             Restore, SendTo, TimeHiddenRebuild)
 from fault_injection import FailurePlan
-from lossless_checks import KVSnapshot
 from tensor_parallel_cluster import TensorParallelLlama
 
 
@@ -74,11 +72,18 @@ class FaultTolerantLlama(TensorParallelLlama):
     # Recovery led by the driver (when the leader holds)
 
     def recover(self, strategy: str) -> Recovery:
-        """Handle the held failure: plan, inherit weights, rebuild with `strategy` (or a fallback)."""
-        self.prepare_recovery()
-        recovery = self.rebuild(strategy)
-        self.recoveries.append(recovery)
-        return recovery
+        """Handle the held failure: plan, inherit weights, rebuild with `strategy` (or a fallback). If
+        the leader itself dies meanwhile, its successor holds the failures so far: recover again."""
+        while True:
+            try:
+                self.prepare_recovery()
+                recovery = self.rebuild(strategy)
+            except StepFailed as failure:
+                self.failures += [e for e in failure.events if e not in self.failures]
+                continue
+            self.recoveries.append(recovery)
+            self.failures += [e for e in recovery.events if e not in self.failures]
+            return recovery
 
     def prepare_recovery(self) -> PostFailure:
         """Plan where the dead devices' work goes, inherit the weight slices, snapshot the survivors."""
@@ -103,18 +108,6 @@ class FaultTolerantLlama(TensorParallelLlama):
         every KV head it holds, or only those it inherited."""
         return self.request(SendTo(device, TimeHiddenRebuild(inherited_only)))
 
-    # ---------------------------------------------------------------------------------------
-    # Asking the devices
-
-    def kv_snapshot(self) -> KVSnapshot:
-        """Every (device, layer, KV head) the devices hold, copied (each device sends its own)."""
-        snapshot: KVSnapshot = {}
-        for part in self.request(Broadcast(ReportKV())).values():
-            snapshot.update(part)
-        return snapshot
-
-    def describe(self) -> dict[int, DeviceInfo]:
-        return self.request(Broadcast(Describe()))
 
 
 def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int], max_new_tokens: int,
@@ -132,6 +125,7 @@ def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int],
         try:
             logits = model.prefill(prompt_ids) if not tokens else model.decode(tokens[-1])
         except StepFailed as failure:
+            model.failures += [e for e in failure.events if e not in model.failures]
             (recover or _recover_with_the_policys_strategy)(model, failure)
             continue
         tokens.append(int(logits.argmax()))

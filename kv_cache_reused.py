@@ -14,7 +14,7 @@ demands the same bits).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -135,35 +135,33 @@ def kv_source(survivors: Mapping[int, DeviceInfo], kv_head: int, length: int, re
 
 def rebuild(state: DeviceState, order: RebuildOrder, collective: Collective) -> None:
     """Make `state`'s cache hold `order.kv_heads` for the whole context, as the strategy says (in the
-    order of the device's own shard: inherited heads come after its own)."""
+    order of the device's own shard: inherited heads come after its own). The rebuild fills a new
+    cache, installed only once complete: one interrupted by another failure leaves the cache as it
+    was, so that the recovery planned again never trusts a half-filled head."""
     heads = state.shard.kv_heads
     if set(heads) != set(order.kv_heads):
         raise ValueError(f"Device-{state.device} holds weights for KV heads {heads}, the order asks {order.kv_heads}")
-    state.cache = KVCache(state.config.num_hidden_layers, heads, state.config.head_dim, state.cache.dtype,
-                          capacity=max(state.cache.capacity, len(order.context_ids), 1)) \
+    cache = KVCache(state.config.num_hidden_layers, heads, state.config.head_dim, state.cache.dtype,
+                    capacity=max(state.cache.capacity, len(order.context_ids), 1)) \
         if order.strategy == "full-recompute" else state.cache.regrouped(heads)
+    trial = replace(state, cache=cache)
     if not order.context_ids:
-        return  # the failure struck during the prefill: nothing was cached
-    if order.strategy in ("full-recompute", "reuse-replay"):
-        state.kv_to_fill = order.missing if order.strategy == "reuse-replay" else None
-        try:
-            prefill_context(state, order.context_ids, collective)
-        finally:
-            state.kv_to_fill = None
+        pass  # the failure struck during the prefill: nothing was cached
+    elif order.strategy in ("full-recompute", "reuse-replay"):
+        trial.kv_to_fill = order.missing if order.strategy == "reuse-replay" else None
+        prefill_context(trial, order.context_ids, collective)
     elif order.strategy == "reuse-hidden":
-        rebuild_from_hidden_states(state, order.missing)
+        rebuild_from_hidden_states(trial, order.missing)
     else:
-        exchange_kv(state, order, collective)
+        exchange_kv(trial, order, collective)
+    state.cache = trial.cache
 
 
 def prefill_context(state: DeviceState, context_ids: Sequence[int], collective: Collective) -> None:
-    """A forward pass over the whole context, keeping only the KV it writes: the hidden-state
-    checkpoints are not re-recorded (the stored ones are still valid)."""
-    kept, state.hidden_states = state.hidden_states, None
-    try:
-        device_forward(state, torch.tensor(context_ids, dtype=torch.long), 0, collective, logits="none")
-    finally:
-        state.hidden_states = kept
+    """A forward pass over the whole context on `state` (a trial copy), keeping only the KV it writes:
+    the hidden-state checkpoints are not re-recorded (the stored ones are still valid)."""
+    device_forward(replace(state, hidden_states=None), torch.tensor(context_ids, dtype=torch.long), 0, collective,
+                   logits="none")
 
 
 def rebuild_from_hidden_states(state: DeviceState, kv_heads: Sequence[int]) -> None:

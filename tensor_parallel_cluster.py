@@ -21,12 +21,13 @@ import torch
 
 from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
-from device_protocol import (DRIVER, Address, Chunk, Envelope, LeaderChanged, RecoveryPolicy, Reply, Shutdown, Step,
-                             Stop, Strike, Telemetry)
-from device_threads import CODECS, POLL_S, StepAbandoned, ThreadTransport, raise_if_interrupted
+from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceInfo, Envelope, LeaderChanged,
+                             RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
+from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
 from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
+from lossless_checks import KVSnapshot
 from synthetic_checkpoint import ensure_synthetic_checkpoint
 
 BACKENDS = tuple(CODECS)  # "threads"; "serialising" (every message and payload as bytes: a test of the boundary)
@@ -67,6 +68,7 @@ class TensorParallelLlama:
         self.leader, self.epoch = min(assignment.devices), 0
         self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
         self.recoveries: list[Recovery] = []
+        self.failures: list = []  # every failure the driver was told of (cluster_leader.FailureEvent), in order
         self.events: list[tuple[float, int, str, float]] = []  # telemetry: (time, device, kind, duration)
         self.strikes: list[Strike] = []
         self.tokenizer: Tokenizer | None = None
@@ -81,6 +83,7 @@ class TensorParallelLlama:
                 setup = DeviceSetup(device, checkpoint.folder, dtype_name, assignment, heartbeat, policy)
                 DeviceActor(setup, self.transport, self._released[device]).start()
             self._await_ready()
+            self.transport.send(Address("control", self.leader), Envelope(DRIVER, self.epoch, 0, Watch()))
         except BaseException:
             self.close()
             raise
@@ -166,6 +169,20 @@ class TensorParallelLlama:
                 logits = self.decode(new_tokens[-1])
         return new_tokens
 
+    # ---------------------------------------------------------------------------------------
+    # Asking the devices (their tensors stay theirs: each sends what is asked)
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """Every (device, layer, KV head) the devices hold, copied (each device sends its own)."""
+        snapshot: KVSnapshot = {}
+        for part in self.request(Broadcast(ReportKV())).values():
+            snapshot.update(part)
+        return snapshot
+
+    def describe(self) -> dict[int, DeviceInfo]:
+        """What each device holds, as it says."""
+        return self.request(Broadcast(Describe()))
+
     def _check_length(self, length: int) -> None:
         if length > self.config.max_position_embeddings:
             raise ValueError(f"{length} positions exceed the model's {self.config.max_position_embeddings}")
@@ -198,16 +215,18 @@ class TensorParallelLlama:
 
     def _next_message(self, bound_s: float) -> Envelope:
         """The driver's next message, recording notices (telemetry, strikes) on the way. The wait is
-        bounded by the cluster's silence: every live device's beats come as telemetry."""
+        bounded by the leader's silence: its beats come as telemetry, and a new leader says so."""
         deadline = time.monotonic() + bound_s
         while True:
             raise_if_interrupted()
             envelope = self.transport.receive(Address("driver", DRIVER), POLL_S)
             if envelope is not None:
                 self._record(envelope.body)
+                if envelope.sender == self.leader or isinstance(envelope.body, LeaderChanged):
+                    deadline = time.monotonic() + bound_s
                 return envelope
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no device was heard from for {bound_s:.1f} s")
+                raise RuntimeError(f"the leader, Device-{self.leader}, was not heard from for {bound_s:.1f} s")
 
     def _record(self, notice: Any) -> None:
         if isinstance(notice, Telemetry):
@@ -220,24 +239,18 @@ class TensorParallelLlama:
     # Lifetime
 
     def close(self) -> None:
-        """Stop every device (idempotent): hung devices are continued (they find themselves fenced
-        out or are stopped), the leader stops the live ones, and every device gets a Stop of its own
-        (one the leader could not reach: still loading, or not a member)."""
+        """Stop every device (idempotent): hung devices are continued, and every device gets a Stop on
+        its control inbox, which it obeys at once, whatever it is doing (as a process obeys SIGTERM)."""
         if self._closed:
             return
         self._closed = True
         for released in self._released.values():
             released.set()
-        try:
-            self.request(Shutdown())
-        except (RuntimeError, StepAbandoned):
-            pass
-        finally:
-            for device in self._released:
-                self.transport.send(Address("commands", device), Envelope(DRIVER, self.epoch, 0, Stop()))
-            left = self.transport.join(timeout_s=60.0)
-            if left:
-                raise RuntimeError(f"device threads still running after close: {', '.join(left)}")
+        for device in self._released:
+            self.transport.send(Address("control", device), Envelope(DRIVER, self.epoch, 0, Stop()))
+        left = self.transport.join(timeout_s=60.0)
+        if left:
+            raise RuntimeError(f"device threads still running after close: {', '.join(left)}")
 
     def __enter__(self) -> "TensorParallelLlama":
         return self
