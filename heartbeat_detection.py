@@ -100,6 +100,7 @@ class HeartbeatMonitor:
         self._lock = threading.Lock()
         now = clock()
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
+        self._excused: dict[int, float] = {d: 0.0 for d in devices}  # silence the watcher did not see
         self._dead: set[int] = set()
         self._epoch = 0
         self._refused: Counter[tuple[int, int, BeatVerdict]] = Counter()
@@ -122,6 +123,7 @@ class HeartbeatMonitor:
             else:
                 verdict = BeatVerdict.ACCEPTED
                 self._last[device] = beat_at = self._clock()
+                self._excused[device] = 0.0
             if verdict is not BeatVerdict.ACCEPTED:
                 self._refused[(device, epoch, verdict)] += 1
                 return verdict
@@ -134,12 +136,20 @@ class HeartbeatMonitor:
         with self._lock:
             return dict(self._refused)
 
+    def excuse(self, seconds: float) -> None:
+        """The watcher itself did not run for `seconds` (a stalled process, a busy handler): silence in that
+        time proves nothing against a device, so it is not counted (a real death is declared that much later)."""
+        with self._lock:
+            for device in self._excused:
+                self._excused[device] += seconds
+
     def check(self) -> list[Detection]:
-        """Declare dead every live device silent for strictly more than timeout_s; each is reported once only."""
+        """Declare dead every live device silent for strictly more than timeout_s (excused time apart);
+        each is reported once only."""
         with self._lock:
             now = self._clock()
             silent = [(d, last) for d, last in sorted(self._last.items())
-                      if d not in self._dead and now - last > self.config.timeout_s]
+                      if d not in self._dead and now - last - self._excused[d] > self.config.timeout_s]
             if not silent:
                 return []
             self._epoch += 1
@@ -172,6 +182,7 @@ class HeartbeatMonitor:
         """Stop watching a device (e.g. retired after recovery); later beats from it are ignored."""
         with self._lock:
             self._last.pop(device, None)
+            self._excused.pop(device, None)
             self._dead.discard(device)
 
 
@@ -258,7 +269,12 @@ class MonitorThread:
         self._thread.start()
 
     def _run(self) -> None:
+        looked_at = time.monotonic()
         while not self._halt.wait(self._poll_s):
+            now = time.monotonic()
+            if now - looked_at > 2 * self._poll_s:  # this thread did not look meanwhile (stalled, or busy
+                self._monitor.excuse(now - looked_at - self._poll_s)  # in a handler): no one is blamed for it
+            looked_at = now
             for detection in self._monitor.check():
                 self._report(detection)
 

@@ -67,6 +67,19 @@ def test_devices_beating_every_interval_stay_alive_over_many_intervals():
     assert monitor.dead() == ()
 
 
+def test_silence_while_the_watcher_itself_was_stalled_is_excused_until_the_next_beat():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(interval_s=1.0, timeout_s=5.0), clock)
+    clock.advance(8.0)
+    monitor.excuse(4.0)  # the watcher did not run for 4 of those 8 s
+    monitor.beat(1)
+    assert monitor.check() == []  # device 0: 8 s silent, 4 excused
+    clock.advance(1.5)
+    assert [d.device for d in monitor.check()] == [0]  # 5.5 s counted: dead
+    clock.advance(5.5)
+    assert [d.device for d in monitor.check()] == [1]  # its beat cleared what was excused
+
+
 def test_every_device_counts_as_having_beaten_at_construction():
     clock = FakeClock(start=10.0)
     monitor = HeartbeatMonitor([3, 1], HeartbeatConfig(), clock)
@@ -315,6 +328,41 @@ def test_sender_keeps_beating_through_long_torch_compute_without_false_detection
     assert detected == []
     assert compute_end - last <= TIMEOUT  # beats really kept coming while the main thread computed
     assert last > compute_start
+    assert _our_threads_alive(before) == []
+
+
+def test_a_watcher_stalled_past_the_timeout_does_not_blame_the_devices_it_could_not_hear():
+    """A loaded machine can stop the whole process for longer than the timeout: here the handler of
+    one death keeps the watcher (and, by design, the other device's beats) away for 0.6 s."""
+    before = set(threading.enumerate())
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(interval_s=INTERVAL, timeout_s=TIMEOUT))
+    beating, stop = threading.Event(), threading.Event()
+    detected: list[int] = []
+
+    def beat_device_1() -> None:
+        while not stop.wait(INTERVAL):
+            if beating.is_set():
+                monitor.beat(1, monitor.epoch)
+
+    def on_dead(detection: Detection) -> None:
+        detected.append(detection.device)
+        beating.clear()
+        time.sleep(0.6)  # everything stalls, device 1's beats included
+        beating.set()  # its next beat comes one interval after the watcher looks again
+
+    beater = threading.Thread(target=beat_device_1)
+    watcher = MonitorThread(monitor, on_dead, poll_s=INTERVAL / 4)
+    beating.set()
+    beater.start()
+    watcher.start()
+    try:
+        time.sleep(TIMEOUT + 1.0)  # device 0 never beats: declared; device 1 must survive the stall
+    finally:
+        stop.set()
+        beater.join()
+        watcher.stop()
+    assert detected == [0]
+    assert monitor.alive() == (1,)
     assert _our_threads_alive(before) == []
 
 
