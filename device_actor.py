@@ -335,12 +335,16 @@ class DeviceActor:
 
     def _serve_control(self) -> None:
         interval, next_beat, was_hung = self._setup.heartbeat.interval_s, 0.0, False
+        looked_at = time.monotonic()
         while not self._stopping.is_set():
             if self.faults.hung.is_set():  # a stopped device does nothing, beats included
                 was_hung = True
                 time.sleep(POLL_S)
                 continue
             now = time.monotonic()
+            if now - looked_at > 2 * POLL_S:  # this thread did not look meanwhile (stalled, hung, busy in
+                self._monitor.excuse(now - looked_at - POLL_S)  # a handler): no one is blamed for that time
+            looked_at = now
             if now >= next_beat:  # a beat that fell due while hung goes out at once, with the old epoch
                 self._beat()
                 next_beat = max(next_beat + interval, now)

@@ -103,6 +103,7 @@ class HeartbeatMonitor:
         self._lock = threading.Lock()
         now = clock()
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
+        self._excused: dict[int, float] = {d: 0.0 for d in devices}  # silence the watcher did not see
         self._dead: set[int] = set()
         self._epoch = epoch
         self._refused: Counter[tuple[int, int, BeatVerdict]] = Counter()
@@ -131,6 +132,7 @@ class HeartbeatMonitor:
             else:
                 verdict = BeatVerdict.ACCEPTED
                 self._last[device] = beat_at = self._clock()
+                self._excused[device] = 0.0
             if verdict is not BeatVerdict.ACCEPTED:
                 self._refused[(device, epoch, verdict)] += 1
                 return verdict
@@ -143,13 +145,21 @@ class HeartbeatMonitor:
         with self._lock:
             return dict(self._refused)
 
+    def excuse(self, seconds: float) -> None:
+        """The watcher itself did not run for `seconds` (a stalled process, a busy handler): silence in that
+        time proves nothing against a device, so it is not counted (a real death is declared that much later)."""
+        with self._lock:
+            for device in self._excused:
+                self._excused[device] += seconds
+
     def check(self) -> list[Detection]:
-        """Declare dead every live device silent for strictly more than timeout_s; each is reported once only."""
+        """Declare dead every live device silent for strictly more than timeout_s (excused time apart);
+        each is reported once only."""
         with self._lock:
             now = self._clock()
             found = []
             for device, last in sorted(self._last.items()):
-                if device not in self._dead and now - last > self.config.timeout_s:
+                if device not in self._dead and now - last - self._excused[device] > self.config.timeout_s:
                     self._epoch += 1  # each declaration its own epoch: each its own group of survivors
                     self._dead.add(device)
                     found.append(Detection(device, last, now, self._epoch))
@@ -169,7 +179,7 @@ class HeartbeatMonitor:
         with self._lock:
             now = self._clock()
             for device in self._last:
-                self._last[device] = now
+                self._last[device], self._excused[device] = now, 0.0
 
     def alive(self) -> tuple[int, ...]:
         with self._lock:
@@ -188,4 +198,5 @@ class HeartbeatMonitor:
         """Stop watching a device (e.g. retired after recovery); later beats from it are ignored."""
         with self._lock:
             self._last.pop(device, None)
+            self._excused.pop(device, None)
             self._dead.discard(device)

@@ -51,6 +51,19 @@ def test_devices_beating_every_interval_stay_alive_over_many_intervals():
     assert monitor.dead() == ()
 
 
+def test_silence_while_the_watcher_itself_was_stalled_is_excused_until_the_next_beat():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(interval_s=1.0, timeout_s=5.0), clock)
+    clock.advance(8.0)
+    monitor.excuse(4.0)  # the watcher did not run for 4 of those 8 s
+    monitor.beat(1)
+    assert monitor.check() == []  # device 0: 8 s silent, 4 excused
+    clock.advance(1.5)
+    assert [d.device for d in monitor.check()] == [0]  # 5.5 s counted: dead
+    clock.advance(5.5)
+    assert [d.device for d in monitor.check()] == [1]  # its beat cleared what was excused
+
+
 def test_every_device_counts_as_having_beaten_at_construction():
     clock = FakeClock(start=10.0)
     monitor = HeartbeatMonitor([3, 1], HeartbeatConfig(), clock)
