@@ -48,6 +48,7 @@ class PostFailure:
     context_ids: tuple[int, ...]
     survivors: Mapping[int, DeviceInfo]
     weight_load_s: float
+    weight_bytes: int = 0   # what the new owners read
 
 
 @dataclass(frozen=True)
@@ -246,12 +247,12 @@ class Leader:
             self._monitor.remove(event.device)
         survivors = self.assignment.devices
         started = time.perf_counter()
-        self._run_group({d: Inherit(self.assignment) for d in survivors})
+        inherited = self._run_group({d: Inherit(self.assignment) for d in survivors})
         weight_load_s = time.perf_counter() - started
         self._run_group({d: Snapshot(len(self._context)) for d in survivors})
         infos = self._run_group({d: Describe() for d in survivors})
         return PostFailure(tuple(self._events), tuple(self._plans), self.assignment, tuple(self._context), infos,
-                           weight_load_s)
+                           weight_load_s, sum(answer.bytes_read for answer in inherited.values()))
 
     def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float]:
         """Rebuild with `strategy`, or the first fallback that still works (saying why)."""

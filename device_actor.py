@@ -29,8 +29,8 @@ from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
-from tensor_parallel_model import (DeviceState, HiddenStateStore, KVCache, Rotary, device_forward, extend_shard,
-                                   load_device_shard, load_vocab_slice, missing_ranges, replicate_step)
+from tensor_parallel_model import (DeviceState, HiddenStateStore, device_forward, extend_shard, load_device_state,
+                                   load_vocab_slice, missing_ranges, replicate_step)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -108,7 +108,6 @@ class DeviceActor:
         self._epoch, self._members, self._assignment = 0, setup.assignment.devices, setup.assignment
         self._leader_id = min(self._members)
         self._epoch_changed = threading.Condition()
-        self._group: ThreadCollective | None = None
         self._stopping = threading.Event()
         self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike, released)
         self._monitor = self._watch(self._watched())
@@ -188,13 +187,9 @@ class DeviceActor:
         self._send(Address("results", envelope.sender), reply, request=envelope.request)
 
     def _load(self) -> None:
-        assignment, started = self._assignment, self.clock()
-        shard = load_device_shard(self._checkpoint, assignment, self.device, self._dtype,
-                                  on_layer=lambda: self._telemetry("loaded layer"))
-        vocab = load_vocab_slice(self._checkpoint, assignment.vocab_range(self.device, self._config.vocab_size),
-                                 self._dtype)
-        cache = KVCache(self._config.num_hidden_layers, shard.kv_heads, self._config.head_dim, self._dtype)
-        self._state = DeviceState(self._config, shard, vocab, Rotary(self._config, self._dtype), cache)
+        started = self.clock()
+        self._state = load_device_state(self._checkpoint, self._assignment, self.device, self._dtype,
+                                        on_layer=lambda: self._telemetry("loaded layer"))
         self._telemetry("load weights", started)
 
     # ---------------------------------------------------------------------------------------
@@ -465,9 +460,7 @@ class DeviceActor:
 
 
 def _with_trace(error: BaseException) -> BaseException:
-    """The error, carrying its device-side traceback as text (tracebacks do not cross as bytes)."""
-    try:
-        error.device_traceback = "".join(traceback.format_exception(error))
-    except AttributeError:  # some built-in errors take no attributes
-        pass
+    """The error, carrying its device-side traceback as a note (a traceback does not cross as bytes;
+    a note does, and Python prints it with the error wherever it is raised again)."""
+    error.add_note("raised on the device:\n" + "".join(traceback.format_exception(error)).rstrip())
     return error

@@ -35,6 +35,10 @@ class Address:
     kind: str
     owner: int
 
+    def __post_init__(self) -> None:
+        if self.kind not in INBOXES:
+            raise ValueError(f"no inbox of kind {self.kind!r} (kinds: {', '.join(INBOXES)})")
+
 
 INBOXES = ("commands", "control", "leader", "results", "driver")
 

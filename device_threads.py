@@ -284,6 +284,7 @@ class ThreadTransport:
         self._groups: dict[int, ThreadCollective] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.crashed: list[tuple[str, BaseException]] = []  # (thread, the error that ended it)
 
     def send(self, to: Address, envelope: Envelope) -> None:
         self._inbox(to).put(self.codec.encode(envelope))
@@ -316,7 +317,16 @@ class ThreadTransport:
             group.abort()
 
     def start_thread(self, name: str, target: Callable[[], None]) -> threading.Thread:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        """A device's thread; an error that escapes it is kept (`crashed`), so that it is never lost."""
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:
+                with self._lock:
+                    self.crashed.append((name, error))
+                raise
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         with self._lock:
             self._threads.append(thread)
         thread.start()

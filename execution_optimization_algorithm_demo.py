@@ -226,6 +226,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                     "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
                     "detection_latency_s": detection_s, "declared_by": event.detection.signal, "leader": event.leader,
                     "reassign": o.reassign, "plan": plan.describe(), "weight_load_seconds": post.weight_load_s,
+                    "weight_bytes_inherited": post.weight_bytes,
                     "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
                     "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}},
         "comparison_meta": {"repeats": o.repeats, "context_tokens": len(post.context_ids)},

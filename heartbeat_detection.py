@@ -157,22 +157,27 @@ class HeartbeatMonitor:
         each is reported once only."""
         with self._lock:
             now = self._clock()
-            found = []
-            for device, last in sorted(self._last.items()):
-                if device not in self._dead and now - last - self._excused[device] > self.config.timeout_s:
-                    self._epoch += 1  # each declaration its own epoch: each its own group of survivors
-                    self._dead.add(device)
-                    found.append(Detection(device, last, now, self._epoch))
-            return found
+            silent = [(device, last) for device, last in sorted(self._last.items())
+                      if device not in self._dead and now - last - self._excused[device] > self.config.timeout_s]
+            return [self._declare(device, last, now, "heartbeat") for device, last in silent]
 
     def declare(self, device: int, signal: str) -> Detection | None:
         """Declare a device dead at once on another signal than silence (None if it already was)."""
         with self._lock:
             if device in self._dead or device not in self._last:
                 return None
-            self._epoch += 1
-            self._dead.add(device)
-            return Detection(device, self._last[device], self._clock(), self._epoch, signal)
+            return self._declare(device, self._last[device], self._clock(), signal)
+
+    def _declare(self, device: int, last: float, now: float, signal: str) -> Detection:
+        """Each declaration opens an epoch of its own (each its own group of survivors). The survivors'
+        beats stamped with the old epoch are refused until they hear of the new one, so their silence
+        is counted from now: the new epoch starts as the watching did, with everyone heard."""
+        self._epoch += 1
+        self._dead.add(device)
+        for other in self._last:
+            if other not in self._dead:
+                self._last[other], self._excused[other] = max(self._last[other], now), 0.0
+        return Detection(device, last, now, self._epoch, signal)
 
     def restart(self) -> None:
         """Count every watched device as having beaten now (when watching begins in earnest)."""

@@ -207,25 +207,40 @@ def compare_recoveries(model: FaultTolerantLlama, post: PostFailure, strategy_na
     outcomes = {name: StrategyOutcome(name, strategy_info(name).keeps, None, recovery_flops(name, model.config, post),
                                       reuse_rate(name, post), kept_bytes(name, post))
                 for name in strategy_names}
-    seconds: dict[str, list[float]] = {name: [] for name in strategy_names}
     kept = {name: kept_heads({d: info.kv_heads for d, info in post.survivors.items()}, strategy_info(name).reuses_kv)
             for name in strategy_names}
+
+    def check_last(name: str) -> None:
+        check(model, outcomes[name], kept[name], reference, fail_after, last_token)
+
+    timings, errors = time_rebuilds(model, strategy_names, repeats, after_last=check_last)
+    for name, outcome in outcomes.items():
+        outcome.timing, outcome.error = timings.get(name), errors.get(name)
+    return list(outcomes.values())
+
+
+def time_rebuilds(model: FaultTolerantLlama, strategy_names: Sequence[str], repeats: int,
+                  after_last: Callable[[str], object] = lambda name: None
+                  ) -> tuple[dict[str, Timing], dict[str, str]]:
+    """`repeats` rebuilds of each strategy from the prepared post-failure state, alternating with the
+    order rotated every round (machine noise falls on all alike); `after_last(name)` runs after a
+    strategy's last rebuild, on its state. A strategy that cannot run (it fell back) is timed no
+    more: its reason is in the errors."""
+    seconds: dict[str, list[float]] = {name: [] for name in strategy_names}
+    errors: dict[str, str] = {}
     names = list(strategy_names)
     for round_index in range(repeats):
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            outcome = outcomes[name]
-            if outcome.error is not None:
+            if name in errors:
                 continue
             recovery = model.rebuild(name)
             if recovery.strategy != name:
-                outcome.error = recovery.fallback_reason.split("; fell back")[0]
+                errors[name] = recovery.fallback_reason.split("; fell back")[0]
                 continue
             seconds[name].append(recovery.rebuild_s)
             if round_index == repeats - 1:
-                check(model, outcome, kept[name], reference, fail_after, last_token)
-    for name, outcome in outcomes.items():
-        outcome.timing = Timing(tuple(seconds[name])) if seconds[name] else None
-    return list(outcomes.values())
+                after_last(name)
+    return {name: Timing(tuple(s)) for name, s in seconds.items() if s}, errors
 
 
 def check(model: FaultTolerantLlama, outcome: StrategyOutcome, kept: frozenset[tuple[int, int]],

@@ -34,6 +34,10 @@ BACKENDS = tuple(CODECS)  # "threads"; "serialising" (every message and payload 
 SEQUENCE = 0  # the one sequence the devices serve for now
 
 
+class ClusterClosed(RuntimeError):
+    """A request was in flight when the cluster was closed: it has no answer."""
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """How the model was loaded, for the report."""
@@ -219,6 +223,8 @@ class TensorParallelLlama:
         deadline = time.monotonic() + bound_s
         while True:
             raise_if_interrupted()
+            if self._closed:
+                raise ClusterClosed("the cluster was closed while a request waited for the leader")
             envelope = self.transport.receive(Address("driver", DRIVER), POLL_S)
             if envelope is not None:
                 self._record(envelope.body)
@@ -251,6 +257,9 @@ class TensorParallelLlama:
         left = self.transport.join(timeout_s=60.0)
         if left:
             raise RuntimeError(f"device threads still running after close: {', '.join(left)}")
+        if self.transport.crashed:
+            name, error = self.transport.crashed[0]
+            raise RuntimeError(f"{name} ended with an unexpected error: {error!r}") from error
 
     def __enter__(self) -> "TensorParallelLlama":
         return self

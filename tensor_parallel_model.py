@@ -164,7 +164,8 @@ class DeviceShard:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for layer in self.layers for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+        return sum(t.nbytes for layer in self.layers
+                   for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down, layer.input_norm, layer.post_norm))
 
 
 def head_rows(heads: Sequence[int], head_dim: int) -> list[Range]:
@@ -454,6 +455,16 @@ class DeviceState:
         self.cache.length = length
         if self.hidden_states is not None:
             self.hidden_states.commit(length)
+
+
+def load_device_state(checkpoint: Checkpoint, assignment: Assignment, device: int, dtype: torch.dtype,
+                      on_layer: Callable[[], object] = lambda: None) -> DeviceState:
+    """What a device starts with: its weight slices and vocabulary rows, and an empty KV cache."""
+    config = checkpoint.config
+    shard = load_device_shard(checkpoint, assignment, device, dtype, on_layer)
+    vocab = load_vocab_slice(checkpoint, assignment.vocab_range(device, config.vocab_size), dtype)
+    cache = KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, dtype)
+    return DeviceState(config, shard, vocab, Rotary(config, dtype), cache)
 
 
 def project_qkv(layer: LayerShard, num_q: int, num_kv: int, head_dim: int, h: torch.Tensor,

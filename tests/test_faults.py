@@ -41,6 +41,7 @@ from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import Checkpoint
 from lossless_checks import REBUILT_KV_TOLERANCE, KVCheck, check_kv, reference_head, relative_error
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
+from tensor_parallel_cluster import ClusterClosed
 from tensor_parallel_model import SEQUENCE_PARALLEL_MIN_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,14 +395,24 @@ def test_close_stops_every_device_at_once_even_while_the_leader_waits_for_a_dete
                       heartbeat=HeartbeatConfig(interval_s=0.05, timeout_s=30.0))
     tokens = model.generate(PROMPT, 2)
     model.arm(FailurePlan(2, after_tokens=2, at_call=2))
-    stepping = threading.Thread(target=lambda: model.decode(tokens[-1]), name="stepping", daemon=True)
+    ended: list[BaseException] = []
+
+    def step() -> None:
+        try:
+            model.decode(tokens[-1])
+        except ClusterClosed as error:
+            ended.append(error)
+
+    stepping = threading.Thread(target=step, name="stepping", daemon=True)
     stepping.start()
     deadline = time.monotonic() + 10
     while not model.strikes and time.monotonic() < deadline:
         time.sleep(0.01)
     started = time.monotonic()
     model.close()
+    stepping.join(timeout=2.0)
     assert time.monotonic() - started < 2.0
+    assert not stepping.is_alive() and len(ended) == 1, "the step in flight must end with the cluster"
     assert_no_project_threads()
 
 
@@ -697,7 +708,7 @@ def test_waiting_for_the_monitor_is_logged_before_the_device_is_declared_dead(ti
 
     def recording_declared(self, detection, failover=False):
         times.setdefault("declared", time.monotonic())
-        declared(self, detection, failover)
+        return declared(self, detection, failover)
     monkeypatch.setattr(cluster_leader.Leader, "declared", recording_declared)
 
     class Stamped:

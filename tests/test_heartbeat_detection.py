@@ -174,6 +174,22 @@ def test_every_declaration_opens_an_epoch_of_its_own_even_in_the_same_poll():
     assert monitor.epoch == 3
 
 
+def test_a_new_epoch_gives_the_survivors_a_whole_timeout_to_hear_of_it():
+    """Until a survivor hears of the new epoch its beats are refused as stale: its silence must be
+    counted from the declaration, or a slow delivery of the news would declare it dead too."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0, 1, 2], HeartbeatConfig(interval_s=1.0, timeout_s=5.0), clock)
+    clock.advance(3.0)
+    monitor.beat(0)
+    clock.advance(3.0)  # 1 and 2 silent 6 s, 0 silent 3 s
+    assert [d.device for d in monitor.check()] == [1, 2]  # both declared in one check, each its own epoch
+    clock.advance(4.0)  # 0 silent 7 s since its beat, but only 4 s since the new epochs began
+    assert monitor.beat(0, epoch=1) is BeatVerdict.STALE_EPOCH
+    assert monitor.check() == []
+    clock.advance(1.5)
+    assert [d.device for d in monitor.check()] == [0]
+
+
 def test_beat_stamped_with_an_ended_epoch_is_refused_for_its_epoch_and_counted():
     clock = FakeClock()
     monitor = HeartbeatMonitor([0, 1], HeartbeatConfig(), clock)
@@ -183,7 +199,7 @@ def test_beat_stamped_with_an_ended_epoch_is_refused_for_its_epoch_and_counted()
     assert [d.device for d in monitor.check()] == [1]
     clock.advance(1.0)
     assert monitor.beat(0, epoch=0) is BeatVerdict.STALE_EPOCH  # a live device that missed the news
-    assert monitor.last_beat(0) == 4.0
+    assert monitor.last_beat(0) == 6.0  # not counted: its silence runs from the new epoch's start
     assert monitor.beat(1, epoch=0) is BeatVerdict.STALE_EPOCH  # the dead one: its epoch refuses it first
     assert monitor.beat(1, epoch=1) is BeatVerdict.DECLARED_DEAD
     assert monitor.beat(0, epoch=1) is BeatVerdict.ACCEPTED

@@ -339,7 +339,7 @@ def held_elements(config, assignment) -> int:
     hd, hidden, total = config.head_dim, config.hidden_size, 0
     for d in assignment.devices:
         nq, nkv, width = len(assignment.heads[d]), len(assignment.kv_heads(d)), assignment.mlp_width(d)
-        per_layer = (nq + 2 * nkv) * hd * hidden + hidden * nq * hd + 3 * hidden * width
+        per_layer = (nq + 2 * nkv) * hd * hidden + hidden * nq * hd + 3 * hidden * width + 2 * hidden  # + norms
         rows = assignment.vocab_range(d, config.vocab_size)
         total += config.num_hidden_layers * per_layer + (rows[1] - rows[0]) * hidden + hidden
     return total
