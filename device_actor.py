@@ -244,7 +244,9 @@ class DeviceActor:
         return Inherited(seconds, max(0, state.shard.nbytes + state.vocab.nbytes - before))
 
     def _on_Snapshot(self, command: Snapshot) -> None:
-        """Cut every store to the leader's record, then keep a private copy of the KV."""
+        """Cut every store to the leader's record, then keep a private copy of what a recovery may
+        change: the KV cache and the copy of the predecessor's KV (re-protection after a rebuild
+        replaces it)."""
         state = self._state
         self._cached_ids = self._cached_ids[:command.length]
         for store in (state.cache, state.hidden_states, state.replica):
@@ -252,17 +254,15 @@ class DeviceActor:
                 store.length = min(store.length, command.length)
         self._snapshot = (state.cache.clone(), list(self._cached_ids),
                           None if state.hidden_states is None else state.hidden_states.length,
-                          None if state.replica is None else state.replica.length)
+                          state.replica_of, None if state.replica is None else state.replica.clone())
 
     def _on_Restore(self, command: Restore) -> None:
-        cache, self._cached_ids, hidden_length, replica_length = self._snapshot
+        cache, cached_ids, hidden_length, replica_of, replica = self._snapshot
         state = self._state
-        state.cache = cache.clone()
-        self._cached_ids = list(self._cached_ids)
+        state.cache, self._cached_ids = cache.clone(), list(cached_ids)
         if state.hidden_states is not None:
             state.hidden_states.length = hidden_length
-        if state.replica is not None:
-            state.replica.length = replica_length
+        state.replica_of, state.replica = replica_of, None if replica is None else replica.clone()
 
     def _on_Rebuild(self, command: Rebuild) -> float:
         self.faults.at_recovery_work()

@@ -185,14 +185,21 @@ def check_store_covers(store: HiddenStateStore | None, length: int) -> None:
 
 def exchange_kv(state: DeviceState, order: RebuildOrder, collective: Collective) -> None:
     """Replicate: send the KV heads others lack (from the own cache or the held copy), then receive
-    and store those this device lacks."""
-    length = state.cache.length
+    and store those this device lacks. A device that holds the copy it needs itself promotes it
+    without a transfer."""
+    length, promoted = state.cache.length, []
     for transfer in order.sends:
+        if transfer.replica_of not in (None, state.replica_of):
+            raise RecoveryImpossible(f"Device-{state.device} holds no copy of Device-{transfer.replica_of}'s KV")
         source = state.cache if transfer.replica_of is None else state.replica
-        assert transfer.replica_of in (None, state.replica_of), "the order names a copy this device does not hold"
-        collective.send(state.device, transfer.peer, kv_heads_payload(source, transfer.kv_heads, length))
+        payload = kv_heads_payload(source, transfer.kv_heads, length)
+        if transfer.peer == state.device:
+            promoted.append(payload)
+        else:
+            collective.send(state.device, transfer.peer, payload)
     for transfer in order.receives:
-        heads, keys, values = collective.recv(state.device, transfer.peer)
+        heads, keys, values = promoted.pop(0) if transfer.peer == state.device else \
+            collective.recv(state.device, transfer.peer)
         for layer, (k, v) in enumerate(zip(keys, values)):
             state.cache.put_heads(layer, heads, 0, k, v)
 

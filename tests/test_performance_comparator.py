@@ -249,25 +249,44 @@ def test_snapshot_holds_every_devices_own_copy_of_every_head_it_holds(tiny_model
 # compare_recoveries on a real failure
 
 
+def crash_and_compare(model: FaultTolerantLlama, strategies: list[str], repeats: int) -> dict:
+    """The failure-free run (tokens, logits, KV) on `model`, then the same run with hidden states and
+    replication kept in which Device-1 crashes in the step after 2 tokens; every strategy compared."""
+    reference = failure_free_run(model, PROMPT, 5, 2)
+    tokens = reference.tokens
+    model.keep(True, True)
+    model.prefill(PROMPT)
+    model.decode(tokens[0])
+    model.arm(FailurePlan(1, 2))
+    with pytest.raises(StepFailed):
+        model.decode(tokens[1])
+    post = model.prepare_recovery()
+    outcomes = compare_recoveries(model, post, strategies, repeats, reference, 2, tokens[1])
+    return {"post": post, "outcomes": outcomes, "reference": reference, "repeats": repeats}
+
+
 @pytest.fixture(scope="module")
 def compared(tiny_checkpoint):
-    """compare_recoveries of every strategy (2 repeats) after Device-1 of 4 crashes, hidden states and
-    replication on; the failure-free run (tokens, logits, KV) comes from the same cluster before."""
+    """compare_recoveries of every strategy (2 repeats) after Device-1 of 4 crashes."""
     model = new_tiny_model(tiny_checkpoint, hold=True)
     try:
-        reference = failure_free_run(model, PROMPT, 5, 2)  # the failure strikes the step after 2 tokens
-        tokens = reference.tokens
-        model.keep(True, True)
-        model.prefill(PROMPT)
-        model.decode(tokens[0])
-        model.arm(FailurePlan(1, 2))
-        with pytest.raises(StepFailed):
-            model.decode(tokens[1])
-        post = model.prepare_recovery()
-        outcomes = compare_recoveries(model, post, list(STRATEGIES), 2, reference, 2, tokens[1])
-        return {"post": post, "outcomes": outcomes, "reference": reference, "repeats": 2}
+        return crash_and_compare(model, list(STRATEGIES), 2)
     finally:
         model.close()
+
+
+def test_replicate_promotes_the_copy_as_it_was_at_the_failure_even_after_other_strategies_ran(tiny_4kv):
+    """With one KV head per device, the lost head survives only in its buddy's copy. Each rebuild ends
+    by re-protecting the survivors (each sends its KV to its new ring successor, replacing the copy
+    it held); the next strategy compared must still start from the copies as they were."""
+    model = new_tiny_model(tiny_4kv.folder, hold=True)
+    try:
+        outcomes = {o.name: o for o in crash_and_compare(model, ["full-recompute", "replicate"], 2)["outcomes"]}
+    finally:
+        model.close()
+    replicate = outcomes["replicate"]
+    assert replicate.error is None and replicate.lossless, replicate.verdict()
+    assert replicate.kv.rebuilt_max_rel_error == 0.0  # the promoted copy: the same bits
 
 
 def test_compare_recoveries_times_checks_and_costs_every_strategy(compared):
