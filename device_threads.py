@@ -1,26 +1,29 @@
-"""Simulated devices: one thread each, owning its shard and KV cache, summing partials over threads.
+"""The thread backend: each device an actor on threads of this process, inboxes as queues, and the
+collectives of each epoch over a shared barrier.
 
-`ThreadCollective` is the device boundary: the only way tensors move between devices during a
-step. A step in which a device dies is abandoned (the collective is aborted, every waiting device
-gets `StepAbandoned`) and redone after recovery, so a dead device never deadlocks the others.
-Every call carries its sender's epoch; a call from a device that missed a declaration of death, or
-into a collective of an epoch that has ended, is refused (`StaleEpoch`): that is the fencing.
+What a backend gives the devices (see device_protocol.py): inboxes, `send(address, envelope)`, and
+for each epoch a collective among its members (all-reduce, reduce-scatter, all-gather, point-to-
+point send/recv). Nothing else crosses between devices. `Codec` says how a payload crosses: as it
+is (threads share memory; senders pass copies), or as bytes (`BytesCodec`: every message and every
+collective payload pickled and unpickled, so that any shortcut through shared memory breaks: the
+test-only "serialising" backend). A step in which a device dies is abandoned (its epoch's
+collective is aborted, every waiting device gets `StepAbandoned`) and redone after recovery.
 """
 from __future__ import annotations
 
+import pickle
 import signal
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
-from queue import SimpleQueue
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from queue import Empty, SimpleQueue
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from tensor_parallel_model import DeviceState
+from device_protocol import Address, Envelope
 
-POLL_S = 0.05  # how often a waiting leader looks at the devices, the monitor's verdicts and Ctrl-C
+POLL_S = 0.05  # how often a waiting thread looks at aborts, the monitor's verdicts and Ctrl-C
 
 
 class StepAbandoned(Exception):
@@ -28,14 +31,44 @@ class StepAbandoned(Exception):
 
 
 class StaleEpoch(StepAbandoned):
-    """A message stamped with an epoch that has ended: its sender was fenced out."""
+    """A message or a collective call from an epoch that has ended: its sender was fenced out."""
 
 
-class DeviceCrashed(Exception):
-    """Raised inside a device's own thread when failure injection kills it: the thread ends."""
+# --------------------------------------------------------------------------------------------
+# How payloads cross
 
 
-FaultHook = Callable[[int], None]  # called with the device at every collective call; may raise or block
+class Codec:
+    """Payloads cross as they are: threads share memory (senders pass copies they no longer touch)."""
+
+    name = "threads"
+    shares_memory = True
+
+    def encode(self, payload: Any) -> Any:
+        return payload
+
+    def decode(self, data: Any) -> Any:
+        return data
+
+
+class BytesCodec(Codec):
+    """Every payload becomes bytes and back, as between processes: nothing is shared."""
+
+    name = "serialising"
+    shares_memory = False
+
+    def encode(self, payload: Any) -> bytes:
+        return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+CODECS = {codec.name: codec for codec in (Codec(), BytesCodec())}
+
+
+# --------------------------------------------------------------------------------------------
+# The collectives of one epoch
 
 
 class GateBarrier:
@@ -96,54 +129,43 @@ class GateBarrier:
             gate[0].release()
 
 
-class EpochView(Protocol):
-    """What the fencing needs to know: the leader's current epoch and each device's own."""
-
-    def current(self) -> int: ...
-
-    def of(self, device: int) -> int: ...
-
-
 class ThreadCollective:
-    """The collective operations between device threads, for one group of devices (an epoch).
+    """The collective operations between the member devices of one epoch.
 
-    Every call is a round: each device deposits its tensor, waits at a barrier, and reads the
+    Every call is a round: each device deposits its payload, waits at a barrier, and reads the
     others'. Rounds alternate between two sets of slots, so that a fast device depositing the
     next round never overwrites what a slow one is still reading: one barrier per round. Sums
-    run in device order, so results do not depend on thread timing. An all-reduce is summed once,
-    by the last device to arrive, and shared (it is small: decode); a reduce-scatter has every
-    device sum its own rows; an all-gather of rows has each device write its rows into one
-    shared tensor, so nothing is copied twice.
-
-    With `epochs`, every call is checked before it touches anything: the sender's own epoch and
-    this collective's must both be the leader's current one. `lost` names the devices whose
-    silence aborted it (no one waits for their answers); `silence_bound_s` bounds how long a
-    leader waits for a crashed device to be declared dead.
+    run in member order, so results do not depend on thread timing. When memory is shared, an
+    all-reduce is summed once, by the last device to arrive, and shared (it is small: decode), and
+    an all-gather of rows has each device write its rows into one shared tensor; as bytes, every
+    device decodes its own copy. Point-to-point sends go through one queue per (sender, receiver).
+    Once aborted (a member is gone) or ended (a later epoch began), every call fails.
     """
 
-    def __init__(self, devices: Sequence[int], epoch: int = 0, fault_hook: FaultHook | None = None,
-                 epochs: EpochView | None = None, silence_bound_s: float = 60.0):
-        self.devices = tuple(devices)
+    def __init__(self, members: Sequence[int], epoch: int, codec: Codec = Codec()):
+        self.devices = tuple(members)
         self.epoch = epoch
-        self.fault_hook = fault_hook
-        self.epochs = epochs
-        self.silence_bound_s = silence_bound_s
-        self.lost: frozenset[int] = frozenset()
+        self.codec = codec
+        self.ended_by: int | None = None  # the epoch that ended this one
         self._slot = {d: i for i, d in enumerate(self.devices)}
         self._rounds = [0] * len(self.devices)  # calls made by each device (all make the same calls)
         self._inbox: list[list[Any]] = [[None] * len(self.devices) for _ in range(2)]
-        self._results: list[tuple[int, torch.Tensor] | None] = [None, None]  # per parity: (round, shared result)
-        self._results_lock = threading.Lock()
+        self._results: list[tuple[int, Any] | None] = [None, None]  # per parity: (round, shared result)
+        self._lock = threading.Lock()
         self._barrier = GateBarrier(len(self.devices))
+        self._channels: dict[tuple[int, int], SimpleQueue] = {}
+
+    # The calls of tensor_parallel_model.Collective
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
         round_, parity = self._deposit(device, tensor)
 
         def sum_once() -> None:  # run by the last device to arrive, before the others go on
-            self._results[parity] = (round_, _sum_in_order(self._inbox[parity]))
+            total = _sum_in_order([self.codec.decode(part) for part in self._inbox[parity]])
+            self._results[parity] = (round_, self.codec.encode(total))
 
         self._wait(sum_once)
-        return self._results[parity][1]
+        return self.codec.decode(self._results[parity][1])
 
     def own_rows(self, device: int, length: int) -> slice:
         slot, n = self._slot[device], len(self.devices)
@@ -154,8 +176,10 @@ class ThreadCollective:
         return _sum_in_order([part[rows] for part in self._exchange(device, tensor)])
 
     def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
+        if not self.codec.shares_memory:
+            return torch.cat(self._exchange(device, rows))
         round_, parity = self._enter(device)
-        with self._results_lock:  # the first device of the round makes the tensor all of them fill
+        with self._lock:  # the first device of the round makes the tensor all of them fill
             if self._results[parity] is None or self._results[parity][0] != round_:
                 self._results[parity] = (round_, rows.new_empty((length, *rows.shape[1:])))
             whole = self._results[parity][1]
@@ -166,15 +190,40 @@ class ThreadCollective:
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
         return self._exchange(device, tensor)
 
-    def ring_pass(self, device: int, payload: Any) -> Any:
-        """Send `payload` to the next device in ring order; receive the previous device's."""
-        return self._exchange(device, payload)[self._slot[device] - 1]
+    def send(self, device: int, to: int, payload: Any) -> None:
+        """Hand `payload` to device `to` (it gets it with `recv`); does not wait for it."""
+        self._refuse_if_closed()
+        self._channel(device, to).put(self.codec.encode(payload))
+
+    def recv(self, device: int, source: int) -> Any:
+        """What device `source` sent to this device, waiting for it (until it comes or the epoch ends)."""
+        channel = self._channel(source, device)
+        while True:
+            self._refuse_if_closed()
+            try:
+                return self.codec.decode(channel.get(timeout=POLL_S))
+            except Empty:
+                continue
+
+    # Lifetime
+
+    def abort(self) -> None:
+        """Release every waiting device with StepAbandoned; later calls fail at once too."""
+        self._barrier.abort()
+
+    def end(self, by_epoch: int) -> None:
+        """A later epoch began: this group is gone (calls on it are refused as stale)."""
+        self.ended_by = by_epoch
+        self.abort()
+
+    @property
+    def aborted(self) -> bool:
+        return self._barrier.broken
+
+    # Rounds
 
     def _enter(self, device: int) -> tuple[int, int]:
-        """A device starts its next round (where injected faults strike): the round and its parity."""
-        if self.fault_hook is not None:
-            self.fault_hook(device)
-        self._refuse_stale(device)
+        self._refuse_if_closed()
         slot = self._slot[device]
         self._rounds[slot] += 1
         return self._rounds[slot], self._rounds[slot] % 2
@@ -182,40 +231,31 @@ class ThreadCollective:
     def _deposit(self, device: int, payload: Any) -> tuple[int, int]:
         """Start the device's next round with `payload` in its slot: the round and its parity."""
         round_, parity = self._enter(device)
-        self._inbox[parity][self._slot[device]] = payload
+        self._inbox[parity][self._slot[device]] = self.codec.encode(payload)
         return round_, parity
 
     def _exchange(self, device: int, payload: Any) -> list[Any]:
         """Deposit, wait for everyone, and read every device's deposit of this round."""
         parity = self._deposit(device, payload)[1]
         self._wait()
-        return list(self._inbox[parity])
-
-    def _refuse_stale(self, device: int) -> None:
-        """Fencing: a call stamped with an ended epoch, or into an ended epoch's collective, goes nowhere."""
-        if self.epochs is None:
-            return
-        sender, current = self.epochs.of(device), self.epochs.current()
-        if sender != self.epoch or self.epoch != current:
-            raise StaleEpoch(f"Device-{device} called with epoch {sender} into epoch {self.epoch}'s collective "
-                             f"(current epoch {current}): refused")
-
-    def abort(self, lost: Sequence[int] = ()) -> None:
-        """Release every waiting device with StepAbandoned; later calls fail at once too. `lost`: the
-        devices that went silent (the leader does not wait for them to answer)."""
-        with self._results_lock:
-            self.lost = self.lost | frozenset(lost)
-        self._barrier.abort()
-
-    @property
-    def aborted(self) -> bool:
-        return self._barrier.broken
+        return [self.codec.decode(part) for part in self._inbox[parity]]
 
     def _wait(self, action: Callable[[], None] | None = None) -> None:
         try:
             self._barrier.wait(action)
         except threading.BrokenBarrierError:
+            self._refuse_if_closed()
             raise StepAbandoned(f"epoch {self.epoch} collective aborted") from None
+
+    def _refuse_if_closed(self) -> None:
+        if self.ended_by is not None:
+            raise StaleEpoch(f"epoch {self.epoch}'s group has ended (epoch {self.ended_by} began): refused")
+        if self.aborted:
+            raise StepAbandoned(f"epoch {self.epoch} collective aborted")
+
+    def _channel(self, source: int, to: int) -> SimpleQueue:
+        with self._lock:
+            return self._channels.setdefault((source, to), SimpleQueue())
 
 
 def _sum_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -225,100 +265,103 @@ def _sum_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-Task = Callable[["DeviceWorker"], Any]
+# --------------------------------------------------------------------------------------------
+# Inboxes, groups and threads
 
 
-class DeviceWorker:
-    """A device's thread: runs the tasks it is given, one at a time; `state` is what it holds."""
+class ThreadTransport:
+    """Inboxes (one queue per Address) and one collective per epoch, for devices on threads.
 
-    def __init__(self, device: int, intra_op_threads: int = 1):
-        self.device = device
-        self.state: DeviceState | None = None  # set by the task that loads the shard
-        self._tasks: SimpleQueue[tuple[Task, Future] | None] = SimpleQueue()
-        self._intra_op_threads = intra_op_threads
-        self._thread = threading.Thread(target=self._run, name=f"Device-{device}", daemon=True)
-        self._thread.start()
-
-    def submit(self, task: Task) -> Future:
-        future: Future = Future()
-        self._tasks.put((task, future))
-        return future
-
-    def stop(self, timeout: float | None = None) -> None:
-        self._tasks.put(None)
-        self._thread.join(timeout)
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
-        torch.set_num_threads(self._intra_op_threads)  # the devices share the cores: one each
-        while (item := self._tasks.get()) is not None:
-            task, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(task(self))
-            except DeviceCrashed as crash:
-                self.state = None  # its memory is gone with it
-                future.set_exception(crash)
-                return
-            except BaseException as error:  # handed to whoever waits on the future
-                future.set_exception(error)
-
-
-def run_on_devices(workers: Sequence[DeviceWorker], task: Task, collective: ThreadCollective) -> dict[int, Any]:
-    """Run `task` on every device at once and wait for their answers.
-
-    A crashed device never answers: the caller learns of it only when the heartbeat monitor
-    declares it dead and aborts `collective`; then, as when any device's step is abandoned, the
-    whole step raises StepAbandoned, to be redone after recovery. Any other error aborts
-    `collective` (so that no device waits for the failed one), and once every device not lost has
-    answered, the first such error in device order is raised: a peer's StepAbandoned, which the
-    abort caused, never hides it. Every wait is bounded, and Ctrl-C is acted on here (see
-    `interrupts_at_wait_points`).
+    The transport is the network: it knows which groups exist, not what any device holds. A
+    group's collective is made by the first member that asks for it; making the group of a later
+    epoch ends every earlier one (as the survivors of a real cluster destroy the old process group).
     """
-    futures = {w.device: w.submit(task) for w in workers}
-    crashed_at: float | None = None
-    while True:
-        raise_if_interrupted()
-        errors = {d: f.exception() for d, f in futures.items() if f.done() and f.exception() is not None}
-        if any(not isinstance(e, DeviceCrashed) for e in errors.values()):
-            collective.abort()  # nobody waits for a device whose step failed
-        waiting = [f for d, f in futures.items() if not f.done() and d not in collective.lost]
-        if not waiting:
-            break
-        if any(isinstance(e, DeviceCrashed) for e in errors.values()) and not collective.aborted:
-            crashed_at = crashed_at or time.monotonic()
-            if time.monotonic() - crashed_at > collective.silence_bound_s:
-                raise RuntimeError(f"a device crashed but was not declared dead within "
-                                   f"{collective.silence_bound_s:.1f} s")
-        wait(waiting, timeout=POLL_S, return_when=FIRST_COMPLETED)
-    errors = {d: f.exception() for d, f in futures.items() if f.done() and f.exception() is not None}
-    root = next((e for _, e in sorted(errors.items()) if not isinstance(e, (DeviceCrashed, StepAbandoned))), None)
-    if root is not None:
-        raise root
-    if errors or collective.aborted:
-        raise StepAbandoned("a device failed or stopped answering during the step")
-    return {device: future.result() for device, future in futures.items()}
+
+    def __init__(self, codec: Codec = Codec()):
+        self.codec = codec
+        self.name = codec.name
+        self._inboxes: dict[Address, SimpleQueue] = {}
+        self._groups: dict[int, ThreadCollective] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.crashed: list[tuple[str, BaseException]] = []  # (thread, the error that ended it)
+
+    def send(self, to: Address, envelope: Envelope) -> None:
+        self._inbox(to).put(self.codec.encode(envelope))
+
+    def receive(self, address: Address, timeout: float | None) -> Envelope | None:
+        """The next envelope in `address`'s inbox, or None after `timeout` seconds."""
+        try:
+            return self.codec.decode(self._inbox(address).get(timeout=timeout))
+        except Empty:
+            return None
+
+    def collective(self, epoch: int, members: Sequence[int]) -> ThreadCollective:
+        """The collective of `epoch`'s group (made on first use; earlier epochs' groups end)."""
+        with self._lock:
+            group = self._groups.get(epoch)
+            if group is None:
+                group = self._groups[epoch] = ThreadCollective(members, epoch, self.codec)
+                for older, old_group in self._groups.items():
+                    if older < epoch and old_group.ended_by is None:
+                        old_group.end(epoch)
+            elif group.devices != tuple(members):
+                raise ValueError(f"epoch {epoch} has members {group.devices}, not {tuple(members)}")
+            return group
+
+    def abort_epoch(self, epoch: int) -> None:
+        """Release whoever waits in `epoch`'s collective (a member is gone), if that group was formed."""
+        with self._lock:
+            group = self._groups.get(epoch)
+        if group is not None:
+            group.abort()
+
+    def start_thread(self, name: str, target: Callable[[], None]) -> threading.Thread:
+        """A device's thread; an error that escapes it is kept (`crashed`), so that it is never lost."""
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:
+                with self._lock:
+                    self.crashed.append((name, error))
+                raise
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self, timeout_s: float) -> list[str]:
+        """Wait for every thread started here to end; the names of those still running."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [t.name for t in threads if t.is_alive()]
+
+    def _inbox(self, address: Address) -> SimpleQueue:
+        with self._lock:
+            return self._inboxes.setdefault(address, SimpleQueue())
 
 
 # --------------------------------------------------------------------------------------------
-# Ctrl-C, acted on where the leader waits
+# Ctrl-C, acted on where the driver waits
 
 _interrupt = {"requested": False}
 
 
 @contextmanager
 def interrupts_at_wait_points() -> Iterator[None]:
-    """While active, Ctrl-C (SIGINT) only records a request, and the leader's waits raise
+    """While active, Ctrl-C (SIGINT) only records a request, and the driver's waits raise
     KeyboardInterrupt when they next look (every POLL_S).
 
-    Python raises KeyboardInterrupt at whatever line the main thread is running. Inside
-    concurrent.futures.wait() that can be while it holds the futures' locks: the device threads
-    then block for ever on those locks when they answer, and stopping takes as long as every
-    join's timeout (seen as a demo still running 10 s after Ctrl-C on a loaded machine). Acted on
-    at a wait, the interrupt never lands inside a lock. A second Ctrl-C acts at once.
+    Python raises KeyboardInterrupt at whatever line the main thread is running. Inside a
+    concurrent.futures or queue wait that can be while it holds a lock the device threads need:
+    they then block for ever, and stopping takes as long as every join's timeout (seen as a demo
+    still running 10 s after Ctrl-C on a loaded machine). Acted on at a wait, the interrupt never
+    lands inside a lock. A second Ctrl-C acts at once.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -23,19 +23,23 @@ from typing import Callable, Sequence
 
 import torch
 
+from cluster_leader import StepFailed
+from device_protocol import RecoveryPolicy
 from device_threads import StepAbandoned, interrupts_at_wait_points
-from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama
+from fault_injection import FailurePlan
+from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import CheckpointError, LlamaConfig
-from performance_comparator import (KeepingCost, StrategyOutcome, Timing, compare_device_level, compare_recoveries,
+from performance_comparator import (StrategyOutcome, Timing, compare_device_level, compare_recoveries,
                                     failure_free_run, measure_keeping_cost)
 from recovery_plots import plot_timeline
 from recovery_report import Report, check_writable, json_path, render, render_comparison, write_report
 from synthetic_checkpoint import is_synthetic_checkpoint
-from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
-from tensor_parallel_cluster import DTYPES, open_checkpoint
+from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
+from tensor_parallel_cluster import open_checkpoint
+from device_actor import DTYPES
 
 DEFAULT_PROMPT = "The history of fault tolerance in distributed computing begins with"
 DEFAULT_REPORT = Path("/tmp/kv_cache_performance_report.txt")
@@ -166,9 +170,10 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
     config = checkpoint.config
     check_against_model(o, config, 0)
     assignment = even_assignment(config, o.devices)
-    model = FaultTolerantLlama.from_checkpoint(location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet,
-                                               open_seconds, heartbeat=HeartbeatConfig(o.heartbeat_interval,
-                                                                                       o.heartbeat_timeout))
+    model = FaultTolerantLlama.from_checkpoint(
+        location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet, open_seconds,
+        heartbeat=HeartbeatConfig(o.heartbeat_interval, o.heartbeat_timeout),
+        policy=RecoveryPolicy(o.reassign, o.seed, hold=True))  # the comparison drives every recovery
     kind = "synthetic" if is_synthetic_checkpoint(checkpoint.folder) else "real"
     log(f"model: {checkpoint.folder} ({kind}: {location.reason})")
     try:
@@ -191,15 +196,15 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o, log)
     if before != reference.tokens[:o.fail_after]:
         raise RuntimeError("the run diverged from the failure-free run before the failure")
-    event = model.wait_for_failure()
-    post, weight_load_s = model.prepare_recovery([event], make_strategy(o.reassign, o.seed))
-    plan = post.plan
-    log(f"Device-{event.device} declared dead after {event.detection_latency_s:.2f} s; "
+    post = model.prepare_recovery()
+    event, plan = post.events[0], post.plans[-1]
+    detection_s = model.detection_latency_s(event)
+    log(f"Device-{event.device} declared dead after {detection_s:.2f} s; "
         f"comparing {len(o.recovery)} recovery strategies x {o.repeats}")
     outcomes = compare_recoveries(model, post, o.recovery, o.repeats, reference, o.fail_after, before[-1])
     device_level = compare_device_level(model, post, o.repeats)
-    if model.replication:
-        model.reprotect()
+    if device_level is not None:  # it left the survivors at the post-failure state: recover (quickly) again
+        model.rebuild(min((row for row in outcomes if row.timing), key=lambda row: row.timing.median).name)
     cost = None
     if keeping != "nothing":
         log("cost of keeping state: prefills and decode steps, alternating")
@@ -207,24 +212,25 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
 
     system |= {"prefill_seconds": reference.prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
-               "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, post.context_ids.numel())
+               "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, len(post.context_ids))
                                         for row in outcomes if row.kept_bytes}}
     timeline = o.report.with_name(TIMELINE_NAME)
-    plot_timeline(list(model.log.events), timeline,
+    plot_timeline(list(model.events), timeline,
                   f"Device-{event.device} crashes after {o.fail_after} tokens; {o.reassign} reassignment; "
-                  f"{post.context_ids.numel()}-token context; {len(o.recovery)} strategies x {o.repeats}")
+                  f"{len(post.context_ids)}-token context; {len(o.recovery)} strategies x {o.repeats}")
     return {
         "run": {"started": started_at, "options": {k: str(v) for k, v in vars(o).items()}},
         "model": describe_model(model, o.dtype),
         "system": system,
         "failure": {"device": event.device, "mode": "crash", "after_tokens": o.fail_after,
                     "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
-                    "detection_latency_s": event.detection_latency_s, "leader": event.leader,
-                    "reassign": o.reassign, "plan": plan.describe(), "weight_load_seconds": weight_load_s,
+                    "detection_latency_s": detection_s, "declared_by": event.detection.signal, "leader": event.leader,
+                    "reassign": o.reassign, "plan": plan.describe(), "weight_load_seconds": post.weight_load_s,
+                    "weight_bytes_inherited": post.weight_bytes,
                     "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
                     "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}},
-        "comparison_meta": {"repeats": o.repeats, "context_tokens": post.context_ids.numel()},
-        "comparison": comparison_rows(outcomes, event.detection_latency_s, weight_load_s),
+        "comparison_meta": {"repeats": o.repeats, "context_tokens": len(post.context_ids)},
+        "comparison": comparison_rows(outcomes, detection_s, post.weight_load_s),
         "device_level": device_level_row(device_level),
         "overhead": {mode: timing_row(t) for mode, t in cost.decode.items()} if cost else None,
         "prefill_overhead": {mode: timing_row(t) for mode, t in cost.prefill.items()} if cost else None,
@@ -236,14 +242,10 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
 
 def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:
     """Switch on, before the failure, what the chosen strategies need kept during normal running."""
-    kept = []
-    if "reuse-hidden" in strategies:
-        model.enable_hidden_states()
-        kept.append("hidden states")
-    if "replicate" in strategies:
-        model.enable_replication()
-        kept.append("KV replica")
-    return " and ".join(kept) or "nothing"
+    hidden, replication = "reuse-hidden" in strategies, "replicate" in strategies
+    model.keep(hidden, replication)
+    return " and ".join(name for name, on in (("hidden states", hidden), ("KV replica", replication)) if on) \
+        or "nothing"
 
 
 def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: Options,
@@ -260,7 +262,7 @@ def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: 
         f"(timeout {o.heartbeat_timeout} s)...")
     try:
         model.decode(tokens[-1])
-    except StepAbandoned:
+    except StepFailed:
         return tokens, prefill_s
     raise RuntimeError("the injected failure did not abandon the step")
 
@@ -278,12 +280,13 @@ def describe_model(model: FaultTolerantLlama, dtype: str) -> dict:
 
 
 def describe_system(model: FaultTolerantLlama) -> dict:
-    a = model.assignment
+    """The devices as they describe themselves, and who holds which KV head twice."""
+    a, infos = model.assignment, model.describe()
     return {"devices": len(a.devices), "leader": model.leader,
             "assignment": [{"device": d, "heads": a.describe_heads(d),
                             "kv_heads": ", ".join(str(g + 1) for g in a.kv_heads(d)),
                             "mlp": ", ".join(f"{s}-{e}" for s, e in a.mlp[d]),
-                            "weight_bytes": model.workers[d].state.shard.nbytes} for d in a.devices],
+                            "weight_bytes": infos[d].weight_bytes} for d in a.devices],
             "duplicated_kv": "; ".join(f"KV head {g + 1} on " + ", ".join(f"Device-{d}" for d in ds)
                                        for g, ds in a.duplicated_kv_heads().items())}
 

@@ -27,6 +27,10 @@ class Assignment:
         if set(self.heads) != set(self.mlp):
             raise ValueError("every device needs both heads and an MLP slice")
 
+    def __reduce__(self):
+        """Plain data across processes (a mapping proxy does not pickle)."""
+        return Assignment, (dict(self.heads), dict(self.mlp), self.group_size)
+
     @property
     def devices(self) -> tuple[int, ...]:
         return tuple(self.heads)

@@ -1,8 +1,10 @@
-"""Crash and hang detection by heartbeats, so the leader learns a worker is gone without waiting on it.
+"""Crash and hang detection by heartbeats, so a device learns another is gone without waiting on it.
 
-Each simulated device beats every `interval_s` from a thread of its own (long compute cannot starve it);
-the leader's monitor declares a device dead once its last beat is older than `timeout_s`. Time comes from
-an injectable clock, so detection and its latency (crash -> declaration) are testable without real waiting.
+Each device beats every `interval_s` from its control thread (long compute cannot starve it): the
+members to the leader, the leader to every member. A `HeartbeatMonitor` declares a device dead once
+its last beat is older than `timeout_s`, or at once on another signal (`declare`); every declaration
+opens a new epoch, and beats stamped with an ended one are refused (fencing). Time comes from an
+injectable clock, so detection and its latency are testable without real waiting.
 """
 from __future__ import annotations
 
@@ -87,13 +89,14 @@ class BeatVerdict(str, Enum):
 class HeartbeatMonitor:
     """The leader's view: the time of each device's last beat, and the current epoch. Thread-safe (a lock).
 
-    Beats come from sender threads while `check` runs on the monitor thread, hence the lock. Every
-    declaration of death opens a new epoch; a beat stamped with an older epoch is refused first
+    Beats come from the control thread's inbox while `check` runs there too, and the leader may
+    declare from another thread, hence the lock. Every declaration of death opens a new epoch of
+    its own; a beat stamped with an older epoch is refused first
     (fencing), then beats of devices declared dead or not watched. Refused beats are counted.
     """
 
     def __init__(self, devices: Iterable[int], config: HeartbeatConfig, clock: Clock = time.monotonic,
-                 on_beat: Callable[[int, float], None] | None = None) -> None:
+                 on_beat: Callable[[int, float], None] | None = None, epoch: int = 0) -> None:
         self.config = config
         self._clock = clock
         self._on_beat = on_beat  # told of every accepted beat (device, time), e.g. for a timeline
@@ -102,13 +105,19 @@ class HeartbeatMonitor:
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
         self._excused: dict[int, float] = {d: 0.0 for d in devices}  # silence the watcher did not see
         self._dead: set[int] = set()
-        self._epoch = 0
+        self._epoch = epoch
         self._refused: Counter[tuple[int, int, BeatVerdict]] = Counter()
 
     @property
     def epoch(self) -> int:
         """Opened anew by each declaration of death; beats tagged with an older epoch are fenced off."""
         with self._lock:
+            return self._epoch
+
+    def advance_epoch(self) -> int:
+        """Open the next epoch without a death (a group re-formed after a device's error)."""
+        with self._lock:
+            self._epoch += 1
             return self._epoch
 
     def beat(self, device: int, epoch: int = 0) -> BeatVerdict:
@@ -148,22 +157,34 @@ class HeartbeatMonitor:
         each is reported once only."""
         with self._lock:
             now = self._clock()
-            silent = [(d, last) for d, last in sorted(self._last.items())
-                      if d not in self._dead and now - last - self._excused[d] > self.config.timeout_s]
-            if not silent:
-                return []
-            self._epoch += 1
-            self._dead.update(d for d, _ in silent)
-            return [Detection(d, last, now, self._epoch) for d, last in silent]
+            silent = [(device, last) for device, last in sorted(self._last.items())
+                      if device not in self._dead and now - last - self._excused[device] > self.config.timeout_s]
+            return [self._declare(device, last, now, "heartbeat") for device, last in silent]
 
     def declare(self, device: int, signal: str) -> Detection | None:
         """Declare a device dead at once on another signal than silence (None if it already was)."""
         with self._lock:
             if device in self._dead or device not in self._last:
                 return None
-            self._epoch += 1
-            self._dead.add(device)
-            return Detection(device, self._last[device], self._clock(), self._epoch, signal)
+            return self._declare(device, self._last[device], self._clock(), signal)
+
+    def _declare(self, device: int, last: float, now: float, signal: str) -> Detection:
+        """Each declaration opens an epoch of its own (each its own group of survivors). The survivors'
+        beats stamped with the old epoch are refused until they hear of the new one, so their silence
+        is counted from now: the new epoch starts as the watching did, with everyone heard."""
+        self._epoch += 1
+        self._dead.add(device)
+        for other in self._last:
+            if other not in self._dead:
+                self._last[other], self._excused[other] = max(self._last[other], now), 0.0
+        return Detection(device, last, now, self._epoch, signal)
+
+    def restart(self) -> None:
+        """Count every watched device as having beaten now (when watching begins in earnest)."""
+        with self._lock:
+            now = self._clock()
+            for device in self._last:
+                self._last[device], self._excused[device] = now, 0.0
 
     def alive(self) -> tuple[int, ...]:
         with self._lock:
@@ -184,112 +205,3 @@ class HeartbeatMonitor:
             self._last.pop(device, None)
             self._excused.pop(device, None)
             self._dead.discard(device)
-
-
-class HeartbeatSender:
-    """A device's beating thread: calls monitor.beat(device, epoch) every interval_s until stopped or silenced.
-
-    It is a thread of its own so that the device's compute cannot delay its beats (torch releases the GIL).
-    `epoch_fn` gives the device's own epoch (the last it was admitted to), so a device that missed a
-    declaration stamps a stale one.
-    """
-
-    def __init__(
-        self,
-        device: int,
-        monitor: HeartbeatMonitor,
-        interval_s: float,
-        epoch_fn: Callable[[], int] = lambda: 0,
-        name: str | None = None,
-    ) -> None:
-        self.device = device
-        self._monitor = monitor
-        self._interval_s = interval_s
-        self._epoch_fn = epoch_fn
-        self._halt = threading.Event()
-        self._paused = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name or f"heartbeat-{device}", daemon=False)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        self._beat()  # at once, so a fresh device is not judged by its construction time
-        while not self._halt.wait(self._interval_s):
-            self._beat()
-
-    def _beat(self) -> None:
-        if not self._paused.is_set():
-            self._monitor.beat(self.device, self._epoch_fn())
-
-    def pause(self) -> None:
-        """Simulate a hang: no beat until `resume` (the thread stays, as a stopped process's would)."""
-        self._paused.set()
-
-    def resume(self) -> None:
-        """The hung device wakes: it beats again, stamped with its own (by now perhaps stale) epoch."""
-        self._paused.clear()
-
-    def silence(self) -> None:
-        """Simulate a crash: no beat happens after this returns (the thread has exited)."""
-        self._end()
-
-    def stop(self) -> None:
-        """Clean end of run: the thread wakes at once and is joined."""
-        self._end()
-
-    def _end(self) -> None:
-        self._halt.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
-class MonitorThread:
-    """The leader's watcher: polls monitor.check() every poll_s (default interval_s/4) and calls on_dead(detection) for each newly dead device.
-
-    An exception from on_dead does not end the watching (other devices still need it): the first one
-    is kept and re-raised from stop(), so it is never lost silently.
-    """
-
-    def __init__(
-        self,
-        monitor: HeartbeatMonitor,
-        on_dead: Callable[[Detection], None],
-        poll_s: float | None = None,
-        name: str = "heartbeat-monitor",
-    ) -> None:
-        self._monitor = monitor
-        self._on_dead = on_dead
-        self._poll_s = monitor.config.interval_s / 4 if poll_s is None else poll_s
-        self._halt = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=False)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        looked_at = time.monotonic()
-        while not self._halt.wait(self._poll_s):
-            now = time.monotonic()
-            if now - looked_at > 2 * self._poll_s:  # this thread did not look meanwhile (stalled, or busy
-                self._monitor.excuse(now - looked_at - self._poll_s)  # in a handler): no one is blamed for it
-            looked_at = now
-            for detection in self._monitor.check():
-                self._report(detection)
-
-    def _report(self, detection: Detection) -> None:
-        try:
-            self._on_dead(detection)
-        except Exception as error:  # kept for stop(); watching goes on
-            if self._error is None:
-                self._error = error
-
-    def stop(self) -> None:
-        """Stop polling, join, and re-raise the first exception raised by on_dead, if any."""
-        self._halt.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error

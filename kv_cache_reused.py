@@ -1,210 +1,211 @@
-"""The four ways to rebuild the KV cache after a device is lost (docs/design.md, "Recovery").
+"""The four ways to rebuild the KV cache after a device is lost (docs/design.md, "Failure and recovery").
 
     full-recompute   drop every cache, prefill the whole context again on the new assignment
     reuse-replay     keep survivors' KV; one forward pass in which only lost K/V are projected
     reuse-hidden     keep survivors' KV; rebuild only the lost heads from stored layer inputs h_l
-    replicate        keep survivors' KV; promote the buddy's copy of the lost KV
+    replicate        keep survivors' KV; promote the copy of the lost KV that a survivor holds
 
-Each strategy turns a `PostFailureState` into one new `DeviceState` per survivor. The work runs in
-the survivors' own threads, as it would on real devices; the two strategies that need state kept
-during normal running (hidden states, the buddy copy) say so in `keeps`; those that keep the
-survivors' own KV untouched say so in `reuses_kv` (the lossless check then demands the same bits).
+A strategy has two halves. The leader's, `plan_rebuild`: from what each survivor says it holds
+(`DeviceInfo`), one `RebuildOrder` per survivor, or RecoveryImpossible. The device's, `rebuild`:
+what a survivor does with its own state and what it receives. Only orders (plain data) and the
+collective's transfers cross between them. `keeps` says what a strategy needs kept during normal
+running; `reuses_kv` whether survivors keep their own KV as it was (the lossless check then
+demands the same bits).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
 
 import torch
 
-from device_threads import ThreadCollective, run_on_devices
-from tensor_parallel_model import (DeviceState, HiddenStateStore, KVCache, Rotary, device_forward, kv_weight_rows,
-                                   project_kv_heads)
-
-if TYPE_CHECKING:  # the cluster calls replicate_new_kv below, so import it only for type checking
-    from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivor
+from device_protocol import DeviceInfo
+from head_assignment import Assignment
+from tensor_parallel_model import (Collective, DeviceState, HiddenStateStore, KVCache, Rotary, device_forward,
+                                   kv_weight_rows, project_kv_heads)
 
 
 class RecoveryImpossible(Exception):
     """The strategy cannot rebuild the lost KV from what survived (e.g. a device and its buddy)."""
 
 
-class RecoveryStrategy(Protocol):
+@dataclass(frozen=True)
+class StrategyInfo:
     name: str
-    keeps: str  # what it needs kept during normal running: "nothing", "hidden states", "KV replica"
-    reuses_kv: bool  # survivors keep their own KV as it was (else every head is recomputed)
-
-    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
-        """New device states with complete KV caches; `post` is this run's own copy."""
+    keeps: str        # what it needs kept during normal running: "nothing", "hidden states", "KV replica"
+    reuses_kv: bool   # survivors keep their own KV as it was (else every head is recomputed)
 
 
-class FullRecompute:
-    name, keeps, reuses_kv = "full-recompute", "nothing", False
-
-    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
-        states = {d: model.state_for(s, fresh_cache(model, s)) for d, s in post.survivors.items()}
-        prefill_context(model, states, post.context_ids)
-        return states
-
-
-class ReuseReplay:
-    """Survivors keep their KV, but x_l for every layer still needs the whole forward pass."""
-
-    name, keeps, reuses_kv = "reuse-replay", "nothing", True
-
-    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
-        states = {d: model.state_for(s, s.cache.regrouped(s.shard.kv_heads)) for d, s in post.survivors.items()}
-        for device, state in states.items():
-            state.kv_to_fill = post.survivors[device].missing_kv_heads
-        prefill_context(model, states, post.context_ids)
-        for state in states.values():
-            state.kv_to_fill = None
-        return states
+STRATEGIES: dict[str, StrategyInfo] = {s.name: s for s in (
+    StrategyInfo("full-recompute", "nothing", False),
+    StrategyInfo("reuse-replay", "nothing", True),
+    StrategyInfo("reuse-hidden", "hidden states", True),
+    StrategyInfo("replicate", "KV replica", True),
+)}
+FALLBACKS = ("reuse-hidden", "full-recompute")  # tried in order when the asked strategy is impossible
 
 
-class ReuseHiddenStates:
-    """HCache-style: K/V of a lost head at layer l is `rope(h_l Wk)`, `h_l Wv`, h_l the stored attention input."""
-
-    name, keeps, reuses_kv = "reuse-hidden", "hidden states", True
-
-    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
-        if any(s.hidden_states is None for s in post.survivors.values()):
-            raise RecoveryImpossible("no hidden-state checkpoints were kept")
-        for survivor in post.survivors.values():
-            check_hidden_states_cover(survivor.hidden_states, post.context_ids.numel())
-        return run_on_survivors(model, post, lambda s: model.state_for(s, rebuild_from_hidden_states(model, s)))
-
-
-class Replicate:
-    """DejaVu/FailSafe-style: each device's KV is copied to its buddy every step; promote the copy."""
-
-    name, keeps, reuses_kv = "replicate", "KV replica", True
-
-    def recover(self, model: FaultTolerantLlama, post: PostFailureState) -> dict[int, DeviceState]:
-        sources = kv_sources(post)
-        return run_on_survivors(model, post, lambda s: model.state_for(s, copy_from_peers(s, sources)))
-
-
-STRATEGIES: dict[str, Callable[[], RecoveryStrategy]] = {
-    s.name: s for s in (FullRecompute, ReuseReplay, ReuseHiddenStates, Replicate)}
-
-
-def make_recovery(name: str) -> RecoveryStrategy:
+def strategy_info(name: str) -> StrategyInfo:
     if name not in STRATEGIES:
         raise ValueError(f"unknown recovery strategy {name!r} (choose from {', '.join(STRATEGIES)})")
-    return STRATEGIES[name]()
+    return STRATEGIES[name]
+
+
+@dataclass(frozen=True)
+class KVTransfer:
+    """KV heads that go from one survivor to another: `peer` is the other end; a sender reads them
+    from its copy of device `replica_of`'s KV, or from its own cache when that is None."""
+
+    kv_heads: tuple[int, ...]
+    peer: int
+    replica_of: int | None = None
+
+
+@dataclass(frozen=True)
+class RebuildOrder:
+    """What one survivor does: hold `kv_heads` for the whole context afterwards, of which `missing`
+    are new to it; send and receive KV heads as listed (replicate)."""
+
+    strategy: str
+    context_ids: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    missing: tuple[int, ...]
+    sends: tuple[KVTransfer, ...] = ()
+    receives: tuple[KVTransfer, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
-# The work itself
+# The leader's half
 
 
-def fresh_cache(model: FaultTolerantLlama, survivor: Survivor) -> KVCache:
-    return KVCache(model.config.num_hidden_layers, survivor.shard.kv_heads, model.config.head_dim, model.dtype,
-                   capacity=survivor.cache.capacity)
+def plan_rebuild(strategy: str, after: Assignment, survivors: Mapping[int, DeviceInfo],
+                 context_ids: Sequence[int]) -> dict[int, RebuildOrder]:
+    """One order per survivor for `strategy`, from what the survivors hold (RecoveryImpossible when
+    what the strategy needs did not survive)."""
+    context = tuple(context_ids)
+    missing = {d: tuple(g for g in after.kv_heads(d) if g not in info.kv_heads) for d, info in survivors.items()}
+    if strategy == "full-recompute":
+        missing = {d: after.kv_heads(d) for d in survivors}
+    if strategy == "reuse-hidden":
+        check_hidden_states_cover(survivors, len(context))
+    transfers = plan_transfers(survivors, missing, len(context)) if strategy == "replicate" and context else {}
+    return {d: RebuildOrder(strategy, context, after.kv_heads(d), missing[d],
+                            tuple(t for (sender, _), t in transfers.items() if sender == d),
+                            tuple(KVTransfer(t.kv_heads, sender) for (sender, to), t in transfers.items() if to == d))
+            for d in survivors}
 
 
-def prefill_context(model: FaultTolerantLlama, states: dict[int, DeviceState], context_ids: torch.Tensor) -> None:
-    """A forward pass over the whole context on the survivors, keeping only the KV it writes.
-
-    Hidden-state checkpoints are not re-recorded: the survivors' stored ones are still valid.
-    """
-    if context_ids.numel() == 0:
-        return  # the failure struck during the prefill: nothing was cached
-    kept = {d: s.hidden_states for d, s in states.items()}
-    for state in states.values():
-        state.hidden_states = None
-    collective = model.new_collective(tuple(states))
-
-    def forward(worker) -> None:
-        model.recovery_fault_point(worker.device)
-        device_forward(states[worker.device], context_ids, 0, collective, logits="none")
-    run_on_devices([model.workers[d] for d in states], forward, collective)
-    for device, state in states.items():
-        state.hidden_states = kept[device]
+def check_hidden_states_cover(survivors: Mapping[int, DeviceInfo], length: int) -> None:
+    """A rebuild from hidden states needs every position's layer inputs on every survivor."""
+    for info in survivors.values():
+        if info.hidden_positions is None:
+            raise RecoveryImpossible("no hidden-state checkpoints were kept")
+        if info.hidden_positions < length:
+            raise RecoveryImpossible(f"the hidden states hold {info.hidden_positions} of the {length} cached "
+                                     f"positions (they were switched on after the prefill)")
 
 
-def run_on_survivors(model: FaultTolerantLlama, post: PostFailureState,
-                     rebuild: Callable[[Survivor], DeviceState]) -> dict[int, DeviceState]:
-    """Each survivor rebuilds its own cache in its own thread, all at once."""
-    def task(worker) -> DeviceState:
-        model.recovery_fault_point(worker.device)
-        return rebuild(post.survivors[worker.device])
-    devices = tuple(post.survivors)
-    return run_on_devices([model.workers[d] for d in devices], task, model.new_collective(devices))
+def plan_transfers(survivors: Mapping[int, DeviceInfo], missing: Mapping[int, tuple[int, ...]], length: int
+                   ) -> dict[tuple[int, int], KVTransfer]:
+    """(sender, receiver) -> what goes between them: each missing KV head from a survivor that holds
+    it, else from a survivor's copy of a lost device's KV that covers the context."""
+    transfers: dict[tuple[int, int], KVTransfer] = {}
+    for receiver, heads in missing.items():
+        for g in heads:
+            sender, replica_of = kv_source(survivors, g, length, receiver)
+            old = transfers.get((sender, receiver), KVTransfer((), receiver, replica_of))
+            transfers[(sender, receiver)] = KVTransfer(old.kv_heads + (g,), receiver, replica_of)
+    return transfers
 
 
-def check_hidden_states_cover(store: HiddenStateStore, length: int) -> None:
-    """A rebuild from hidden states needs every position's layer inputs."""
-    if store.length < length:
-        raise RecoveryImpossible(f"the hidden states hold {store.length} of the {length} cached positions "
-                                 f"(they were switched on after the prefill)")
+def kv_source(survivors: Mapping[int, DeviceInfo], kv_head: int, length: int, receiver: int) -> tuple[int, int | None]:
+    """Where a KV head survived: (survivor, None) for its own cache, (survivor, d) for its copy of d's."""
+    for device, info in sorted(survivors.items()):
+        if device != receiver and kv_head in info.kv_heads:
+            return device, None
+    for device, info in sorted(survivors.items()):
+        if kv_head in info.replica_kv_heads and info.replica_positions >= length:
+            return device, info.replica_of
+    raise RecoveryImpossible(f"KV head {kv_head + 1} survived nowhere (its device and its buddy are both lost)")
 
 
-def rebuild_from_hidden_states(model: FaultTolerantLlama, survivor: Survivor) -> KVCache:
-    """Keep the held KV; project the missing KV heads from the stored inputs of every layer."""
-    config, shard, store = model.config, survivor.shard, survivor.hidden_states
-    cache = survivor.cache.regrouped(shard.kv_heads)
-    missing = survivor.missing_kv_heads
-    if not missing or cache.length == 0:
-        return cache
-    check_hidden_states_cover(store, cache.length)
-    rows = kv_weight_rows(shard, missing, config.head_dim)
-    rope = Rotary(config, model.dtype).factors(0, cache.length)
-    for i, layer in enumerate(shard.layers):
+# --------------------------------------------------------------------------------------------
+# The device's half
+
+
+def rebuild(state: DeviceState, order: RebuildOrder, collective: Collective) -> None:
+    """Make `state`'s cache hold `order.kv_heads` for the whole context, as the strategy says (in the
+    order of the device's own shard: inherited heads come after its own). The rebuild fills a new
+    cache, installed only once complete: one interrupted by another failure leaves the cache as it
+    was, so that the recovery planned again never trusts a half-filled head."""
+    heads = state.shard.kv_heads
+    if set(heads) != set(order.kv_heads):
+        raise ValueError(f"Device-{state.device} holds weights for KV heads {heads}, the order asks {order.kv_heads}")
+    cache = KVCache(state.config.num_hidden_layers, heads, state.config.head_dim, state.cache.dtype,
+                    capacity=max(state.cache.capacity, len(order.context_ids), 1)) \
+        if order.strategy == "full-recompute" else state.cache.regrouped(heads)
+    trial = replace(state, cache=cache)
+    if not order.context_ids:
+        pass  # the failure struck during the prefill: nothing was cached
+    elif order.strategy in ("full-recompute", "reuse-replay"):
+        trial.kv_to_fill = order.missing if order.strategy == "reuse-replay" else None
+        prefill_context(trial, order.context_ids, collective)
+    elif order.strategy == "reuse-hidden":
+        rebuild_from_hidden_states(trial, order.missing)
+    else:
+        exchange_kv(trial, order, collective)
+    state.cache = trial.cache
+
+
+def prefill_context(state: DeviceState, context_ids: Sequence[int], collective: Collective) -> None:
+    """A forward pass over the whole context on `state` (a trial copy), keeping only the KV it writes:
+    the hidden-state checkpoints are not re-recorded (the stored ones are still valid)."""
+    device_forward(replace(state, hidden_states=None), torch.tensor(context_ids, dtype=torch.long), 0, collective,
+                   logits="none")
+
+
+def rebuild_from_hidden_states(state: DeviceState, kv_heads: Sequence[int]) -> None:
+    """Project the given held KV heads from the stored inputs of every layer (HCache-style)."""
+    config, store, cache = state.config, state.hidden_states, state.cache
+    if not kv_heads or cache.length == 0:
+        return
+    check_store_covers(store, cache.length)
+    rows = kv_weight_rows(state.shard, kv_heads, config.head_dim)
+    rope = Rotary(config, cache.dtype).factors(0, cache.length)
+    for i, layer in enumerate(state.shard.layers):
         k, v = project_kv_heads(layer, rows, store.layer_inputs(i, cache.length), rope, config.head_dim)
-        cache.put_heads(i, missing, 0, k, v)
-    return cache
+        cache.put_heads(i, kv_heads, 0, k, v)
 
 
-def kv_sources(post: PostFailureState) -> dict[int, KVCache]:
-    """For every KV head, a surviving cache that holds it: a survivor's own, else a buddy's copy."""
-    sources: dict[int, KVCache] = {}
-    for survivor in post.survivors.values():
-        for g in survivor.cache.kv_heads:
-            sources.setdefault(g, survivor.cache)
-    for survivor in post.survivors.values():
-        for replica in survivor.replicas.values():
-            for g in replica.kv_heads:
-                if replica.length >= survivor.cache.length:  # a copy that covers the context
-                    sources.setdefault(g, replica)
-    return sources
+def check_store_covers(store: HiddenStateStore | None, length: int) -> None:
+    if store is None or store.length < length:
+        held = 0 if store is None else store.length
+        raise RecoveryImpossible(f"the hidden states hold {held} of the {length} cached positions")
 
 
-def copy_from_peers(survivor: Survivor, sources: dict[int, KVCache]) -> KVCache:
-    """Keep the held KV; copy each missing KV head from where it survived (a KV copy between devices)."""
-    cache = survivor.cache.regrouped(survivor.shard.kv_heads)
-    if cache.length == 0:
-        return cache  # the failure struck during the prefill: nothing to copy
-    for g in survivor.missing_kv_heads:
-        if g not in sources:
-            raise RecoveryImpossible(f"KV head {g + 1} survived nowhere (its device and its buddy are both lost)")
-        for layer in range(cache.num_layers):
-            k, v = sources[g].head(layer, g)
-            cache.put_head(layer, g, k[:cache.length], v[:cache.length])
-    return cache
+def exchange_kv(state: DeviceState, order: RebuildOrder, collective: Collective) -> None:
+    """Replicate: send the KV heads others lack (from the own cache or the held copy), then receive
+    and store those this device lacks. A device that holds the copy it needs itself promotes it
+    without a transfer."""
+    length, promoted = state.cache.length, []
+    for transfer in order.sends:
+        if transfer.replica_of not in (None, state.replica_of):
+            raise RecoveryImpossible(f"Device-{state.device} holds no copy of Device-{transfer.replica_of}'s KV")
+        source = state.cache if transfer.replica_of is None else state.replica
+        payload = kv_heads_payload(source, transfer.kv_heads, length)
+        if transfer.peer == state.device:
+            promoted.append(payload)
+        else:
+            collective.send(state.device, transfer.peer, payload)
+    for transfer in order.receives:
+        heads, keys, values = promoted.pop(0) if transfer.peer == state.device else \
+            collective.recv(state.device, transfer.peer)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            state.cache.put_heads(layer, heads, 0, k, v)
 
 
-# --------------------------------------------------------------------------------------------
-# Replication during normal running
-
-
-def replicate_new_kv(state: DeviceState, start: int, length: int, collective: ThreadCollective) -> None:
-    """Send this step's new KV entries to the buddy (next device); store the predecessor's.
-
-    A copy counts only the positions it holds from 0 on: one started in the middle of a run (its
-    predecessor's earlier entries never sent) claims nothing until it is filled from 0.
-    """
-    cache = state.cache
-    sent = (state.device, cache.kv_heads, [k[:, start:start + length] for k in cache.k],
-            [v[:, start:start + length] for v in cache.v])
-    source, kv_heads, keys, values = collective.ring_pass(state.device, sent)
-    if source == state.device:
-        return  # a single device has no buddy
-    replica = state.replicas.get(source)
-    if replica is None or replica.kv_heads != kv_heads:  # a new predecessor, or its heads changed
-        replica = KVCache(cache.num_layers, kv_heads, cache.head_dim, cache.dtype, max(start + length, 1))
-        state.replicas = {source: replica}  # a device keeps only its current predecessor's copy
-    for layer, (k, v) in enumerate(zip(keys, values)):
-        replica.write(layer, start, k, v)
-    if start <= replica.length:
-        replica.length = max(replica.length, start + length)
+def kv_heads_payload(cache: KVCache, kv_heads: Sequence[int], length: int
+                     ) -> tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]]:
+    """(heads, per-layer K [heads, length, head_dim], per-layer V): copies, for sending."""
+    slots = [cache.kv_heads.index(g) for g in kv_heads]
+    return (tuple(kv_heads), [k[slots, :length].clone() for k in cache.k], [v[slots, :length].clone() for v in cache.v])

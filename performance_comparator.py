@@ -1,10 +1,11 @@
 """Time every recovery strategy from the same post-failure state, count its FLOPs, prove it lossless.
 
-Strategies run alternately, each from its own copy of the state, several times; the report gives
-min / median / max seconds and ratios of medians against full recompute, beside the FLOP ratio
-counted from shapes. Every strategy's KV is checked head by head against a failure-free run
-(lossless_checks.py), and its continuation must produce the failure-free run's tokens with the
-same logits.
+Strategies run alternately, each from the survivors' snapshot of the same post-failure state,
+several times; the report gives min / median / max seconds and ratios of medians against full
+recompute, beside the FLOP ratio counted from shapes. Every strategy's KV is checked head by head
+against a failure-free run (lossless_checks.py), and its continuation must produce the
+failure-free run's tokens with the same logits. Everything goes through the driver's messages:
+the devices report their KV, the leader times the rebuild it commands.
 """
 from __future__ import annotations
 
@@ -15,15 +16,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from device_threads import run_on_devices
-from fault_tolerant_cluster import FaultTolerantLlama, PostFailureState, Survivor
+from cluster_leader import PostFailure
+from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import Assignment
-from kv_cache_reused import RecoveryImpossible, RecoveryStrategy, make_recovery, rebuild_from_hidden_states
+from kv_cache_reused import strategy_info
 from llama_model_loader import LlamaConfig
-from lossless_checks import (LOGITS_TOLERANCE, KVCheck, KVSnapshot, check_kv, kept_heads, logits_rel_diff,
-                             near_ties)
-from tensor_parallel_cluster import TensorParallelLlama
-from tensor_parallel_model import DeviceState
+from lossless_checks import LOGITS_TOLERANCE, KVCheck, KVSnapshot, check_kv, kept_heads, logits_rel_diff, near_ties
 
 
 @dataclass(frozen=True)
@@ -107,19 +105,7 @@ class DeviceLevelComparison:
 
 
 # --------------------------------------------------------------------------------------------
-# Snapshots for checking (the leader never needs these to recover)
-
-
-def snapshot_states(states: dict[int, DeviceState]) -> KVSnapshot:
-    """Every (device, layer, KV head) the states hold, copied."""
-    return {(device, layer, g): tuple(t.clone() for t in state.cache.head(layer, g))
-            for device, state in states.items()
-            for layer in range(state.cache.num_layers) for g in state.cache.kv_heads}
-
-
-def snapshot_kv(model: TensorParallelLlama) -> KVSnapshot:
-    """Every (device, layer, KV head) of the cluster, copied: the failure-free reference."""
-    return snapshot_states({d: w.state for d, w in model.workers.items()})
+# The failure-free run (the reference of every check)
 
 
 @dataclass
@@ -133,16 +119,16 @@ class FailureFreeRun:
     prefill_s: float
 
 
-def failure_free_run(model: TensorParallelLlama, prompt_ids: Sequence[int], new_tokens: int,
+def failure_free_run(model: FaultTolerantLlama, prompt_ids: Sequence[int], new_tokens: int,
                      failure_after: int) -> FailureFreeRun:
-    """A run without failure; its KV is snapshotted once `failure_after` tokens are out."""
+    """A run without failure; its KV is reported by the devices once `failure_after` tokens are out."""
     started = time.perf_counter()
     logits = [model.prefill(prompt_ids)]
     prefill_s = time.perf_counter() - started
     tokens, kv = [int(logits[0].argmax())], None
     while True:
         if len(tokens) == failure_after:
-            kv = snapshot_kv(model)
+            kv = model.kv_snapshot()
         if len(tokens) == new_tokens:
             return FailureFreeRun(tokens, logits, kv, prefill_s)
         logits.append(model.decode(tokens[-1]))
@@ -150,7 +136,7 @@ def failure_free_run(model: TensorParallelLlama, prompt_ids: Sequence[int], new_
 
 
 # --------------------------------------------------------------------------------------------
-# FLOPs from shapes
+# FLOPs from shapes, and what each strategy keeps
 
 
 def forward_flops(config: LlamaConfig, assignment: Assignment, length: int) -> float:
@@ -171,31 +157,40 @@ def kv_projection_flops(config: LlamaConfig, length: int, kv_heads: int) -> floa
     return 2 * length * config.hidden_size * 2 * config.head_dim * kv_heads * config.num_hidden_layers
 
 
-def recovery_flops(name: str, config: LlamaConfig, post: PostFailureState) -> float:
+def kv_heads_kept_and_missing(post: PostFailure) -> tuple[int, int]:
+    """(device, KV head) caches the survivors need after the recovery: held before, and not."""
+    kept = missing = 0
+    for device, info in post.survivors.items():
+        needed = set(post.assignment.kv_heads(device))
+        kept += len(needed & set(info.kv_heads))
+        missing += len(needed - set(info.kv_heads))
+    return kept, missing
+
+
+def recovery_flops(name: str, config: LlamaConfig, post: PostFailure) -> float:
     """Arithmetic each strategy does to rebuild the cache (replication only copies)."""
-    L = post.context_ids.numel()
-    missing = sum(len(s.missing_kv_heads) for s in post.survivors.values())
-    kept = sum(len(s.shard.kv_heads) for s in post.survivors.values()) - missing
-    full = forward_flops(config, post.plan.after, L)
+    L = len(post.context_ids)
+    kept, missing = kv_heads_kept_and_missing(post)
+    full = forward_flops(config, post.assignment, L)
     return {"full-recompute": full,
             "reuse-replay": full - kv_projection_flops(config, L, kept),
             "reuse-hidden": kv_projection_flops(config, L, missing),
             "replicate": 0.0}[name]
 
 
-def reuse_rate(name: str, post: PostFailureState) -> float:
+def reuse_rate(name: str, post: PostFailure) -> float:
     """Share of the (device, KV head) caches needed after recovery that were kept, not rebuilt."""
-    needed = sum(len(s.shard.kv_heads) for s in post.survivors.values())
-    kept = sum(len(s.shard.kv_heads) - len(s.missing_kv_heads) for s in post.survivors.values())
-    return 0.0 if name == "full-recompute" else kept / needed
+    kept, missing = kv_heads_kept_and_missing(post)
+    return 0.0 if name == "full-recompute" else kept / (kept + missing)
 
 
-def kept_bytes(strategy: RecoveryStrategy, post: PostFailureState) -> int:
+def kept_bytes(name: str, post: PostFailure) -> int:
     """Memory the strategy needs kept during normal running, summed over the survivors."""
-    if strategy.keeps == "hidden states":
-        return sum(s.hidden_states.nbytes for s in post.survivors.values() if s.hidden_states is not None)
-    if strategy.keeps == "KV replica":
-        return sum(r.nbytes for s in post.survivors.values() for r in s.replicas.values())
+    keeps = strategy_info(name).keeps
+    if keeps == "hidden states":
+        return sum(info.hidden_bytes for info in post.survivors.values())
+    if keeps == "KV replica":
+        return sum(info.replica_bytes for info in post.survivors.values())
     return 0
 
 
@@ -203,34 +198,65 @@ def kept_bytes(strategy: RecoveryStrategy, post: PostFailureState) -> int:
 # Timing and checking
 
 
-def time_strategies(model: FaultTolerantLlama, post: PostFailureState, strategies: Sequence[RecoveryStrategy],
-                    repeats: int) -> tuple[dict[str, Timing], dict[str, dict[int, DeviceState]], dict[str, str]]:
-    """Run every strategy `repeats` times, alternating (order rotated each round), each on a fresh copy.
+def compare_recoveries(model: FaultTolerantLlama, post: PostFailure, strategy_names: Sequence[str],
+                       repeats: int, reference: FailureFreeRun, fail_after: int, last_token: int
+                       ) -> list[StrategyOutcome]:
+    """Time, cost and check every strategy: `repeats` rebuilds each from the prepared state,
+    alternating (order rotated every round), checked after its last one; the model is left with
+    the last checked strategy's state."""
+    outcomes = {name: StrategyOutcome(name, strategy_info(name).keeps, None, recovery_flops(name, model.config, post),
+                                      reuse_rate(name, post), kept_bytes(name, post))
+                for name in strategy_names}
+    kept = {name: kept_heads({d: info.kv_heads for d, info in post.survivors.items()}, strategy_info(name).reuses_kv)
+            for name in strategy_names}
 
-    Returns timings, the last recovered states of each strategy, and the errors of those that
-    could not run. Each run is logged on every survivor as a 'rebuild KV: <strategy>' span.
-    """
-    seconds: dict[str, list[float]] = {s.name: [] for s in strategies}
-    states: dict[str, dict[int, DeviceState]] = {}
+    def check_last(name: str) -> None:
+        check(model, outcomes[name], kept[name], reference, fail_after, last_token)
+
+    timings, errors = time_rebuilds(model, strategy_names, repeats, after_last=check_last)
+    for name, outcome in outcomes.items():
+        outcome.timing, outcome.error = timings.get(name), errors.get(name)
+    return list(outcomes.values())
+
+
+def time_rebuilds(model: FaultTolerantLlama, strategy_names: Sequence[str], repeats: int,
+                  after_last: Callable[[str], object] = lambda name: None
+                  ) -> tuple[dict[str, Timing], dict[str, str]]:
+    """`repeats` rebuilds of each strategy from the prepared post-failure state, alternating with the
+    order rotated every round (machine noise falls on all alike); `after_last(name)` runs after a
+    strategy's last rebuild, on its state. A strategy that cannot run (it fell back) is timed no
+    more: its reason is in the errors."""
+    seconds: dict[str, list[float]] = {name: [] for name in strategy_names}
     errors: dict[str, str] = {}
+    names = list(strategy_names)
     for round_index in range(repeats):
-        order = list(strategies[round_index % len(strategies):]) + list(strategies[:round_index % len(strategies)])
-        for strategy in order:
-            if strategy.name in errors:
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            if name in errors:
                 continue
-            copy = post.copy()
-            began = model.clock()
-            started = time.perf_counter()
-            try:
-                states[strategy.name] = strategy.recover(model, copy)
-            except RecoveryImpossible as reason:
-                errors[strategy.name] = str(reason)
+            recovery = model.rebuild(name)
+            if recovery.strategy != name:
+                errors[name] = recovery.fallback_reason.split("; fell back")[0]
                 continue
-            seconds[strategy.name].append(time.perf_counter() - started)
-            for device in copy.survivors:
-                model.log.span(device, f"rebuild KV: {strategy.name}", began)
-    timings = {name: Timing(tuple(s)) for name, s in seconds.items() if s}
-    return timings, states, errors
+            seconds[name].append(recovery.rebuild_s)
+            if round_index == repeats - 1:
+                after_last(name)
+    return {name: Timing(tuple(s)) for name, s in seconds.items() if s}, errors
+
+
+def check(model: FaultTolerantLlama, outcome: StrategyOutcome, kept: frozenset[tuple[int, int]],
+          reference: FailureFreeRun, fail_after: int, last_token: int) -> None:
+    """The recovered state against the failure-free run: its KV head by head, then the steps after it."""
+    outcome.kv = check_kv(model.kv_snapshot(), reference.kv, kept, model.dtype)
+    want = reference.tokens[fail_after:]
+    tokens, logits, outcome.redo_s = continue_generation(model, last_token, want)
+    outcome.continuation = tokens
+    outcome.tokens_identical = tokens == want
+    outcome.logits_max_rel_diff = logits_rel_diff(logits, reference.logits[fail_after:])
+    outcome.logits_tolerance = LOGITS_TOLERANCE[model.dtype]
+    ties = near_ties(reference.logits[fail_after:], outcome.logits_tolerance)
+    differ = [step for step, (got, expected) in enumerate(zip(tokens, want)) if got != expected]
+    if differ and all(step in ties for step in differ):
+        outcome.near_tie_mismatches = tuple(differ)
 
 
 def continue_generation(model: FaultTolerantLlama, last_token: int, reference_next: Sequence[int]
@@ -248,63 +274,23 @@ def continue_generation(model: FaultTolerantLlama, last_token: int, reference_ne
     return [int(step.argmax()) for step in logits], logits, redo_s
 
 
-def compare_recoveries(model: FaultTolerantLlama, post: PostFailureState, strategy_names: Sequence[str],
-                       repeats: int, reference: FailureFreeRun, fail_after: int, last_token: int
-                       ) -> list[StrategyOutcome]:
-    """Time, cost and check every strategy; the model is left with the last checked strategy's state."""
-    strategies = [make_recovery(n) for n in strategy_names]
-    kept = {s.name: kept_bytes(s, post) for s in strategies}  # before any continuation grows the stores
-    timings, states, errors = time_strategies(model, post, strategies, repeats)
-    survivor_heads = {d: s.cache.kv_heads for d, s in post.survivors.items()}
-    outcomes = []
-    for strategy in strategies:
-        outcome = StrategyOutcome(strategy.name, strategy.keeps, timings.get(strategy.name),
-                                  recovery_flops(strategy.name, model.config, post), reuse_rate(strategy.name, post),
-                                  kept[strategy.name], error=errors.get(strategy.name))
-        if outcome.error is None:
-            outcome.kv = check_kv(snapshot_states(states[strategy.name]), reference.kv,
-                                  kept_heads(survivor_heads, strategy.reuses_kv), model.dtype)
-            model.adopt(states[strategy.name], post.context_ids)
-            want = reference.tokens[fail_after:]
-            tokens, logits, outcome.redo_s = continue_generation(model, last_token, want)
-            outcome.continuation = tokens
-            outcome.tokens_identical = tokens == want
-            outcome.logits_max_rel_diff = logits_rel_diff(logits, reference.logits[fail_after:])
-            outcome.logits_tolerance = LOGITS_TOLERANCE[model.dtype]
-            ties = near_ties(reference.logits[fail_after:], outcome.logits_tolerance)
-            differ = [step for step, (got, expected) in enumerate(zip(tokens, want)) if got != expected]
-            if differ and all(step in ties for step in differ):
-                outcome.near_tie_mismatches = tuple(differ)
-        outcomes.append(outcome)
-    return outcomes
-
-
-def compare_device_level(model: FaultTolerantLlama, post: PostFailureState, repeats: int
-                         ) -> DeviceLevelComparison | None:
-    """On the receiver that inherited most: rebuild every KV head it holds, or only the inherited.
-
-    Each run waits on the device as a step does: it ends if the device is declared dead."""
-    receivers = [d for d in post.plan.moved_heads if post.survivors[d].missing_kv_heads]
-    if not receivers or any(s.hidden_states is None for s in post.survivors.values()):
+def compare_device_level(model: FaultTolerantLlama, post: PostFailure, repeats: int) -> DeviceLevelComparison | None:
+    """On the receiver that inherited most: rebuild every KV head it holds, or only the inherited,
+    both from the post-failure state (alternating; each on a copy on the device)."""
+    plan = post.plans[-1]
+    receivers = [d for d in plan.moved_heads if set(post.assignment.kv_heads(d)) - set(post.survivors[d].kv_heads)]
+    if not receivers or any(info.hidden_positions is None for info in post.survivors.values()):
         return None
-    device = max(receivers, key=lambda d: (len(post.plan.moved_heads[d]), -d))
-    survivor = post.survivors[device]
-    nothing_kept = Survivor(survivor.shard, survivor.cache.regrouped(()), survivor.hidden_states, {})
-    worker = model.workers[device]
-
-    def timed(rebuild_from: Survivor) -> float:
-        started = time.perf_counter()
-        run_on_devices([worker], lambda w: rebuild_from_hidden_states(model, rebuild_from),
-                       model.new_collective((device,)))
-        return time.perf_counter() - started
-
+    device = max(receivers, key=lambda d: (len(plan.moved_heads[d]), -d))
+    model.restore_post_failure()
     all_times, inherited_times = [], []
     for _ in range(repeats):
-        all_times.append(timed(nothing_kept))
-        inherited_times.append(timed(survivor))
-    return DeviceLevelComparison(device, len(survivor.shard.query_heads), len(post.plan.moved_heads[device]),
-                                 len(survivor.shard.kv_heads), len(survivor.missing_kv_heads),
-                                 Timing(tuple(all_times)), Timing(tuple(inherited_times)))
+        all_times.append(model.time_hidden_rebuild(device, inherited_only=False))
+        inherited_times.append(model.time_hidden_rebuild(device, inherited_only=True))
+    held, needed = post.survivors[device].kv_heads, post.assignment.kv_heads(device)
+    return DeviceLevelComparison(device, len(post.assignment.heads[device]), len(plan.moved_heads[device]),
+                                 len(needed), len(set(needed) - set(held)), Timing(tuple(all_times)),
+                                 Timing(tuple(inherited_times)))
 
 
 @dataclass(frozen=True)
@@ -332,29 +318,19 @@ def measure_keeping_cost(model: FaultTolerantLlama, decode_repeats: int, prefill
 
 
 def _alternate_modes(model: FaultTolerantLlama, repeats: int, step: Callable[[], object]) -> dict[str, Timing]:
-    """Time `step` in every keeping mode, `repeats` rounds with the order rotated; settings restored."""
-    kept_hidden = {d: w.state.hidden_states for d, w in model.workers.items()}
-    modes: dict[str, Callable[[], None]] = {
-        "nothing kept": lambda: _keep(model, kept_hidden, hidden=False, replicate=False),
-        "hidden states": lambda: _keep(model, kept_hidden, hidden=True, replicate=False),
-        "KV replica": lambda: _keep(model, kept_hidden, hidden=False, replicate=True),
-    }
-    if any(h is None for h in kept_hidden.values()):
+    """Time `step` in every keeping mode, `repeats` rounds with the order rotated; settings restored.
+    Hidden states switched off are parked on each device, not dropped."""
+    keeping = model.keeping
+    modes = {"nothing kept": (False, False), "hidden states": (True, False), "KV replica": (False, True)}
+    if not keeping[0]:
         del modes["hidden states"]
     seconds: dict[str, list[float]] = {name: [] for name in modes}
-    replication = model.replication
     names = list(modes)
     for round_index in range(repeats):
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:  # order rotated
-            modes[name]()
+            model.keep(*modes[name])
             started = time.perf_counter()
             step()
             seconds[name].append(time.perf_counter() - started)
-    _keep(model, kept_hidden, hidden=True, replicate=replication)
+    model.keep(*keeping)
     return {name: Timing(tuple(s)) for name, s in seconds.items() if s}
-
-
-def _keep(model: FaultTolerantLlama, stores: dict, hidden: bool, replicate: bool) -> None:
-    for device, worker in model.workers.items():
-        worker.state.hidden_states = stores[device] if hidden else None
-    model.replication = replicate

@@ -13,6 +13,14 @@ from typing import Any
 Report = dict[str, Any]
 
 
+def inheritance_rate(failure: dict) -> str:
+    """' (N MB, X MB/s)' for the inherited slices, when the run says how much was read."""
+    read, seconds = failure.get("weight_bytes_inherited"), failure["weight_load_seconds"]
+    if not read or seconds <= 0:
+        return ""
+    return f" ({read / 1e6:.0f} MB, {read / 1e6 / seconds:.0f} MB/s)"
+
+
 def json_path(report_path: Path) -> Path:
     return report_path.with_suffix(".json")
 
@@ -111,7 +119,8 @@ def _failure(r: Report) -> str:
              f"led by            Device-{f['leader']}",
              f"reassignment      {f['reassign']}"]
     lines += [f"  {line}" for line in f["plan"]]
-    lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to read what they inherit")
+    lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to read what they inherit"
+                 + inheritance_rate(f))
     if r.get("files", {}).get("timeline"):
         lines.append(f"timeline          {r['files']['timeline']} (every device's work, beats and the failure)")
     return "\n".join(lines)

@@ -29,6 +29,11 @@ class ReassignmentPlan:
     kv_to_rebuild: Mapping[int, tuple[int, ...]]  # receiver -> KV heads it must newly hold
     lost_kv_heads: tuple[int, ...]                # KV heads whose cache was on the failed device
 
+    def __reduce__(self):
+        """Plain data across processes (a mapping proxy does not pickle)."""
+        return ReassignmentPlan, (self.failed, self.strategy, self.before, self.after, dict(self.moved_heads),
+                                  dict(self.moved_mlp), dict(self.kv_to_rebuild), self.lost_kv_heads)
+
     @property
     def receivers(self) -> tuple[int, ...]:
         return tuple(self.moved_heads)

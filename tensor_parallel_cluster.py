@@ -1,29 +1,41 @@
-"""A Llama checkpoint split over device threads: the Python API for prefill, decode and generation.
+"""A Llama checkpoint split over devices: the Python API for prefill, decode and generation.
 
     from tensor_parallel_cluster import TensorParallelLlama
     with TensorParallelLlama.load("path/to/Llama-3.2-1B", devices=4) as model:
         tokens = model.generate(model.tokenizer.encode("The capital of France is"), max_new_tokens=8)
 
-Each device thread loads only its own weight slices and keeps its own KV cache; the replicated
-parts (embedding, final norm) are read once and shared read-only between the threads.
+This is the driver: it holds no weights and no KV. It starts one device per slice of the model
+(each reads only its own slices from the checkpoint; the lowest-numbered one also leads) and talks
+to the leader only through messages (device_protocol.py). Failures are the leader's business; the
+driver sees a slower step, the recoveries the leader ran, or, when the leader holds, StepFailed.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from device_threads import DeviceWorker, ThreadCollective, run_on_devices
+from cluster_leader import Recovery, StepFailed, StepResult
+from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
+from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceInfo, Envelope, LeaderChanged,
+                             RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
+from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
+from heartbeat_detection import HeartbeatConfig
 from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
+from lossless_checks import KVSnapshot
 from synthetic_checkpoint import ensure_synthetic_checkpoint
-from tensor_parallel_model import (DeviceShard, DeviceState, HiddenStateStore, KVCache, Rotary, device_forward,
-                                   load_device_shard, load_replicated)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BACKENDS = tuple(CODECS)  # "threads"; "serialising" (every message and payload as bytes: a test of the boundary)
+SEQUENCE = 0  # the one sequence the devices serve for now
+
+
+class ClusterClosed(RuntimeError):
+    """A request was in flight when the cluster was closed: it has no answer."""
 
 
 @dataclass(frozen=True)
@@ -47,22 +59,35 @@ def open_checkpoint(model_dir: str | Path | None = None, log=print) -> tuple[Che
 
 
 class TensorParallelLlama:
-    """A model split by heads over device threads, with greedy generation."""
+    """A model split by heads over devices, with greedy generation; failures are recovered by the leader."""
 
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
-                 progress: bool = False):
+                 progress: bool = False, heartbeat: HeartbeatConfig = HeartbeatConfig(),
+                 policy: RecoveryPolicy = RecoveryPolicy(), backend: str = "threads"):
+        if backend not in CODECS:
+            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
-        self.assignment = assignment
-        self.replicated = load_replicated(checkpoint, dtype)
-        self.workers = {d: DeviceWorker(d) for d in assignment.devices}
-        self.collective = ThreadCollective(assignment.devices)
+        self.assignment, self.heartbeat, self.policy = assignment, heartbeat, policy
+        self.transport = ThreadTransport(CODECS[backend])
+        self.leader, self.epoch = min(assignment.devices), 0
         self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
+        self.recoveries: list[Recovery] = []
+        self.failures: list = []  # every failure the driver was told of (cluster_leader.FailureEvent), in order
+        self.events: list[tuple[float, int, str, float]] = []  # telemetry: (time, device, kind, duration)
+        self.strikes: list[Strike] = []
         self.tokenizer: Tokenizer | None = None
         self.load_report: LoadReport | None = None
+        self._released = {d: threading.Event() for d in assignment.devices}  # continue a hung device
+        self._requests = 0
+        self._closed = False
+        self._progress = progress
+        dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
         try:
-            with _progress_bar(len(self.workers) * self.config.num_hidden_layers, progress) as bar:
-                run_on_devices(list(self.workers.values()), lambda w: self._load_state(w, bar.update),
-                               self.collective)
+            for device in assignment.devices:
+                setup = DeviceSetup(device, checkpoint.folder, dtype_name, assignment, heartbeat, policy)
+                DeviceActor(setup, self.transport, self._released[device]).start()
+            self._await_ready()
+            self.transport.send(Address("control", self.leader), Envelope(DRIVER, self.epoch, 0, Watch()))
         except BaseException:
             self.close()
             raise
@@ -71,10 +96,9 @@ class TensorParallelLlama:
     def load(cls, model_dir: str | Path | None = None, devices: int = 4, dtype: torch.dtype = torch.float32,
              progress: bool = False, log=print, **options) -> "TensorParallelLlama":
         """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it
-        evenly over `devices`. `options` go to the constructor (e.g. the fault-tolerant heartbeat)."""
+        evenly over `devices`. `options` go to the constructor (heartbeat, policy, backend)."""
         location, checkpoint, seconds = open_checkpoint(model_dir, log)
-        config = checkpoint.config
-        assignment = even_assignment(config, devices)
+        assignment = even_assignment(checkpoint.config, devices)
         return cls.from_checkpoint(location, checkpoint, assignment, dtype, progress, seconds, **options)
 
     @classmethod
@@ -90,16 +114,18 @@ class TensorParallelLlama:
                                        checkpoint.stored_dtype, seconds_so_far + time.perf_counter() - started)
         return model
 
-    def _load_state(self, worker: DeviceWorker, on_layer) -> None:
-        shard = load_device_shard(self.checkpoint, self.assignment, worker.device, self.dtype, on_layer)
-        worker.state = self.new_state(shard)
-
-    def new_state(self, shard: DeviceShard, cache: KVCache | None = None) -> DeviceState:
-        """A device's state for a shard (under the current assignment's vocabulary split)."""
-        config = self.config
-        cache = cache or KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, self.dtype)
-        return DeviceState(config, shard, self.replicated, Rotary(config, self.dtype), cache,
-                           self.assignment.vocab_range(shard.device, config.vocab_size))
+    def _await_ready(self) -> None:
+        """Every device has loaded its slices (or one could not: its error is raised)."""
+        waiting = set(self.assignment.devices)
+        with _progress_bar(len(waiting) * self.config.num_hidden_layers, self._progress) as bar:
+            while waiting:
+                envelope = self._next_message(bound_s=max(600.0, 4 * self.heartbeat.timeout_s))
+                if isinstance(envelope.body, Ready):
+                    if envelope.body.error is not None:
+                        raise envelope.body.error
+                    waiting.discard(envelope.body.device)
+                elif isinstance(envelope.body, Telemetry):
+                    bar.update(sum(1 for event in envelope.body.events if event[2] == "loaded layer"))
 
     # ---------------------------------------------------------------------------------------
     # Running
@@ -112,19 +138,15 @@ class TensorParallelLlama:
     def forward(self, token_ids: Sequence[int] | torch.Tensor, start: int | None = None,
                 logits: str = "last") -> torch.Tensor | None:
         """Logits for `token_ids` placed after the first `start` cached tokens (default: all of them)."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        ids = tuple(torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).tolist())
         start = self.position if start is None else start
-        self._check_length(start + ids.numel())
+        self._check_length(start + len(ids))
         self.cached_ids = self.cached_ids[:start]  # overwritten by this step, whether it finishes or not
-        results = run_on_devices(list(self.workers.values()), self.step_task(ids, start, logits), self.collective)
-        self.cached_ids += ids.tolist()
-        leader = results[self.assignment.devices[0]]
-        return None if leader is None else leader.float()
-
-    def step_task(self, ids: torch.Tensor, start: int, logits: str) -> Callable[[DeviceWorker], object]:
-        """What each device runs for one forward step (subclasses add work around it)."""
-        collective = self.collective
-        return lambda worker: device_forward(worker.state, ids, start, collective, logits)
+        result: StepResult = self.request(Step((Chunk(SEQUENCE, ids, start),), logits))
+        self.cached_ids += list(ids)
+        self.recoveries += result.recoveries
+        self.assignment = result.assignment
+        return None if result.logits is None else result.logits.float()
 
     def prefill(self, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Forget the cache and run the prompt; logits of the last token (or of every token)."""
@@ -151,25 +173,93 @@ class TensorParallelLlama:
                 logits = self.decode(new_tokens[-1])
         return new_tokens
 
-    def enable_hidden_states(self) -> None:
-        """Start keeping per-layer inputs (HCache-style checkpoints) on every device, from the next
-        step on: a store holds only what it recorded from position 0 (switch it on before the prefill)."""
-        for worker in self.workers.values():
-            worker.state.hidden_states = HiddenStateStore(self.config.num_hidden_layers, self.config.hidden_size,
-                                                          self.dtype)
+    # ---------------------------------------------------------------------------------------
+    # Asking the devices (their tensors stay theirs: each sends what is asked)
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """Every (device, layer, KV head) the devices hold, copied (each device sends its own)."""
+        snapshot: KVSnapshot = {}
+        for part in self.request(Broadcast(ReportKV())).values():
+            snapshot.update(part)
+        return snapshot
+
+    def describe(self) -> dict[int, DeviceInfo]:
+        """What each device holds, as it says."""
+        return self.request(Broadcast(Describe()))
 
     def _check_length(self, length: int) -> None:
         if length > self.config.max_position_embeddings:
             raise ValueError(f"{length} positions exceed the model's {self.config.max_position_embeddings}")
 
     # ---------------------------------------------------------------------------------------
+    # Messages
+
+    def request(self, body: Any) -> Any:
+        """Send a request to the leader and wait for its answer (following the leadership if the
+        leader dies meanwhile). Waits are bounded by the cluster's silence, and Ctrl-C is acted on here."""
+        self._requests += 1
+        request = self._requests
+        self.transport.send(Address("leader", self.leader), Envelope(DRIVER, self.epoch, request, body))
+        while True:
+            envelope = self._next_message(bound_s=4 * self.heartbeat.timeout_s)
+            message = envelope.body
+            if isinstance(message, LeaderChanged) and message.epoch > self.epoch:
+                self.leader, self.epoch = message.leader, message.epoch
+                if message.recovery is not None:
+                    self.recoveries.append(message.recovery)
+                if message.failures:  # the new leader holds: the driver decides the recovery
+                    raise StepFailed(message.failures)
+                self._requests += 1
+                request = self._requests
+                self.transport.send(Address("leader", self.leader), Envelope(DRIVER, self.epoch, request, body))
+            elif isinstance(message, Reply) and envelope.request == request:
+                if message.error is not None:
+                    raise message.error
+                return message.value
+
+    def _next_message(self, bound_s: float) -> Envelope:
+        """The driver's next message, recording notices (telemetry, strikes) on the way. The wait is
+        bounded by the leader's silence: its beats come as telemetry, and a new leader says so."""
+        deadline = time.monotonic() + bound_s
+        while True:
+            raise_if_interrupted()
+            if self._closed:
+                raise ClusterClosed("the cluster was closed while a request waited for the leader")
+            envelope = self.transport.receive(Address("driver", DRIVER), POLL_S)
+            if envelope is not None:
+                self._record(envelope.body)
+                if envelope.sender == self.leader or isinstance(envelope.body, LeaderChanged):
+                    deadline = time.monotonic() + bound_s
+                return envelope
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the leader, Device-{self.leader}, was not heard from for {bound_s:.1f} s")
+
+    def _record(self, notice: Any) -> None:
+        if isinstance(notice, Telemetry):
+            self.events.extend(notice.events)
+        elif isinstance(notice, Strike):
+            self.strikes.append(notice)
+            self.events.append((notice.at, notice.device, "stalled" if notice.mode == "slow" else "died", 0.0))
+
+    # ---------------------------------------------------------------------------------------
     # Lifetime
 
     def close(self) -> None:
-        """Stop every device thread (idempotent)."""
-        self.collective.abort()
-        for worker in self.workers.values():
-            worker.stop(timeout=5)
+        """Stop every device (idempotent): hung devices are continued, and every device gets a Stop on
+        its control inbox, which it obeys at once, whatever it is doing (as a process obeys SIGTERM)."""
+        if self._closed:
+            return
+        self._closed = True
+        for released in self._released.values():
+            released.set()
+        for device in self._released:
+            self.transport.send(Address("control", device), Envelope(DRIVER, self.epoch, 0, Stop()))
+        left = self.transport.join(timeout_s=60.0)
+        if left:
+            raise RuntimeError(f"device threads still running after close: {', '.join(left)}")
+        if self.transport.crashed:
+            name, error = self.transport.crashed[0]
+            raise RuntimeError(f"{name} ended with an unexpected error: {error!r}") from error
 
     def __enter__(self) -> "TensorParallelLlama":
         return self

@@ -1,10 +1,11 @@
-"""The Llama forward pass split by attention heads and MLP columns, as one device computes it.
+"""The Llama forward pass split by attention heads, MLP columns and vocabulary rows, as one device computes it.
 
 Everything a device does is a plain function of its shard, its KV cache and its inputs; the only
-thing that crosses devices is the `Collective`: partial outputs summed twice per layer (all-reduce,
+thing that crosses devices is the `Collective`: the embedding of the step's tokens (each device
+looks up the rows of its own vocabulary slice), partial outputs summed twice per layer (all-reduce,
 or reduce-scatter then all-gather of the normed rows when a step has many tokens) and a gather of
-the logits. Threads implement it today (device_threads.py); torch.distributed implements the same
-calls (all_reduce, reduce_scatter_tensor, all_gather_into_tensor), so a process backend can
+the logits. Threads implement it (device_threads.py); torch.distributed implements the same calls
+(all_reduce, reduce_scatter_tensor, all_gather_into_tensor, send/recv), so a process backend can
 replace the threads without touching this file.
 """
 from __future__ import annotations
@@ -39,8 +40,11 @@ class Collective(Protocol):
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every device's `tensor`, in device order."""
 
-    def ring_pass(self, device: int, payload: object) -> object:
-        """Send to the next device in ring order, receive from the previous one (KV replication)."""
+    def send(self, device: int, to: int, payload: object) -> None:
+        """Hand `payload` to device `to` (point to point: KV copies between devices)."""
+
+    def recv(self, device: int, source: int) -> object:
+        """What device `source` sent to this device."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,12 +130,19 @@ class LayerShard:
 
 
 @dataclass
-class Replicated:
-    """What every device holds whole: the (tied) embedding and the final norm."""
+class VocabSlice:
+    """A device's rows of the vocabulary: of the embedding (its tokens' lookups) and of the output
+    projection (its share of the logits), the same tensor when they are tied; and the final norm."""
 
-    embed: torch.Tensor
+    rows: Range
+    embed: torch.Tensor    # [rows, hidden]
+    lm_head: torch.Tensor  # [rows, hidden]: `embed` itself when tied
     final_norm: torch.Tensor
-    lm_head: torch.Tensor  # the embedding itself when tied
+
+    @property
+    def nbytes(self) -> int:
+        shared = self.lm_head.data_ptr() == self.embed.data_ptr()
+        return self.embed.nbytes + (0 if shared else self.lm_head.nbytes) + self.final_norm.nbytes
 
 
 @dataclass
@@ -153,7 +164,8 @@ class DeviceShard:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for layer in self.layers for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+        return sum(t.nbytes for layer in self.layers
+                   for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down, layer.input_norm, layer.post_norm))
 
 
 def head_rows(heads: Sequence[int], head_dim: int) -> list[Range]:
@@ -241,10 +253,49 @@ def gate_and_up(layer: LayerShard) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.w_gate_up[:width], layer.w_gate_up[width:]
 
 
-def load_replicated(checkpoint: Checkpoint, dtype: torch.dtype) -> Replicated:
-    embed = checkpoint.read("model.embed_tokens.weight", dtype)
-    lm_head = embed if checkpoint.config.tie_word_embeddings else checkpoint.read("lm_head.weight", dtype)
-    return Replicated(embed, checkpoint.read("model.norm.weight", dtype), lm_head)
+def load_vocab_slice(checkpoint: Checkpoint, rows: Range, dtype: torch.dtype,
+                     held: VocabSlice | None = None) -> VocabSlice:
+    """The embedding and output rows `rows` [start, stop), reusing those `held` already has."""
+    def read_rows(name: str, held_rows: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(rows[1] - rows[0], checkpoint.config.hidden_size, dtype=dtype)
+        kept = (max(rows[0], held.rows[0]), min(rows[1], held.rows[1])) if held is not None else (0, 0)
+        if kept[0] < kept[1]:
+            out[kept[0] - rows[0]:kept[1] - rows[0]] = held_rows[kept[0] - held.rows[0]:kept[1] - held.rows[0]]
+        for start, stop in missing_ranges((rows,), (kept,) if kept[0] < kept[1] else ()):
+            checkpoint.read(name, dtype, rows=[(start, stop)], out=out[start - rows[0]:stop - rows[0]])
+        return out
+
+    embed = read_rows("model.embed_tokens.weight", held.embed if held else None)
+    tied = checkpoint.config.tie_word_embeddings
+    lm_head = embed if tied else read_rows("lm_head.weight", held.lm_head if held else None)
+    final_norm = held.final_norm if held else checkpoint.read("model.norm.weight", dtype)
+    return VocabSlice(rows, embed, lm_head, final_norm)
+
+
+def missing_ranges(wanted: Sequence[Range], held: Sequence[Range]) -> tuple[Range, ...]:
+    """The parts of `wanted` ranges not covered by `held` ones."""
+    missing: list[Range] = []
+    for start, stop in wanted:
+        cursor = start
+        for a, b in sorted(held):
+            if b <= cursor or a >= stop:
+                continue
+            if a > cursor:
+                missing.append((cursor, a))
+            cursor = max(cursor, b)
+        if cursor < stop:
+            missing.append((cursor, stop))
+    return tuple(missing)
+
+
+def embed_partial(token_ids: torch.Tensor, vocab: VocabSlice) -> torch.Tensor:
+    """This device's share of the embedding of `token_ids`: the rows of its own tokens, zeros for the
+    others ([T, hidden]); the sum over devices is the embedding (each token has exactly one owner)."""
+    local = token_ids - vocab.rows[0]
+    own = (local >= 0) & (local < vocab.embed.shape[0])
+    out = vocab.embed.new_zeros((token_ids.shape[0], vocab.embed.shape[1]))
+    out[own] = vocab.embed[local[own]]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,13 +438,13 @@ class DeviceState:
 
     config: LlamaConfig
     shard: DeviceShard
-    replicated: Replicated
+    vocab: VocabSlice
     rotary: Rotary
     cache: KVCache
-    vocab: Range
     hidden_states: HiddenStateStore | None = None
     kv_to_fill: tuple[int, ...] | None = None  # replay: compute K/V only for these KV heads, reuse the rest
-    replicas: dict[int, KVCache] = field(default_factory=dict)  # buddy copies of other devices' KV
+    replica_of: int | None = None  # the device whose KV copy `replica` is (its ring predecessor)
+    replica: KVCache | None = None
 
     @property
     def device(self) -> int:
@@ -404,6 +455,16 @@ class DeviceState:
         self.cache.length = length
         if self.hidden_states is not None:
             self.hidden_states.commit(length)
+
+
+def load_device_state(checkpoint: Checkpoint, assignment: Assignment, device: int, dtype: torch.dtype,
+                      on_layer: Callable[[], object] = lambda: None) -> DeviceState:
+    """What a device starts with: its weight slices and vocabulary rows, and an empty KV cache."""
+    config = checkpoint.config
+    shard = load_device_shard(checkpoint, assignment, device, dtype, on_layer)
+    vocab = load_vocab_slice(checkpoint, assignment.vocab_range(device, config.vocab_size), dtype)
+    cache = KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, dtype)
+    return DeviceState(config, shard, vocab, Rotary(config, dtype), cache)
 
 
 def project_qkv(layer: LayerShard, num_q: int, num_kv: int, head_dim: int, h: torch.Tensor,
@@ -530,13 +591,16 @@ class ResidualStream:
         self.device, self.collective, self.eps = state.device, collective, state.config.rms_norm_eps
         self.length = token_ids.shape[0]
         self.split = self.length >= SEQUENCE_PARALLEL_MIN_TOKENS
-        rows = collective.own_rows(self.device, self.length) if self.split else slice(None)
-        self.x = F.embedding(token_ids[rows], state.replicated.embed)
+        self.x = self._reduce(embed_partial(token_ids, state.vocab))
 
     def add(self, partial: torch.Tensor) -> None:
         """x += the sum over devices of every device's `partial` ([T, hidden])."""
+        self.x = self.x + self._reduce(partial)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over devices of `partial`: this device's rows of it when split, else all of it."""
         reduce = self.collective.reduce_scatter if self.split else self.collective.all_reduce
-        self.x = self.x + reduce(self.device, partial)
+        return reduce(self.device, partial)
 
     def normed(self, weight: torch.Tensor) -> torch.Tensor:
         """rmsnorm(x) * weight for every token, [T, hidden]: the same on every device."""
@@ -562,10 +626,36 @@ def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, coll
         stream.add(mlp_partial(layer, stream.normed(layer.post_norm)))
     result = None
     if logits != "none":
-        h = stream.normed(state.replicated.final_norm)
-        own_vocab = state.replicated.lm_head[state.vocab[0]:state.vocab[1]]
-        partial_logits = F.linear(h if logits == "all" else h[-1:], own_vocab)
+        h = stream.normed(state.vocab.final_norm)
+        partial_logits = F.linear(h if logits == "all" else h[-1:], state.vocab.lm_head)
         result = torch.cat(collective.all_gather(state.device, partial_logits), dim=-1)
         result = result if logits == "all" else result[0]
     state.commit(start + token_ids.shape[0])
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# KV replication in normal running: the step's new entries go to the buddy
+
+
+def replicate_step(state: DeviceState, start: int, length: int, collective: Collective, buddy: int,
+                   predecessor: int) -> None:
+    """Send this step's new KV entries (positions start..start+length) to the buddy, a real transfer,
+    and store what the predecessor sends: the copy that `replicate` promotes after a failure.
+
+    A copy counts only the positions it holds from 0 on: one started in the middle of a run (its
+    predecessor's earlier entries never sent) claims nothing until it is filled from 0.
+    """
+    cache = state.cache
+    collective.send(state.device, buddy, (state.device, cache.kv_heads, start,
+                                          [k[:, start:start + length].clone() for k in cache.k],
+                                          [v[:, start:start + length].clone() for v in cache.v]))
+    source, kv_heads, at, keys, values = collective.recv(state.device, predecessor)
+    replica = state.replica
+    if replica is None or state.replica_of != source or replica.kv_heads != kv_heads:
+        replica = KVCache(cache.num_layers, kv_heads, cache.head_dim, cache.dtype, max(at + keys[0].shape[1], 1))
+        state.replica_of, state.replica = source, replica
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        replica.write(layer, at, k, v)
+    if at <= replica.length:
+        replica.length = max(replica.length, at + keys[0].shape[1])

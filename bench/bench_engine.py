@@ -46,7 +46,8 @@ from transformers.utils import logging as hf_logging
 from llama_model_loader import Checkpoint
 from device_threads import ThreadCollective
 from tensor_parallel_cluster import TensorParallelLlama
-from tensor_parallel_model import device_forward
+from head_assignment import even_assignment
+from tensor_parallel_model import device_forward, load_device_state
 
 
 @dataclass
@@ -85,12 +86,13 @@ class EngineRunner:
 
 class OneDeviceInMainThread:
     """The same device code for a single device, called in the main thread with its default threads
-    (decode only): the split and the device threads taken apart from the arithmetic."""
+    (decode only): the split and the device threads taken apart from the arithmetic. It is a model of
+    its own (no actor), so nothing reaches into a device."""
 
     def __init__(self, folder: Path, dtype: torch.dtype):
-        self.model = TensorParallelLlama.load(folder, devices=1, dtype=dtype, log=lambda m: None)
-        self.state = self.model.workers[0].state  # its thread stays idle: the main thread computes
-        self.collective = ThreadCollective([0])
+        checkpoint = Checkpoint(folder)
+        self.state = load_device_state(checkpoint, even_assignment(checkpoint.config, 1), 0, dtype)
+        self.collective = ThreadCollective([0], epoch=0)
 
     def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
         device_forward(self.state, prompt, 0, self.collective)
@@ -102,7 +104,7 @@ class OneDeviceInMainThread:
         return times
 
     def close(self) -> None:
-        self.model.close()
+        del self.state
 
 
 class ReferenceRunner:

@@ -54,14 +54,10 @@ def measure_load(folder: Path, dtype_name: str, devices: int) -> dict:
     done.set()
     sampler.join()
     after = memory_status()
-    replicated = model.replicated
-    held = sum(w.state.shard.nbytes for w in model.workers.values()) + sum(
-        t.nbytes for t in {id(t): t for t in (replicated.embed, replicated.lm_head, replicated.final_norm)}.values())
-    norms = sum(layer.input_norm.nbytes + layer.post_norm.nbytes
-                for w in model.workers.values() for layer in w.state.shard.layers)
+    held = sum(info.weight_bytes for info in model.describe().values())  # slices, norms, vocabulary rows
     model.close()
     return {"dtype": dtype_name, "devices": devices, "parameters": parameters,
-            "model_bytes": parameters * dtype.itemsize, "held_bytes": held + norms, "seconds": seconds,
+            "model_bytes": parameters * dtype.itemsize, "held_bytes": held, "seconds": seconds,
             "before": before, "after": after, "sampled_peaks": peaks}
 
 
@@ -105,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in (list(DTYPES) if args.dtype == "both" else [args.dtype]):
         print(report(run_child(folder, dtype_name, args.devices)), flush=True)
-    print("\nWeights held: the tensors the engine keeps (shards, and the replicated embedding and norms once). "
+    print("\nWeights held: the tensors the engine keeps (each device's weight slices, norms and vocabulary rows, as the devices describe them). "
           "Load time includes reading the file: after the page cache was emptied it comes from disk (slower).")
 
 

@@ -7,21 +7,21 @@ context L (one "trial" each):
   * the per-step cost of keeping them (performance_comparator.measure_keeping_cost: decode steps
     at the same position with nothing kept, hidden states, KV replica, alternating), once per
     (devices, L), on the first reassignment's trial, before the failure;
-  * Device-`--fail-device` crashes mid-step; the heartbeat monitor declares it dead; the leader
-    reassigns its heads and the new owners read their weight slices (prepare_recovery);
+  * Device-`--fail-device` crashes mid-step; the leader declares it dead and holds; asked by this
+    script, it reassigns the heads and the new owners read their weight slices (prepare_recovery);
   * from that one post-failure state, every strategy rebuilds the KV cache `--repeats` times,
-    alternating with a rotated order, each run from its own copy (performance_comparator.time_strategies).
+    alternating with a rotated order, each run from the survivors' snapshot (performance_comparator.time_rebuilds).
 FLOPs are counted from shapes (recovery_flops); "kept" is the state the survivors keep during
 normal running for the strategy (kept_bytes), per token of context.
 
-How: weight slices are loaded once per device count. A crash removes a device from its cluster,
-so each trial runs on a new cluster (threads, heartbeats, empty caches) over the same read-only
-slices. Heartbeats are short (detection is not what this measures; the demo reports it).
+How: a crash removes a device from its cluster, so each trial runs on a new cluster (device actors,
+each reading its own slices from the page-cached checkpoint). Heartbeats are short (detection is
+not what this measures; the demo reports it).
 Lossless checks are the demo's and the tests' job: this script only times.
 
 Memory: the 1B model in fp32 holds about 5 GB of weights; each survivor keeps 128 KiB of hidden
-states per token (read, not copied, by the strategy runs). Before the strategy runs stopped cloning
-them, 2048 tokens with 4 devices peaked at 19.3 GB RSS on a 24 GB machine; plan --lengths by memory.
+states per token (read, not copied, by the strategy runs; the store grows by doubling), and a copy
+of its KV for the snapshot; plan --lengths by memory.
 
 How to read it: median (min-max) seconds; speedup = full-recompute median / strategy median from
 the same trial; FLOP ratio likewise from FLOPs. On a shared 2-core machine numbers are noisy.
@@ -36,7 +36,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -44,17 +44,18 @@ from common import DTYPES, GB, REPO, machine, memory_status, model_folder
 
 import torch
 
-from device_threads import StepAbandoned
+from cluster_leader import FailureEvent, PostFailure, StepFailed
+from device_protocol import RecoveryPolicy
 from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt, keep_state_for
-from fault_tolerant_cluster import FailureEvent, FailurePlan, FaultTolerantLlama, PostFailureState
+from fault_injection import FailurePlan
+from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
-from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES, make_recovery
-from performance_comparator import Timing, kept_bytes, measure_keeping_cost, recovery_flops, time_strategies
+from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
+from performance_comparator import Timing, kept_bytes, measure_keeping_cost, recovery_flops, time_rebuilds
 from recovery_plots import plot_recovery_vs_context
-from task_reassign import STRATEGIES as REASSIGN_STRATEGIES, make_strategy
+from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import open_checkpoint
-from tensor_parallel_model import DeviceShard, HiddenStateStore
 
 DEFAULT_PLOT = REPO / "docs" / "recovery_vs_context.png"
 QUICK_PLOT = Path("/tmp/recovery_vs_context_quick.png")
@@ -65,47 +66,27 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Clusters on weight slices loaded once
-
-
-class SharedWeightsLlama(FaultTolerantLlama):
-    """A FaultTolerantLlama whose devices take their weight slices from `shards` when present.
-
-    The first cluster of a device count reads them from the checkpoint (and fills `shards`); later
-    ones reuse them. Slices are read-only: inheriting a dead device's slices builds new tensors.
-    """
-
-    def __init__(self, *args, shards: dict[int, DeviceShard], **kwargs):
-        self._shards = shards
-        super().__init__(*args, **kwargs)
-
-    def _load_state(self, worker, on_layer) -> None:
-        shard = self._shards.get(worker.device)
-        if shard is None:
-            super()._load_state(worker, on_layer)
-            self._shards[worker.device] = worker.state.shard
-        else:
-            worker.state = self.new_state(shard)
+# Clusters
 
 
 @dataclass
 class ClusterFactory:
-    """New clusters of `devices` devices on one checkpoint, weight slices read once."""
+    """New clusters of `devices` devices on one checkpoint (each device reads its own slices)."""
 
     folder: Path
     devices: int
     dtype: torch.dtype
     heartbeat: HeartbeatConfig
-    shards: dict[int, DeviceShard] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.location, self.checkpoint, _ = open_checkpoint(self.folder, log)
-        config = self.checkpoint.config
-        self.assignment = even_assignment(config, self.devices)
+        self.assignment = even_assignment(self.checkpoint.config, self.devices)
 
-    def new(self) -> SharedWeightsLlama:
-        return SharedWeightsLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
-                                                  heartbeat=self.heartbeat, shards=self.shards)
+    def new(self, reassign: str, seed: int) -> FaultTolerantLlama:
+        """A cluster whose leader holds after a failure, so that every strategy runs from one state."""
+        policy = RecoveryPolicy(reassign=reassign, seed=seed, hold=True)
+        return FaultTolerantLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
+                                                  heartbeat=self.heartbeat, policy=policy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,15 +107,13 @@ class Trial:
     rows: list[dict]
 
 
-def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, reassign: str, seed: int,
-                    strategies: Sequence[str], overhead_repeats: int
-                    ) -> tuple[PostFailureState, FailureEvent, float, float, dict[str, Timing] | None]:
+def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, strategies: Sequence[str],
+                    overhead_repeats: int) -> tuple[PostFailure, FailureEvent, float, dict[str, Timing] | None]:
     """Fill the cache to `context` tokens keeping what `strategies` need, crash a device mid-step,
-    detect it, reassign and inherit weights. Returns the post-failure state, the failure, the
-    prefill and weight-load seconds, and the per-step overhead (when `overhead_repeats`)."""
+    let the leader declare it, reassign and inherit weights. Returns the post-failure state, the
+    failure, the prefill seconds, and the per-step overhead (when `overhead_repeats`)."""
     prompt_ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context - 1)[:context - 1]
     keep_state_for(model, strategies)
-    presize_hidden_states(model, context + 1)
     started = time.perf_counter()
     token = int(model.prefill(prompt_ids).argmax())
     prefill_s = time.perf_counter() - started
@@ -145,60 +124,44 @@ def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, r
     try:
         model.decode(token)
         raise RuntimeError("the injected failure did not abandon the step")
-    except StepAbandoned:
-        pass
-    event = model.wait_for_failure()
-    post, weight_load_s = model.prepare_recovery([event], make_strategy(reassign, seed))
-    if post.context_ids.numel() != context:
-        raise RuntimeError(f"context at the failure is {post.context_ids.numel()} tokens, not {context}")
-    return post, event, prefill_s, weight_load_s, overhead
-
-
-def presize_hidden_states(model: FaultTolerantLlama, capacity: int) -> None:
-    """Hidden-state stores sized for the whole run (the context and the step that fails).
-
-    A store grows by doubling, and every strategy run clones it at its capacity: without this, a
-    2048-token context would double to 4094 positions (0.5 GB per device in fp32) before the failure.
-    """
-    config = model.config
-    for worker in model.workers.values():
-        if worker.state.hidden_states is not None:
-            worker.state.hidden_states = HiddenStateStore(config.num_hidden_layers, config.hidden_size, model.dtype,
-                                                          capacity)
+    except StepFailed as failure:
+        (event,) = failure.events
+    post = model.prepare_recovery()
+    if len(post.context_ids) != context:
+        raise RuntimeError(f"context at the failure is {len(post.context_ids)} tokens, not {context}")
+    return post, event, prefill_s, overhead
 
 
 def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argparse.Namespace,
               with_overhead: bool) -> Trial:
-    strategies = [make_recovery(name) for name in args.strategies]
-    model = factory.new()
+    model = factory.new(reassign, args.seed)
     try:
-        post, event, prefill_s, load_s, overhead = post_failure_at(
-            model, context, args.fail_device, reassign, args.seed, args.strategies,
-            max(3, args.repeats) if with_overhead else 0)
-        log(f"  prefill {prefill_s:.2f} s; Device-{event.device} declared dead after "
-            f"{event.detection_latency_s:.2f} s; weights {load_s:.2f} s; timing {len(strategies)} strategies "
-            f"x {args.repeats}")
-        timings, states, errors = time_strategies(model, post, strategies, args.repeats)
-        del states
+        post, event, prefill_s, overhead = post_failure_at(
+            model, context, args.fail_device, args.strategies, max(3, args.repeats) if with_overhead else 0)
+        detection_s = model.detection_latency_s(event)
+        log(f"  prefill {prefill_s:.2f} s; Device-{event.device} declared dead after {detection_s:.2f} s; "
+            f"weights {post.weight_load_s:.2f} s; timing {len(args.strategies)} strategies x {args.repeats}")
+        timings, errors = time_rebuilds(model, args.strategies, args.repeats)
     finally:
         model.close()
     baseline = timings.get("full-recompute")
     full_flops = recovery_flops("full-recompute", model.config, post)
     rows = []
-    for strategy in strategies:
-        timing, flops = timings.get(strategy.name), recovery_flops(strategy.name, model.config, post)
-        row = {"devices": factory.devices, "reassign": reassign, "context": context, "strategy": strategy.name,
-               "keeps": strategy.keeps, "error": errors.get(strategy.name), "flops": flops,
+    for name in args.strategies:
+        timing, flops = timings.get(name), recovery_flops(name, model.config, post)
+        row = {"devices": factory.devices, "reassign": reassign, "context": context, "strategy": name,
+               "keeps": RECOVERY_STRATEGIES[name].keeps, "error": errors.get(name), "flops": flops,
                "flop_ratio": full_flops / flops if flops else float("inf"),
-               "kept_bytes_per_token": kept_bytes(strategy, post) / context}
+               "kept_bytes_per_token": kept_bytes(name, post) / context}
         if timing:
             row |= {"seconds": list(timing.seconds), "min_s": timing.min, "median_s": timing.median,
                     "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None}
-            log(f"    {strategy.name:<15} median {timing.median:.4f} s")
+            log(f"    {name:<15} median {timing.median:.4f} s")
         rows.append(row)
-    receivers = ", ".join(f"Device-{d}" for d in post.plan.moved_heads)
-    rebuilt = sum(len(s.missing_kv_heads) for s in post.survivors.values())
-    return Trial(factory.devices, reassign, context, prefill_s, event.detection_latency_s, load_s, receivers,
+    plan = post.plans[-1]
+    receivers = ", ".join(f"Device-{d}" for d in plan.moved_heads)
+    rebuilt = sum(len(set(post.assignment.kv_heads(d)) - set(info.kv_heads)) for d, info in post.survivors.items())
+    return Trial(factory.devices, reassign, context, prefill_s, detection_s, post.weight_load_s, receivers,
                  rebuilt, overhead, rows)
 
 

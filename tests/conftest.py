@@ -139,3 +139,14 @@ def tiny(tiny_checkpoint) -> Checkpoint:
 def tiny_4kv(tmp_path_factory) -> Checkpoint:
     """tiny with 4 KV heads: over four devices each device holds a KV head no other device holds."""
     return Checkpoint(write_synthetic_checkpoint("tiny-4kv", tmp_path_factory.mktemp("tiny-4kv") / "tiny-4kv", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# The backends every scenario runs on
+
+
+@pytest.fixture(params=["threads", "serialising"])
+def backend(request) -> str:
+    """The scenario on device threads that share memory, then with every command, answer and collective
+    payload serialised to bytes and back (any shortcut through shared memory breaks there)."""
+    return request.param

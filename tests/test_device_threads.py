@@ -1,5 +1,6 @@
-"""The thread collective, the device boundary: what each call gives every device, and that a
-failed or aborted round releases every device instead of leaving it waiting."""
+"""The thread backend, the device boundary: what each collective call gives every device, that a
+failed or aborted round releases every device instead of leaving it waiting, point-to-point
+transfers, payloads as bytes, epochs that end, and inboxes."""
 from __future__ import annotations
 
 import threading
@@ -9,14 +10,15 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from device_threads import DeviceWorker, StaleEpoch, StepAbandoned, ThreadCollective, run_on_devices
+from device_protocol import DRIVER, Address, Envelope
+from device_threads import CODECS, StaleEpoch, StepAbandoned, ThreadCollective, ThreadTransport
 
 Body = Callable[[int, ThreadCollective], Any]
 
 
 def on_devices(devices: int, body: Body, collective: ThreadCollective | None = None) -> list[Any]:
     """Run `body(device, collective)` on one thread per device; each device's result or exception."""
-    collective = collective or ThreadCollective(range(devices))
+    collective = collective or ThreadCollective(range(devices), epoch=0)
     results: list[Any] = [None] * devices
 
     def run(device: int) -> None:
@@ -47,7 +49,7 @@ def test_all_reduce_gives_every_device_the_sum():
 
 @pytest.mark.parametrize("devices", [1, 2, 3, 4, 5])
 def test_own_rows_split_any_length_into_contiguous_pieces_in_device_order(devices):
-    collective = ThreadCollective(range(devices))
+    collective = ThreadCollective(range(devices), epoch=0)
     for length in range(0, 23):
         pieces = [collective.own_rows(d, length) for d in range(devices)]
         covered = [row for piece in pieces for row in range(length)[piece]]
@@ -110,48 +112,57 @@ def test_abort_releases_waiting_devices_and_fails_later_calls():
 
 
 # --------------------------------------------------------------------------------------------
-# The root error of a failed step
+# Point to point, codecs, epochs and inboxes
 
 
-def test_a_devices_real_error_is_raised_even_when_its_peers_abandoned_the_step_first():
-    """Device-2 breaks the step and raises its error 0.2 s later: its peers' StepAbandoned (which the
-    break caused) arrive first, and must not hide the error that is the cause."""
-    workers = [DeviceWorker(d) for d in range(3)]
-    collective = ThreadCollective((0, 1, 2))
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_send_hands_a_payload_to_one_device_and_recv_waits_for_it(codec):
+    collective = ThreadCollective((0, 1, 2), epoch=0, codec=CODECS[codec])
 
-    def breaks_then_fails(device: int) -> None:
-        if device == 2:
-            collective.abort()
-            time.sleep(0.2)
-            raise ValueError("Device-2's programming error")
-    collective.fault_hook = breaks_then_fails
-    try:
-        for _ in range(3):
-            with pytest.raises(ValueError, match="Device-2's programming error"):
-                run_on_devices(workers, lambda w: collective.all_reduce(w.device, torch.ones(2)), collective)
-            collective = ThreadCollective((0, 1, 2), fault_hook=breaks_then_fails)
-    finally:
-        for worker in workers:
-            worker.stop(timeout=5)
+    def body(device: int, c: ThreadCollective):
+        if device == 0:
+            time.sleep(0.05)  # the receiver is already waiting
+            c.send(0, 2, {"kv": torch.arange(4.0)})
+            return None
+        return c.recv(device, 0) if device == 2 else "idle"
+
+    results = on_devices(3, body, collective)
+    assert torch.equal(results[2]["kv"], torch.arange(4.0)) and results[1] == "idle"
 
 
-def test_a_call_stamped_with_an_ended_epoch_is_refused_before_it_touches_anything():
-    class Epochs:
-        def __init__(self):
-            self.now, self.own = 1, {0: 1, 1: 1}
+def test_as_bytes_every_device_gets_its_own_copy_and_as_threads_they_share_the_sum():
+    def reduce(device: int, c: ThreadCollective):
+        return c.all_reduce(device, torch.ones(3))
 
-        def current(self):
-            return self.now
+    shared = on_devices(3, reduce, ThreadCollective((0, 1, 2), 0, CODECS["threads"]))
+    copies = on_devices(3, reduce, ThreadCollective((0, 1, 2), 0, CODECS["serialising"]))
+    assert all(torch.equal(r, torch.full((3,), 3.0)) for r in shared + copies)
+    assert len({r.data_ptr() for r in shared}) == 1  # one sum, read by all
+    assert len({r.data_ptr() for r in copies}) == 3  # nothing crosses but bytes
 
-        def of(self, device):
-            return self.own[device]
 
-    epochs = Epochs()
-    collective = ThreadCollective((0, 1), epoch=1, epochs=epochs)
-    epochs.own[1] = 0  # Device-1 missed the declaration that opened epoch 1
-    with pytest.raises(StaleEpoch, match="Device-1 called with epoch 0 into epoch 1's collective"):
-        collective.all_reduce(1, torch.ones(1))
-    epochs.own[1], epochs.now = 1, 2  # the collective's own epoch has ended
-    with pytest.raises(StaleEpoch, match=r"\(current epoch 2\)"):
-        collective.all_gather(0, torch.ones(1))
-    assert not collective.aborted  # refused by the epoch alone
+def test_a_later_epochs_group_ends_the_earlier_one_and_its_calls_are_refused_as_stale():
+    transport = ThreadTransport()
+    old = transport.collective(0, (0, 1))
+    assert transport.collective(0, (0, 1)) is old
+    new = transport.collective(1, (0,))
+    assert new is not old and old.ended_by == 1 and old.aborted
+    with pytest.raises(StaleEpoch, match=r"epoch 0's group has ended \(epoch 1 began\)"):
+        old.all_reduce(0, torch.ones(1))
+    with pytest.raises(StaleEpoch):
+        old.send(0, 1, "late")
+    assert torch.equal(new.all_reduce(0, torch.ones(1)), torch.ones(1))
+    with pytest.raises(ValueError, match="members"):
+        transport.collective(1, (0, 1))
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_inboxes_deliver_envelopes_in_order_and_time_out_empty(codec):
+    transport = ThreadTransport(CODECS[codec])
+    inbox = Address("commands", 3)
+    for i in range(3):
+        transport.send(inbox, Envelope(DRIVER, 0, i, ("payload", i)))
+    assert [transport.receive(inbox, 0.1).request for _ in range(3)] == [0, 1, 2]
+    started = time.monotonic()
+    assert transport.receive(inbox, 0.05) is None and time.monotonic() - started >= 0.04
+    assert transport.receive(Address("commands", 4), 0.01) is None  # another device's inbox is its own

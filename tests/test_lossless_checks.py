@@ -8,15 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_threads import StepAbandoned
-from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama
+from cluster_leader import StepFailed
+from device_protocol import RecoveryPolicy
+from fault_injection import FailurePlan
+from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
-from kv_cache_reused import STRATEGIES, make_recovery
+from kv_cache_reused import STRATEGIES
 from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, check_kv, kept_heads, logits_rel_diff,
                              near_ties, relative_error)
-from performance_comparator import failure_free_run, snapshot_kv
-from task_reassign import make_strategy
+from performance_comparator import failure_free_run
 
 DTYPE = torch.float32
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.25)
@@ -153,31 +154,25 @@ def recoveries(tiny):
     """For each strategy: (recovered KV, failure-free KV, kept pairs, rebuilt pairs) after Device-1 of 4
     crashes mid-step and its heads go to one survivor."""
     assignment = even_assignment(tiny.config, 4)
-    reference_model = FaultTolerantLlama(tiny, assignment, DTYPE, heartbeat=HEARTBEAT)
-    try:
+    with FaultTolerantLlama(tiny, assignment, DTYPE, heartbeat=HEARTBEAT) as reference_model:
         reference = failure_free_run(reference_model, PROMPT, 4, FAIL_AFTER).kv
-    finally:
-        reference_model.close()
     found = {}
     for name in STRATEGIES:
-        model = FaultTolerantLlama(tiny, assignment, DTYPE, heartbeat=HEARTBEAT)
-        try:
-            model.enable_hidden_states()
-            model.enable_replication()
+        with FaultTolerantLlama(tiny, assignment, DTYPE, heartbeat=HEARTBEAT,
+                                policy=RecoveryPolicy("random", 0, name, hold=True)) as model:
+            model.keep(True, True)
             tokens = [int(model.prefill(PROMPT).argmax())]
             tokens.append(int(model.decode(tokens[-1]).argmax()))
             model.arm(FailurePlan(1, FAIL_AFTER))
-            with pytest.raises(StepAbandoned):
+            with pytest.raises(StepFailed):
                 model.decode(tokens[-1])
             held = {d: assignment.kv_heads(d) for d in assignment.devices if d != 1}
-            result = model.recover(model.wait_for_failure(), make_strategy("random", 0), make_recovery(name))
+            result = model.recover(name)
             assert result.strategy == name and result.fallback_reason is None
-            recovered = snapshot_kv(model)
-            kept = kept_heads(held, make_recovery(name).reuses_kv)
-            rebuilt = sorted({(d, g) for d, _, g in recovered} - kept)
-            found[name] = (recovered, reference, kept, rebuilt)
-        finally:
-            model.close()
+            recovered = model.kv_snapshot()
+        kept = kept_heads(held, STRATEGIES[name].reuses_kv)
+        rebuilt = sorted({(d, g) for d, _, g in recovered} - kept)
+        found[name] = (recovered, reference, kept, rebuilt)
     return found
 
 

@@ -198,8 +198,9 @@ def test_bf16_is_no_further_from_exact_than_the_reference_in_bf16(tiny_checkpoin
     checkpoint = Checkpoint(tiny_checkpoint)
     assignment = make_assignment(checkpoint.config, assignment_name)
     with TensorParallelLlama(checkpoint, assignment, torch.bfloat16) as model:
-        assert model.replicated.embed.dtype == torch.bfloat16
+        held = sum(info.weight_bytes for info in model.describe().values())
         ours = our_prefill_and_decode(model, tiny_reference.prompt, tiny_reference.greedy)
+    assert held == 2 * held_elements(checkpoint.config, assignment), "the devices must hold their slices in bf16"
     exact, reference_bf16 = tiny_reference.fp32, tiny_reference.bf16
     scale = exact.abs().max().item()
     reference_max, reference_rms = max_error(reference_bf16, exact), rms_error(reference_bf16, exact)
@@ -333,10 +334,20 @@ def test_python_api_load_tokenize_generate(tiny_checkpoint, hf_reference):
     assert int(last.argmax()) == tokens[0]
 
 
-def test_failed_load_leaves_no_device_threads(tmp_path, monkeypatch):
+def held_elements(config, assignment) -> int:
+    """The elements every device holds for an assignment: its slices, its norms, its vocabulary rows."""
+    hd, hidden, total = config.head_dim, config.hidden_size, 0
+    for d in assignment.devices:
+        nq, nkv, width = len(assignment.heads[d]), len(assignment.kv_heads(d)), assignment.mlp_width(d)
+        per_layer = (nq + 2 * nkv) * hd * hidden + hidden * nq * hd + 3 * hidden * width + 2 * hidden  # + norms
+        rows = assignment.vocab_range(d, config.vocab_size)
+        total += config.num_hidden_layers * per_layer + (rows[1] - rows[0]) * hidden + hidden
+    return total
+
+
+def test_failed_load_leaves_no_device_threads(tmp_path):
     from safetensors.torch import save_file
 
-    import tensor_parallel_cluster
     from llama_model_loader import CheckpointError
     from synthetic_checkpoint import synthetic_tensors
     raw = {**copy.deepcopy(PRESETS["tiny"]), "vocab_size": 200, "bos_token_id": 1, "eos_token_id": 2}
@@ -344,22 +355,23 @@ def test_failed_load_leaves_no_device_threads(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(raw))
     save_file(synthetic_tensors(LlamaConfig.from_dict(raw), 0), str(folder / "model.safetensors"))
-    started = []
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        TensorParallelLlama.load(folder, devices=2, log=lambda *_: None)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("Device-")]
 
-    class RecordedWorker(tensor_parallel_cluster.DeviceWorker):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            started.append(self)
 
-    monkeypatch.setattr(tensor_parallel_cluster, "DeviceWorker", RecordedWorker)
-    try:
-        with pytest.raises(CheckpointError, match="tokenizer"):
-            TensorParallelLlama.load(folder, devices=2, log=lambda *_: None)
-        assert not [w.device for w in started if w.is_alive()]
-        assert not [t.name for t in threading.enumerate() if t.name.startswith("Device-")]
-    finally:  # stop what the bug leaves behind, so that later tests start clean
-        for worker in started:
-            worker.stop(timeout=2)
+def test_a_device_that_cannot_read_its_slices_fails_the_load_and_every_device_stops(tiny_checkpoint, tmp_path):
+    """Weights that read as the wrong size for one device (a truncated file) fail the load with that
+    device's error, and no device thread is left."""
+    import shutil
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, folder)
+    checkpoint = Checkpoint(folder)  # headers checked: all well
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # damaged after opening
+    with pytest.raises(Exception):
+        TensorParallelLlama(checkpoint, initial_assignment(8, 2, 344, 2), torch.float32)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("Device-")]
 
 
 # --------------------------------------------------------------------------------------------

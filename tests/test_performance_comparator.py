@@ -1,33 +1,36 @@
 """Specifications for performance_comparator.py: timings, FLOP counts, reuse rates, KV checks.
 
-FLOP figures are checked on the real Llama-3.2-1B shapes (DESIGN.md section 3) with shape-only
-post-failure states (shards without weights); what needs a model runs on the tiny preset.
+FLOP figures are checked on the real Llama-3.2-1B shapes (docs/design.md) with shape-only
+post-failure states (what survivors would report, without weights); what needs a model runs on the
+tiny preset, asking the devices for everything.
 """
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 
 import execution_optimization_algorithm_demo as demo
-from device_threads import StepAbandoned
-from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama, PostFailureState, Survivor
+import performance_comparator
+from cluster_leader import PostFailure, Recovery, StepFailed
+from device_protocol import DeviceInfo, RecoveryPolicy
+from fault_injection import FailurePlan
+from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
-from kv_cache_reused import STRATEGIES, RecoveryImpossible
+from kv_cache_reused import STRATEGIES
 from llama_model_loader import Checkpoint
 from lossless_checks import LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, KVCheck, check_kv
 from performance_comparator import (StrategyOutcome, Timing, compare_recoveries, failure_free_run, forward_flops,
-                                    measure_keeping_cost, recovery_flops, reuse_rate, snapshot_kv, time_strategies)
+                                    measure_keeping_cost, recovery_flops, reuse_rate)
 from synthetic_checkpoint import preset_config
 from task_reassign import make_strategy
-from tensor_parallel_model import DeviceShard, KVCache
 
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.25)
 PROMPT = [256] + [(29 * i + 3) % 250 for i in range(19)]
 CONFIG_1B = preset_config("llama-3.2-1b")
+CONFIG_TINY = preset_config("tiny")
 CONTEXT = 512
 
 
@@ -42,35 +45,32 @@ def test_timing_min_median_max():
     assert Timing((0.4, 0.1, 0.2)).median == 0.2
 
 
-class FakeStrategy:
-    def __init__(self, name: str, calls: list, impossible: bool = False, seconds: float = 0.0):
-        self.name, self.keeps, self.calls, self.impossible, self.seconds = name, "nothing", calls, impossible, seconds
+class FakeModel:
+    """Answers `rebuild(name)` as the leader would: a Recovery timed at `seconds[name]`, or the fallback's
+    when `name` is impossible; records the order of the calls."""
 
-    def recover(self, model, post):
-        self.calls.append((self.name, post))
-        if self.impossible:
-            raise RecoveryImpossible("cannot")
-        time.sleep(self.seconds)
-        return {"state of": self.name}
+    config = preset_config("llama-3.2-1b")
 
+    def __init__(self, seconds: dict[str, float], impossible: set[str] = frozenset()):
+        self.seconds, self.impossible, self.calls = seconds, impossible, []
 
-class FakePost:
-    """Counts its copies; each run must get a fresh one."""
-
-    def __init__(self, copies: list | None = None):
-        self.copies = copies if copies is not None else []
-        self.survivors = {}
-
-    def copy(self):
-        copy = FakePost(self.copies)
-        self.copies.append(copy)
-        return copy
+    def rebuild(self, name: str) -> Recovery:
+        self.calls.append(name)
+        if name in self.impossible:
+            return Recovery((), (), "full-recompute", f"{name} impossible (cannot); fell back to full-recompute",
+                            0.0, 9.9, 1, 25)
+        return Recovery((), (), name, None, 0.0, self.seconds[name], 1, 25)
 
 
-def new_tiny_model(tiny_checkpoint) -> FaultTolerantLlama:
+def fake_post() -> PostFailure:
+    return shape_only_post("random", context=25)
+
+
+def new_tiny_model(tiny_checkpoint, hold: bool = False) -> FaultTolerantLlama:
     """A FaultTolerantLlama on the tiny checkpoint: 4 devices, fp32, short heartbeats (the caller closes it)."""
     checkpoint = Checkpoint(tiny_checkpoint)
-    return FaultTolerantLlama(checkpoint, even_assignment(checkpoint.config, 4), torch.float32, heartbeat=HEARTBEAT)
+    return FaultTolerantLlama(checkpoint, even_assignment(checkpoint.config, 4), torch.float32, heartbeat=HEARTBEAT,
+                              policy=RecoveryPolicy(hold=hold))
 
 
 @pytest.fixture
@@ -82,29 +82,27 @@ def tiny_model(tiny_checkpoint):
         model.close()
 
 
-def test_time_strategies_alternates_and_gives_repeats_samples_each(tiny_model):
-    calls: list = []
-    strategies = [FakeStrategy("a", calls), FakeStrategy("b", calls, seconds=0.002), FakeStrategy("c", calls)]
-    post = FakePost()
-    timings, states, errors = time_strategies(tiny_model, post, strategies, repeats=4)
-    order = [name for name, _ in calls]
-    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # rotated each round
-    assert set(timings) == {"a", "b", "c"} and errors == {}
-    assert all(len(t.seconds) == 4 for t in timings.values())
-    assert timings["b"].min >= 0.002  # each strategy's own runs are timed
-    assert states == {n: {"state of": n} for n in "abc"}
-    # every run starts from its own copy of the post-failure state, never the original
-    assert len(post.copies) == 12 and len({id(p) for _, p in calls}) == 12 and all(p is not post for _, p in calls)
+def test_strategies_alternate_with_the_order_rotated_and_are_checked_after_their_last_run(monkeypatch):
+    checked = []
+    monkeypatch.setattr(performance_comparator, "check", lambda model, outcome, *rest: checked.append(outcome.name))
+    model = FakeModel({"full-recompute": 3.0, "reuse-replay": 2.0, "replicate": 0.1})
+    outcomes = compare_recoveries(model, fake_post(), ["full-recompute", "reuse-replay", "replicate"], 4, None, 2, 7)
+    assert model.calls == ["full-recompute", "reuse-replay", "replicate", "reuse-replay", "replicate", "full-recompute",
+                           "replicate", "full-recompute", "reuse-replay", "full-recompute", "reuse-replay",
+                           "replicate"]  # rotated each round
+    assert checked == ["full-recompute", "reuse-replay", "replicate"]  # in the last round
+    by_name = {o.name: o for o in outcomes}
+    assert by_name["reuse-replay"].timing.seconds == (2.0,) * 4  # the leader's own timing of each rebuild
 
 
-def test_time_strategies_reports_an_impossible_strategy_once_and_times_the_rest(tiny_model):
-    calls: list = []
-    strategies = [FakeStrategy("a", calls), FakeStrategy("x", calls, impossible=True), FakeStrategy("c", calls)]
-    timings, states, errors = time_strategies(tiny_model, FakePost(), strategies, repeats=3)
-    assert errors == {"x": "cannot"}
-    assert set(timings) == {"a", "c"} and "x" not in states
-    assert [n for n, _ in calls].count("x") == 1
-    assert all(len(t.seconds) == 3 for t in timings.values())
+def test_an_impossible_strategy_is_run_once_reported_and_not_timed(monkeypatch):
+    monkeypatch.setattr(performance_comparator, "check", lambda *args: None)
+    model = FakeModel({"full-recompute": 3.0, "replicate": 0.1}, impossible={"replicate"})
+    outcomes = compare_recoveries(model, fake_post(), ["full-recompute", "replicate"], 3, None, 2, 7)
+    by_name = {o.name: o for o in outcomes}
+    assert model.calls.count("replicate") == 1
+    assert by_name["replicate"].error == "replicate impossible (cannot)" and by_name["replicate"].timing is None
+    assert len(by_name["full-recompute"].timing.seconds) == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +145,18 @@ def test_the_whole_interruption_is_detection_weights_rebuild_and_redo():
     assert by_name["replicate"]["speedup"] == pytest.approx(10.0)  # the rebuild alone: 10x; the whole: 1.25x
 
 
+def test_the_demo_is_lossless_for_every_strategy_when_no_kv_head_is_shared(tiny_4kv, tmp_path):
+    """As on Llama-3.2-1B (8 KV heads over 4 devices), each device holds KV heads no other holds: the
+    lost ones survive only in the buddy's copy or the hidden states, and every strategy in turn
+    starts from the same post-failure state."""
+    from conftest import TINY_DEMO_ARGS
+    options = demo.parse_args(["--model-dir", str(tiny_4kv.folder), *TINY_DEMO_ARGS, "--repeats", "2",
+                               "--report", str(tmp_path / "report.txt"), "--quiet"])
+    report = demo.run_scenario(options, lambda line: None)
+    verdicts = {row["name"]: row["verdict"] for row in report["comparison"]}
+    assert verdicts == {name: "lossless" for name in STRATEGIES}
+
+
 def test_demo_report_ratios_match_its_own_timings(tiny_demo_run):
     options, report, _ = tiny_demo_run
     rows = {r["name"]: r for r in report["comparison"]}
@@ -165,18 +175,15 @@ def test_demo_report_ratios_match_its_own_timings(tiny_demo_run):
 # FLOPs counted from shapes (Llama-3.2-1B, 512-token context, one device of four lost)
 
 
-def shape_only_post(reassign: str, failed: int = 1, context: int = CONTEXT) -> PostFailureState:
-    """A post-failure state with the survivors' real shapes but no weights and no KV values."""
+def shape_only_post(reassign: str, failed: int = 1, context: int = CONTEXT) -> PostFailure:
+    """A post-failure state as the survivors of the real shapes would report it (no weights, no KV)."""
     c = CONFIG_1B
     before = even_assignment(c, 4)
     plan = make_strategy(reassign, 0).plan(before, failed)
     after = plan.after
-    survivors = {}
-    for d in after.devices:
-        shard = DeviceShard(d, after.heads[d], after.kv_heads(d), after.mlp[d], [], after.group_size)
-        cache = KVCache(c.num_hidden_layers, before.kv_heads(d), c.head_dim, torch.bfloat16, capacity=1)
-        survivors[d] = Survivor(shard, cache, None, {})
-    return PostFailureState([plan], torch.zeros(context, dtype=torch.long), survivors)
+    survivors = {d: DeviceInfo(d, 1, after.heads[d], before.kv_heads(d), after.mlp[d], (0, 1), 0,
+                               tuple(range(context)), None, 0, False, None, (), 0, 0) for d in after.devices}
+    return PostFailure((), (plan,), after, tuple(range(context)), survivors, 0.0)
 
 
 def test_full_prefill_of_the_1b_model_is_about_one_teraflop():
@@ -221,7 +228,7 @@ def test_rebuilding_from_hidden_states_is_over_fifty_times_fewer_flops(reassign)
 @pytest.mark.parametrize("reassign", ["random", "balanced"])
 def test_reuse_rate_is_the_share_of_kv_entries_kept(reassign):
     post = shape_only_post(reassign)
-    c, plan = CONFIG_1B, post.plan
+    c, plan = CONFIG_1B, post.plans[-1]
     needed = kept = 0
     for d in plan.after.devices:  # entries: (layer, KV head, position) per device
         entries = c.num_hidden_layers * CONTEXT
@@ -239,47 +246,64 @@ def test_reuse_rate_is_the_share_of_kv_entries_kept(reassign):
 
 def test_snapshot_holds_every_devices_own_copy_of_every_head_it_holds(tiny_model):
     tiny_model.generate(PROMPT, 3)
-    snapshot = snapshot_kv(tiny_model)
-    config = tiny_model.config
+    snapshot = tiny_model.kv_snapshot()
+    config, length = tiny_model.config, tiny_model.position
     expected = {(d, layer, g) for d in tiny_model.assignment.devices for layer in range(config.num_hidden_layers)
                 for g in tiny_model.assignment.kv_heads(d)}
     assert set(snapshot) == expected
-    for (d, layer, g), (k, v) in snapshot.items():
-        cached_k, cached_v = tiny_model.workers[d].state.cache.head(layer, g)
-        assert torch.equal(k, cached_k) and torch.equal(v, cached_v)
-        assert k.data_ptr() != cached_k.data_ptr(), "a snapshot must be a copy"
+    assert all(k.shape == v.shape == (length, config.head_dim) for k, v in snapshot.values())
+    again = tiny_model.kv_snapshot()
+    assert all(torch.equal(again[key][0], kv[0]) for key, kv in snapshot.items())
+    assert all(again[key][0].data_ptr() != kv[0].data_ptr() for key, kv in snapshot.items()), "copies, not views"
 
 
 # --------------------------------------------------------------------------------------------
 # compare_recoveries on a real failure
 
 
+def crash_and_compare(model: FaultTolerantLlama, strategies: list[str], repeats: int) -> dict:
+    """The failure-free run (tokens, logits, KV) on `model`, then the same run with hidden states and
+    replication kept in which Device-1 crashes in the step after 2 tokens; every strategy compared."""
+    reference = failure_free_run(model, PROMPT, 5, 2)
+    tokens = reference.tokens
+    model.keep(True, True)
+    model.prefill(PROMPT)
+    model.decode(tokens[0])
+    model.arm(FailurePlan(1, 2))
+    with pytest.raises(StepFailed):
+        model.decode(tokens[1])
+    post = model.prepare_recovery()
+    outcomes = compare_recoveries(model, post, strategies, repeats, reference, 2, tokens[1])
+    return {"post": post, "outcomes": outcomes, "reference": reference, "repeats": repeats}
+
+
 @pytest.fixture(scope="module")
 def compared(tiny_checkpoint):
-    """compare_recoveries of every strategy (2 repeats) after Device-1 of 4 crashes, hidden states and
-    replication on; the failure-free run (tokens, logits, KV) comes from the same model before."""
-    model = new_tiny_model(tiny_checkpoint)
+    """compare_recoveries of every strategy (2 repeats) after Device-1 of 4 crashes."""
+    model = new_tiny_model(tiny_checkpoint, hold=True)
     try:
-        reference = failure_free_run(model, PROMPT, 5, 2)  # the failure strikes the step after 2 tokens
-        tokens = reference.tokens
-        model.enable_hidden_states()
-        model.enable_replication()
-        model.prefill(PROMPT)
-        model.decode(tokens[0])
-        model.arm(FailurePlan(1, 2))
-        with pytest.raises(StepAbandoned):
-            model.decode(tokens[1])
-        event = model.wait_for_failure()
-        post, _ = model.prepare_recovery([event], make_strategy("random", 0))
-        outcomes = compare_recoveries(model, post, list(STRATEGIES), 2, reference, 2, tokens[1])
-        return {"post": post, "outcomes": outcomes, "reference": reference, "repeats": 2}
+        return crash_and_compare(model, list(STRATEGIES), 2)
     finally:
         model.close()
 
 
+def test_replicate_promotes_the_copy_as_it_was_at_the_failure_even_after_other_strategies_ran(tiny_4kv):
+    """With one KV head per device, the lost head survives only in its buddy's copy. Each rebuild ends
+    by re-protecting the survivors (each sends its KV to its new ring successor, replacing the copy
+    it held); the next strategy compared must still start from the copies as they were."""
+    model = new_tiny_model(tiny_4kv.folder, hold=True)
+    try:
+        outcomes = {o.name: o for o in crash_and_compare(model, ["full-recompute", "replicate"], 2)["outcomes"]}
+    finally:
+        model.close()
+    replicate = outcomes["replicate"]
+    assert replicate.error is None and replicate.lossless, replicate.verdict()
+    assert replicate.kv.rebuilt_max_rel_error == 0.0  # the promoted copy: the same bits
+
+
 def test_compare_recoveries_times_checks_and_costs_every_strategy(compared):
     post, outcomes, reference = compared["post"], compared["outcomes"], compared["reference"]
-    assert post.context_ids.tolist() == PROMPT + reference.tokens[:1]
+    assert list(post.context_ids) == PROMPT + reference.tokens[:1]
     assert len(set(reference.tokens[2:])) > 1, "a degenerate continuation would prove nothing"
     by_name = {o.name: o for o in outcomes}
     assert list(by_name) == list(STRATEGIES)
@@ -297,9 +321,8 @@ def test_compare_recoveries_times_checks_and_costs_every_strategy(compared):
     flops = [by_name[n].flops for n in ("full-recompute", "reuse-replay", "reuse-hidden", "replicate")]
     assert flops[0] > flops[1] > flops[2] > flops[3] == 0.0
     assert by_name["full-recompute"].kept_bytes == by_name["reuse-replay"].kept_bytes == 0
-    shard, context = post.survivors[0].shard, post.context_ids.numel()  # what the stores held at the failure
-    hidden, itemsize = shard.layers[0].wqkv.shape[1], shard.layers[0].wqkv.element_size()
-    per_survivor = len(shard.layers) * context * hidden * itemsize
+    config, context = CONFIG_TINY, len(post.context_ids)  # what the stores held at the failure
+    per_survivor = config.num_hidden_layers * context * config.hidden_size * 4
     assert by_name["reuse-hidden"].kept_bytes == per_survivor * len(post.survivors)
     assert by_name["replicate"].kept_bytes > 0
 
@@ -344,17 +367,16 @@ def test_a_different_token_is_a_loss_unless_the_failure_free_run_had_a_near_tie_
 @pytest.mark.parametrize("replication", [False, True])
 def test_keeping_cost_gives_three_modes_for_prefill_and_decode_and_restores_the_settings(tiny_model, replication):
     model = tiny_model
-    model.enable_hidden_states()
-    if replication:
-        model.enable_replication()
+    model.keep(True, replication)
     model.generate(PROMPT, 2)
-    stores = {d: w.state.hidden_states for d, w in model.workers.items()}
     cost = measure_keeping_cost(model, decode_repeats=3, prefill_repeats=2)
     assert set(cost.decode) == set(cost.prefill) == {"nothing kept", "hidden states", "KV replica"}
     assert all(len(t.seconds) == 3 and t.min > 0 for t in cost.decode.values())
     assert all(len(t.seconds) == 2 and t.min > 0 for t in cost.prefill.values())
-    assert model.replication is replication
-    assert all(w.state.hidden_states is stores[d] for d, w in model.workers.items())
+    assert model.keeping == (True, replication)
+    infos = model.describe()
+    assert all(i.replication is replication for i in infos.values())
+    assert all(i.hidden_positions == model.position for i in infos.values())  # the parked store came back whole
 
 
 def test_keeping_cost_without_hidden_states_keeps_them_off(tiny_model):
@@ -363,21 +385,21 @@ def test_keeping_cost_without_hidden_states_keeps_them_off(tiny_model):
     cost = measure_keeping_cost(model, decode_repeats=2, prefill_repeats=0)
     assert set(cost.decode) == {"nothing kept", "KV replica"} and cost.prefill == {}
     assert all(len(t.seconds) == 2 for t in cost.decode.values())
-    assert model.replication is False
-    assert all(w.state.hidden_states is None for w in model.workers.values())
+    assert model.keeping == (False, False)
+    assert all(i.hidden_positions is None and not i.replication for i in model.describe().values())
 
 
 def test_keeping_cost_leaves_the_cache_as_it_was(tiny_model):
     model = tiny_model
-    model.enable_hidden_states()
+    model.keep(True, False)
     generated = model.generate(PROMPT, 4)
     model.generate(PROMPT, 3)  # the cache holds PROMPT + 2 tokens; the third is still to be fed
     cached = list(model.cached_ids)
-    kv = snapshot_kv(model)
+    kv = model.kv_snapshot()
     measure_keeping_cost(model, decode_repeats=1, prefill_repeats=1)
     assert model.cached_ids == cached
-    assert all(w.state.cache.length == len(cached) for w in model.workers.values())
+    assert all(list(i.cached_ids) == cached for i in model.describe().values())
     # the same values up to rounding: a prefill sums the positions that decode steps filled in another order
-    assert check_kv(snapshot_kv(model), kv, frozenset(), torch.float32).ok
+    assert check_kv(model.kv_snapshot(), kv, frozenset(), torch.float32).ok
     # and generation goes on as if nothing had been measured
     assert int(model.decode(generated[2]).argmax()) == generated[3]

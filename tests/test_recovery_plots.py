@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from device_threads import StepAbandoned
+from cluster_leader import StepFailed
+from device_protocol import RecoveryPolicy
 from execution_optimization_algorithm_demo import TIMELINE_NAME, main as demo_main
-from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama
+from fault_injection import FailurePlan
+from fault_tolerant_cluster import FaultTolerantLlama
 from heartbeat_detection import HeartbeatConfig
-from kv_cache_reused import STRATEGIES, make_recovery
-from performance_comparator import time_strategies
+from kv_cache_reused import STRATEGIES
 from recovery_plots import plot_recovery_vs_context, plot_timeline, read_events
-from task_reassign import make_strategy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST_BEATS = HeartbeatConfig(0.05, 0.25)
@@ -31,31 +31,33 @@ def assert_png(path: Path) -> None:
 def crash_events(tiny_checkpoint) -> list[tuple[float, int, str, float]]:
     """Events of a tiny 4-device run: prefill, a crash of Device-1 mid-step, detection, every
     strategy timed from the post-failure state, then two resumed decode steps."""
-    model = FaultTolerantLlama.load(tiny_checkpoint, devices=4, heartbeat=FAST_BEATS, log=lambda m: None)
+    model = FaultTolerantLlama.load(tiny_checkpoint, devices=4, heartbeat=FAST_BEATS, log=lambda m: None,
+                                    policy=RecoveryPolicy(hold=True))
     try:
-        model.enable_hidden_states()
-        model.replication = True
+        model.keep(True, True)
         token = int(model.prefill(list(range(1, 41))).argmax())
         token = int(model.decode(token).argmax())
         model.arm(FailurePlan(1, after_tokens=2))
-        with pytest.raises(StepAbandoned):
+        with pytest.raises(StepFailed):
             model.decode(token)
-        post, _ = model.prepare_recovery([model.wait_for_failure()], make_strategy("random", 0))
-        _, states, errors = time_strategies(model, post, [make_recovery(n) for n in STRATEGIES], repeats=2)
-        assert not errors
-        model.adopt(states["reuse-hidden"], post.context_ids)
+        model.prepare_recovery()
+        for _ in range(2):
+            for name in STRATEGIES:
+                assert model.rebuild(name).strategy == name
+        model.rebuild("reuse-hidden")
         model.decode(token)
         model.decode(token)
-        return list(model.log.events)
+        return list(model.events)
     finally:
         model.close()
 
 
-def test_time_strategies_logs_each_run_as_a_rebuild_span_on_every_survivor(crash_events):
+def test_each_rebuild_is_a_span_on_every_survivor(crash_events):
     survivors = {0, 2, 3}
     for name in STRATEGIES:
+        runs = 3 if name == "reuse-hidden" else 2
         spans = [(d, duration) for _, d, kind, duration in crash_events if kind == f"rebuild KV: {name}"]
-        assert sorted(d for d, _ in spans) == sorted(list(survivors) * 2)
+        assert sorted(d for d, _ in spans) == sorted(list(survivors) * runs)
         assert all(duration >= 0 for _, duration in spans)
 
 

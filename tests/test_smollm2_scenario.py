@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import kv_cache_reused
-import task_reassign
+from device_protocol import RecoveryPolicy
 from execution_optimization_algorithm_demo import main as demo_main
-from fault_tolerant_cluster import FailurePlan, FaultTolerantLlama, generate_with_failures
+from fault_injection import FailurePlan
+from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from heartbeat_detection import HeartbeatConfig
 from recovery_report import json_path
 from tensor_parallel_cluster import TensorParallelLlama
@@ -81,7 +82,7 @@ def test_four_devices_split_nine_heads_3_2_2_2_with_two_kv_heads_held_twice(engi
     assert {d: len(h) for d, h in assignment.heads.items()} == {0: 3, 1: 2, 2: 2, 3: 2}
     assert assignment.heads == {0: (0, 1, 2), 1: (3, 4), 2: (5, 6), 3: (7, 8)}
     assert assignment.duplicated_kv_heads() == {1: (1, 2), 2: (2, 3)}  # heads 4-6 read KV 1, heads 7-9 KV 2
-    assert {d: w.state.shard.kv_heads for d, w in engine.workers.items()} == {0: (0,), 1: (1,), 2: (1, 2), 3: (2,)}
+    assert {d: info.kv_heads for d, info in engine.describe().items()} == {0: (0,), 1: (1,), 2: (1, 2), 3: (2,)}
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, CHAT], ids=["plain", "chat"])
@@ -119,18 +120,12 @@ REASSIGNMENTS = {"random": ("random", 0, 2, ()), "balanced": ("balanced", 0, 2, 
 def test_crash_of_device_1_after_5_tokens_leaves_the_greedy_text_unchanged(smollm2_dir, plain, strategy,
                                                                            reassign_case):
     reassign, seed, receiver, kv_to_rebuild = REASSIGNMENTS[reassign_case]
-    recoveries = []
-
-    def recover(model: FaultTolerantLlama, event):
-        recoveries.append(model.recover(event, task_reassign.make_strategy(reassign, seed),
-                                        kv_cache_reused.make_recovery(strategy)))
-
     with FaultTolerantLlama.load(smollm2_dir, devices=DEVICES, dtype=torch.float32, heartbeat=HEARTBEAT,
-                                 log=lambda line: None) as model:
-        model.enable_hidden_states()
-        model.replication = True
-        tokens = generate_with_failures(model, plain["ids"], NEW_TOKENS, [FailurePlan(FAILED, FAIL_AFTER)], recover)
+                                 log=lambda line: None, policy=RecoveryPolicy(reassign, seed, strategy)) as model:
+        model.keep(True, True)
+        tokens = generate_with_failures(model, plain["ids"], NEW_TOKENS, [FailurePlan(FAILED, FAIL_AFTER)])
         survivors = dict(model.assignment.heads)
+        recoveries = model.recoveries
 
     assert tokens == plain["ours"] == plain["hf"]
     [recovery] = recoveries

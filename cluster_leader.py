@@ -1,0 +1,360 @@
+"""The leader, hosted by one device: it opens epochs, serves the driver's requests by sending
+commands to the devices, and recovers from failures. It decides; the devices do the work.
+
+Its host's control thread watches every member and tells it of each declaration (`declared`): the
+leader opens a new epoch at once (every survivor aborts the collective it may be waiting in and
+joins the new group; the dead device never does) and queues the failure. A recovery then runs as
+commands: plan the reassignment (task_reassign.py), `Inherit` the weight slices, `Snapshot` the
+survivors at the leader's record of the context, `Describe` what they hold, plan a `RebuildOrder`
+per survivor (kv_cache_reused.py, falling back when the asked strategy is impossible), `Rebuild`,
+and `Reprotect` the KV copies. A death during the recovery starts it again on what is left. With
+`RecoveryPolicy.hold` the leader stops after the failure is declared and lets the driver call
+`Prepare` and `Recover` (to compare strategies from one state); otherwise it recovers on its own and
+redoes the abandoned step. When this leader's host dies, the lowest-numbered survivor leads.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
+                             LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Reply, Reprotect,
+                             Restore, SendTo, Snapshot, Step, Telemetry)
+from device_threads import POLL_S, StaleEpoch, StepAbandoned
+from head_assignment import Assignment
+from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
+from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_rebuild, strategy_info
+from task_reassign import ReassignmentPlan, make_strategy
+
+
+@dataclass(frozen=True)
+class FailureEvent:
+    """A failure as the leader saw it."""
+
+    device: int
+    detection: Detection  # when and on which signal it was declared dead
+    leader: int           # the device that led the recovery
+
+
+@dataclass(frozen=True)
+class PostFailure:
+    """What a recovery starts from: the plans applied, the context, and what each survivor holds."""
+
+    events: tuple[FailureEvent, ...]
+    plans: tuple[ReassignmentPlan, ...]
+    assignment: Assignment
+    context_ids: tuple[int, ...]
+    survivors: Mapping[int, DeviceInfo]
+    weight_load_s: float
+    weight_bytes: int = 0   # what the new owners read
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One recovery as it happened."""
+
+    events: tuple[FailureEvent, ...]
+    plans: tuple[ReassignmentPlan, ...]
+    strategy: str
+    fallback_reason: str | None   # why the asked-for strategy could not run, if it could not
+    weight_load_s: float
+    rebuild_s: float
+    attempts: int                 # more than 1 when another failure interrupted the recovery
+    context_tokens: int           # positions whose KV was rebuilt
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's answer: the logits, and the recoveries the leader ran to get them."""
+
+    logits: Any
+    recoveries: tuple[Recovery, ...]
+    leader: int
+    epoch: int
+    assignment: Assignment
+
+
+class StepFailed(StepAbandoned):
+    """A device failed; the leader holds (RecoveryPolicy.hold): the driver decides the recovery."""
+
+    def __init__(self, events: Sequence[FailureEvent]):
+        super().__init__(f"Device{'s' if len(events) > 1 else ''} "
+                         f"{', '.join(str(e.device) for e in events)} declared dead; recovery held")
+        self.events = tuple(events)
+
+    def __reduce__(self):
+        return StepFailed, (self.events,)
+
+
+class Leader:
+    """The leader of the cluster, on a thread of its host device."""
+
+    def __init__(self, host: int, transport, epoch: int, members: Sequence[int], assignment: Assignment,
+                 policy: RecoveryPolicy, heartbeat: HeartbeatConfig, monitor: HeartbeatMonitor,
+                 host_context: Callable[[], list[int]]):
+        self.host, self._transport = host, transport
+        self.epoch, self.members, self.assignment = epoch, tuple(members), assignment
+        self.policy, self._heartbeat, self._monitor = policy, heartbeat, monitor
+        self._reassign = make_strategy(policy.reassign, policy.seed)  # one random stream across failures
+        self._context: list[int] = host_context()
+        self._lock = threading.Lock()
+        self._declared: list[FailureEvent] = []  # declared, not yet taken by a recovery
+        self._events: list[FailureEvent] = []    # taken by the recovery in progress
+        self._plans: list[ReassignmentPlan] = []
+        self._post: PostFailure | None = None    # the state recoveries start from (kept while holding)
+        self._recovered = False                  # the recovery in progress has rebuilt at least once
+        self._attempts = 0                       # its preparations (more than 1: a death interrupted it)
+        self._replication = False
+        self._failover = False
+        self._requests = 0
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._transport.start_thread(f"Device-{self.host}-leader", self._serve)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # ---------------------------------------------------------------------------------------
+    # Declarations (called on the host's control thread)
+
+    def declared(self, detection: Detection, failover: bool = False) -> bool:
+        """A member was declared dead: open the next epoch for the survivors at once (telling the dead
+        device too: a hung one reads it when it wakes, and stops), and queue the failure.
+
+        The new epoch's group is claimed first. If another device already formed it with other
+        members, this leader's view is stale (it was cut off): False, and its host must stop."""
+        with self._lock:
+            if detection.device not in self.members:
+                return True
+            survivors = tuple(m for m in self.members if m != detection.device)
+            try:
+                self._transport.collective(detection.epoch, survivors)
+            except ValueError:
+                self.stop()
+                return False
+            self.epoch, self.members = detection.epoch, survivors
+            self._declared.append(FailureEvent(detection.device, detection, self.host))
+            self._failover = self._failover or failover
+            news = NewEpoch(self.epoch, self.members, self.assignment, self.host, (detection.device,))
+        for device in (*self.members, detection.device):
+            self._send(Address("control", device), news)
+        self._send(Address("driver", DRIVER),
+                   Telemetry(((detection.declared_at, detection.device, "declared dead", 0.0),)))
+        return True
+
+    def _reform(self) -> None:
+        """Open a new epoch with the same members: a group broken by a device's error is replaced."""
+        with self._lock:
+            self.epoch = self._monitor.advance_epoch()
+            news = NewEpoch(self.epoch, self.members, self.assignment, self.host, ())
+        for member in self.members:
+            self._send(Address("control", member), news)
+
+    # ---------------------------------------------------------------------------------------
+    # Serving the driver
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            if self._failover:
+                self._lead_after_failover()
+            envelope = self._transport.receive(Address("leader", self.host), POLL_S)
+            if envelope is None:
+                continue
+            try:
+                reply = Reply(getattr(self, f"_on_{type(envelope.body).__name__}")(envelope.body))
+            except BaseException as error:  # noqa: BLE001 - handed back to the driver
+                reply = Reply(error=error)
+            if self._stopping.is_set():
+                return  # the host died meanwhile: a dead leader answers nothing
+            self._send(Address("driver", DRIVER), reply, envelope.request)
+
+    def _on_Step(self, request: Step) -> StepResult:
+        (chunk,) = request.chunks
+        self._context = self._context[:chunk.start]  # overwritten by this step, whether it finishes or not
+        recoveries = []
+        while True:
+            if self._declared:
+                if self.policy.hold:
+                    raise StepFailed(self._take_declared_view())
+                recoveries.append(self._recover(self.policy.strategy))
+            try:
+                answers = self._run_group({m: Forward(request.chunks, request.logits) for m in self.members})
+            except StepAbandoned:
+                self._await_declaration()
+                continue
+            self._context += list(chunk.token_ids)
+            return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment)
+
+    def _on_Prepare(self, request: Prepare) -> PostFailure:
+        if self._recovered:  # a new failure: a new recovery
+            self._events, self._plans, self._recovered, self._attempts = [], [], False, 0
+        while True:
+            try:
+                self._post = self._prepare()
+                return self._post
+            except StepAbandoned:
+                self._await_declaration()
+
+    def _on_Recover(self, request: Recover) -> Recovery:
+        return self._recover(request.strategy, prepared=self._post)
+
+    def _on_Broadcast(self, request: Broadcast) -> dict[int, Any]:
+        if isinstance(request.command, Keep):
+            self._replication = request.command.replication
+        return self._run_group({m: request.command for m in self.members})
+
+    def _on_SendTo(self, request: SendTo) -> Any:
+        if request.device not in self.members:
+            raise ValueError(f"Device-{request.device} is not a live device (members {list(self.members)})")
+        return self._run_group({request.device: request.command})[request.device]
+
+    # ---------------------------------------------------------------------------------------
+    # Recovery
+
+    def _recover(self, strategy: str, prepared: PostFailure | None = None) -> Recovery:
+        """Prepare (unless already prepared) and rebuild; started again on what is left when another
+        device dies meanwhile."""
+        while True:
+            try:
+                post = prepared if prepared is not None and not self._declared else self._prepare()
+                used, fallback, rebuild_s = self._rebuild(post, strategy, restore=prepared is not None)
+            except StepAbandoned:
+                self._await_declaration()
+                prepared = None
+                continue
+            recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
+                                self._attempts, len(post.context_ids))
+            if self.policy.hold:  # the driver may rebuild again from the same state
+                self._post, self._recovered = post, True
+            else:
+                self._post, self._events, self._plans, self._attempts = None, [], [], 0
+            return recovery
+
+    def _prepare(self) -> PostFailure:
+        """Take every declared failure, plan where the dead devices' work goes, inherit weights, cut
+        the survivors to the leader's record of the context, and ask what they hold."""
+        with self._lock:
+            taken, self._declared = self._declared, []
+        self._attempts += 1
+        self._events += taken
+        for event in taken:
+            if event.device in self.assignment.devices:
+                self._plans.append(self._reassign.plan(self.assignment, event.device))
+                self.assignment = self._plans[-1].after
+            self._monitor.remove(event.device)
+        survivors = self.assignment.devices
+        started = time.perf_counter()
+        inherited = self._run_group({d: Inherit(self.assignment) for d in survivors})
+        weight_load_s = time.perf_counter() - started
+        self._run_group({d: Snapshot(len(self._context)) for d in survivors})
+        infos = self._run_group({d: Describe() for d in survivors})
+        return PostFailure(tuple(self._events), tuple(self._plans), self.assignment, tuple(self._context), infos,
+                           weight_load_s, sum(answer.bytes_read for answer in inherited.values()))
+
+    def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float]:
+        """Rebuild with `strategy`, or the first fallback that still works (saying why)."""
+        strategy_info(strategy)
+        reasons = []
+        for name in (strategy, *(n for n in FALLBACKS if n != strategy)):
+            try:
+                orders = plan_rebuild(name, post.assignment, post.survivors, post.context_ids)
+            except RecoveryImpossible as reason:
+                reasons.append(f"{name} impossible ({reason})")
+                continue
+            if restore:
+                self._run_group({d: Restore() for d in orders})
+            started = time.perf_counter()
+            self._run_group({d: Rebuild(order) for d, order in orders.items()})
+            rebuild_s = time.perf_counter() - started
+            if self._replication:
+                self._run_group({d: Reprotect() for d in orders})
+            self._context = list(post.context_ids)
+            return name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s
+        raise AssertionError("full-recompute needs nothing kept and cannot be impossible")
+
+    def _lead_after_failover(self) -> None:
+        """This device leads since the old leader was declared dead: agree on the context with the
+        survivors, recover (or hold), and tell the driver."""
+        self._failover = False
+        try:
+            infos = self._run_group({m: Describe() for m in self.members})
+            self._context = list(_common_prefix([info.cached_ids for info in infos.values()]))
+            recovery = None if self.policy.hold else self._recover(self.policy.strategy)
+        except StepAbandoned:
+            self._failover = True  # another device died meanwhile: try again
+            return
+        self._send(Address("driver", DRIVER), LeaderChanged(self.host, self.epoch, recovery, self._take_declared_view()))
+
+    def _take_declared_view(self) -> list[FailureEvent]:
+        with self._lock:
+            return list(self._declared)
+
+    def _await_declaration(self) -> None:
+        """A step was abandoned: wait (bounded) until the device behind it has been declared dead."""
+        deadline = time.monotonic() + 4 * self._heartbeat.timeout_s
+        while not self._declared:
+            self._refuse_if_host_gone()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"a step was abandoned but no device was declared dead within "
+                                   f"{4 * self._heartbeat.timeout_s:.1f} s")
+            time.sleep(POLL_S)
+
+    # ---------------------------------------------------------------------------------------
+    # Commands and answers
+
+    def _run_group(self, commands: Mapping[int, Any], bound_s: float | None = None) -> dict[int, Any]:
+        """Send each device its command and wait for every answer. Once the step is known to be broken
+        (a device answered with an error, or one of them was declared dead), the others' answers are
+        awaited for one heartbeat interval only: a crashed device never answers, and a late answer is
+        ignored. Any error is then raised: a device's own error first (in device order), never the
+        StepAbandoned its peers got from it."""
+        self._requests += 1
+        request, epoch = self._requests, self.epoch
+        for device, command in commands.items():
+            self._send(Address("commands", device), command, request, epoch)
+        answers: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        deadline = None if bound_s is None else time.monotonic() + bound_s
+        while True:
+            waiting = [d for d in commands if d not in answers and d not in errors and d in self.members]
+            if (errors or len(waiting) < len(commands) - len(answers) - len(errors)) and deadline is None:
+                deadline = time.monotonic() + self._heartbeat.interval_s  # broken: a grace for the rest
+            if not waiting or (deadline is not None and time.monotonic() > deadline):
+                break
+            self._refuse_if_host_gone()
+            envelope = self._transport.receive(Address("results", self.host), POLL_S)
+            if envelope is None or envelope.request != request:
+                continue  # nothing yet, or a late answer to an earlier request (a fenced device's)
+            reply: Reply = envelope.body
+            if reply.error is None:
+                answers[envelope.sender] = reply.value
+                continue
+            errors[envelope.sender] = reply.error
+            if not isinstance(reply.error, StepAbandoned):
+                self._transport.abort_epoch(epoch)  # nobody waits in a collective for the failed device
+        root = next((e for _, e in sorted(errors.items()) if not isinstance(e, StepAbandoned)), None)
+        if root is not None:
+            self._reform()
+            raise root
+        if errors or len(answers) < len(commands):
+            raise StepAbandoned(f"epoch {epoch}: a device failed or stopped answering")
+        return answers
+
+    def _refuse_if_host_gone(self) -> None:
+        """The host device died or was fenced out: whatever this leader was doing ends with it."""
+        if self._stopping.is_set():
+            raise StepAbandoned(f"the leader's device, Device-{self.host}, is gone")
+
+    def _send(self, to: Address, body: Any, request: int = 0, epoch: int | None = None) -> None:
+        self._transport.send(to, Envelope(self.host, self.epoch if epoch is None else epoch, request, body))
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    shortest = min(sequences, key=len)
+    for i, token in enumerate(shortest):
+        if any(s[i] != token for s in sequences):
+            return tuple(shortest[:i])
+    return tuple(shortest)

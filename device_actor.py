@@ -1,0 +1,466 @@
+"""One device: a private world of weight slices and KV cache, reached only by messages.
+
+A device runs two threads. Its compute thread serves the `commands` inbox one command at a time
+(forward steps, inheriting weights, rebuilding the KV cache, reports) and answers each in the
+leader's `results` inbox. Its control thread beats, watches, and handles `control` messages: a
+new epoch (which aborts the collective a step may be waiting in), a declaration. The device that
+leads also hosts the leader (cluster_leader.py) on a third thread; its control thread then
+watches every member, where the others watch only the leader. When the leader is declared dead,
+the lowest-numbered survivor becomes the leader. Nothing outside this module holds a device's
+tensors: the leader and the driver learn what they need by asking (`Describe`, `ReportKV`).
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import kv_cache_reused
+from device_protocol import (DRIVER, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
+                             Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Reply, ReportKV,
+                             Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
+from device_threads import POLL_S, StaleEpoch, ThreadCollective
+from fault_injection import DeviceCrashed, FaultSwitch
+from head_assignment import Assignment
+from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
+from llama_model_loader import Checkpoint
+from tensor_parallel_model import (DeviceState, HiddenStateStore, device_forward, extend_shard, load_device_state,
+                                   load_vocab_slice, missing_ranges, replicate_step)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DeviceSetup:
+    """What a device starts with (plain data: it crosses to a process as it is)."""
+
+    device: int
+    checkpoint: Path
+    dtype: str
+    assignment: Assignment
+    heartbeat: HeartbeatConfig
+    policy: RecoveryPolicy
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A device loaded its slices (or failed to: `error`)."""
+
+    device: int
+    error: BaseException | None = None
+
+
+class DeviceEndpoint:
+    """This device's side of its epoch's collective: each call is counted by the fault switch and
+    refused when the device's own epoch is not the collective's (a fenced device reaches no one)."""
+
+    def __init__(self, device: int, group: ThreadCollective, own_epoch: Callable[[], int], faults: FaultSwitch):
+        self.device, self.group, self._own_epoch, self._faults = device, group, own_epoch, faults
+
+    def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
+        return self._enter().all_reduce(self.device, tensor)
+
+    def own_rows(self, device: int, length: int) -> slice:
+        return self.group.own_rows(self.device, length)
+
+    def reduce_scatter(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
+        return self._enter().reduce_scatter(self.device, tensor)
+
+    def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
+        return self._enter().all_gather_rows(self.device, rows, length)
+
+    def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return self._enter().all_gather(self.device, tensor)
+
+    def send(self, device: int, to: int, payload: object) -> None:
+        self._enter().send(self.device, to, payload)
+
+    def recv(self, device: int, source: int) -> object:
+        return self._enter().recv(self.device, source)
+
+    def _enter(self) -> ThreadCollective:
+        self._faults.at_collective_call()
+        epoch = self._own_epoch()
+        if epoch != self.group.epoch:
+            raise StaleEpoch(f"Device-{self.device} called with epoch {epoch} into epoch {self.group.epoch}'s "
+                             f"collective: refused")
+        return self.group
+
+
+class DeviceActor:
+    """A device: its state, its epoch, and the threads that serve its inboxes."""
+
+    def __init__(self, setup: DeviceSetup, transport, released: threading.Event):
+        self.device = setup.device
+        self._setup, self._transport = setup, transport
+        self._checkpoint = Checkpoint(setup.checkpoint)
+        self._config, self._dtype = self._checkpoint.config, DTYPES[setup.dtype]
+        self._state: DeviceState | None = None
+        self._cached_ids: list[int] = []
+        self._snapshot: tuple | None = None
+        self._parked_hidden: HiddenStateStore | None = None
+        self._replication = False
+        self._epoch, self._members, self._assignment = 0, setup.assignment.devices, setup.assignment
+        self._leader_id = min(self._members)
+        self._epoch_changed = threading.Condition()
+        self._stopping = threading.Event()
+        self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike, released)
+        self._monitor = self._watch(self._watched())
+        self._judging = self.device != self._leader_id  # the leader judges silences once every device is up
+        self._declared_here: list = []  # leaders this device declared dead (its own view, until told)
+        self.leader = None  # cluster_leader.Leader when this device leads
+
+    # ---------------------------------------------------------------------------------------
+    # Lifetime
+
+    def start(self) -> None:
+        if self.device == self._leader_id:
+            self._become_leader(lost=[])
+        self._transport.start_thread(f"Device-{self.device}", self._serve_commands)
+        self._transport.start_thread(f"Device-{self.device}-control", self._serve_control)
+
+    def _stop(self) -> None:
+        """The device's threads end (the compute thread is released from any collective it waits in)."""
+        self._stopping.set()
+        self.faults.close()
+        if self.leader is not None:
+            self.leader.stop()
+        self._transport.abort_epoch(self._epoch)
+
+    def _fenced(self) -> None:
+        """Declared dead by the others, or cut off from them: this device takes no further part."""
+        self._telemetry("fenced out")
+        self._stop()
+
+    def _die(self) -> None:
+        """An injected crash: the threads end, and the memory is gone."""
+        self._state = self._snapshot = None
+        self._stop()
+
+    # ---------------------------------------------------------------------------------------
+    # The compute thread: one command at a time
+
+    def _serve_commands(self) -> None:
+        torch.set_num_threads(1)  # the devices share the cores: one each
+        try:
+            self._load()
+        except BaseException as error:  # noqa: BLE001 - reported to the driver, which raises it
+            self._send(Address("driver", DRIVER), Ready(self.device, error))
+            self._stop()
+            return
+        self._send(Address("driver", DRIVER), Ready(self.device))
+        while not self._stopping.is_set():
+            envelope = self._transport.receive(Address("commands", self.device), POLL_S)
+            if envelope is None:
+                continue
+            try:
+                value = self._execute(envelope)
+            except DeviceCrashed:
+                self._die()
+                return
+            except BaseException as error:  # noqa: BLE001 - handed back to the leader
+                self._answer(envelope, Reply(error=_with_trace(error)))
+                continue
+            self._answer(envelope, Reply(value))
+
+    def _execute(self, envelope: Envelope) -> Any:
+        if not self._await_epoch(envelope.epoch):
+            raise StaleEpoch(f"Device-{self.device} is in epoch {self._epoch}: a command of epoch "
+                             f"{envelope.epoch} is refused")
+        body = envelope.body
+        handler = getattr(self, f"_on_{type(body).__name__}")
+        return handler(body)
+
+    def _await_epoch(self, epoch: int) -> bool:
+        """A command of a newer epoch may overtake the NewEpoch message: wait for it (bounded)."""
+        with self._epoch_changed:
+            self._epoch_changed.wait_for(lambda: self._epoch >= epoch or self._stopping.is_set(),
+                                         timeout=10 * self._setup.heartbeat.timeout_s)
+            return self._epoch == epoch
+
+    def _answer(self, envelope: Envelope, reply: Reply) -> None:
+        self._send(Address("results", envelope.sender), reply, request=envelope.request)
+
+    def _load(self) -> None:
+        started = self.clock()
+        self._state = load_device_state(self._checkpoint, self._assignment, self.device, self._dtype,
+                                        on_layer=lambda: self._telemetry("loaded layer"))
+        self._telemetry("load weights", started)
+
+    # ---------------------------------------------------------------------------------------
+    # Commands
+
+    def _on_Forward(self, command: Forward) -> Any:
+        (chunk,) = command.chunks  # the command carries a batch; a device serves one sequence for now
+        state, began = self._state, self.clock()
+        if chunk.start > len(self._cached_ids):
+            raise ValueError(f"Device-{self.device} holds {len(self._cached_ids)} positions; a step at "
+                             f"{chunk.start} would leave a gap")
+        self.faults.new_step()
+        endpoint = self._endpoint()
+        ids = torch.tensor(chunk.token_ids, dtype=torch.long)
+        logits = device_forward(state, ids, chunk.start, endpoint, command.logits)
+        self._cached_ids = self._cached_ids[:chunk.start] + list(chunk.token_ids)
+        if self._replication:
+            self._replicate(chunk.start, len(chunk.token_ids), endpoint)
+        self._telemetry("compute", began)
+        return logits if self.device == self._members[0] else None
+
+    def _on_Keep(self, command: Keep) -> None:
+        """Switched off, the hidden-state store is parked (not dropped), so that switching it on again
+        finds what it held; it holds only what it recorded from position 0 on."""
+        state = self._state
+        if command.hidden_states and state.hidden_states is None:
+            state.hidden_states = self._parked_hidden or HiddenStateStore(
+                self._config.num_hidden_layers, self._config.hidden_size, self._dtype)
+            self._parked_hidden = None
+        elif not command.hidden_states and state.hidden_states is not None:
+            self._parked_hidden, state.hidden_states = state.hidden_states, None
+        if command.replication and not self._replication and len(self._cached_ids):
+            self._replicate(0, len(self._cached_ids), self._endpoint())  # the copy must cover what is cached
+        self._replication = command.replication
+
+    def _on_Inherit(self, command: Inherit) -> Inherited:
+        self.faults.at_recovery_work()
+        state, began, assignment = self._state, self.clock(), command.assignment
+        shard = state.shard
+        heads = [h for h in assignment.heads[self.device] if h not in shard.query_heads]
+        columns = missing_ranges(assignment.mlp[self.device], shard.mlp)
+        rows = assignment.vocab_range(self.device, self._config.vocab_size)
+        before = shard.nbytes + state.vocab.nbytes
+        if heads or columns:
+            state.shard = extend_shard(shard, self._checkpoint, heads, columns, self._dtype)
+        if rows != state.vocab.rows:
+            state.vocab = load_vocab_slice(self._checkpoint, rows, self._dtype, held=state.vocab)
+        self._assignment = assignment
+        seconds = self.clock() - began
+        if heads or columns:
+            self._telemetry("load weights", began)
+        return Inherited(seconds, max(0, state.shard.nbytes + state.vocab.nbytes - before))
+
+    def _on_Snapshot(self, command: Snapshot) -> None:
+        """Cut every store to the leader's record, then keep a private copy of what a recovery may
+        change: the KV cache and the copy of the predecessor's KV (re-protection after a rebuild
+        replaces it)."""
+        state = self._state
+        self._cached_ids = self._cached_ids[:command.length]
+        for store in (state.cache, state.hidden_states, state.replica):
+            if store is not None:
+                store.length = min(store.length, command.length)
+        self._snapshot = (state.cache.clone(), list(self._cached_ids),
+                          None if state.hidden_states is None else state.hidden_states.length,
+                          state.replica_of, None if state.replica is None else state.replica.clone())
+
+    def _on_Restore(self, command: Restore) -> None:
+        cache, cached_ids, hidden_length, replica_of, replica = self._snapshot
+        state = self._state
+        state.cache, self._cached_ids = cache.clone(), list(cached_ids)
+        if state.hidden_states is not None:
+            state.hidden_states.length = hidden_length
+        state.replica_of, state.replica = replica_of, None if replica is None else replica.clone()
+
+    def _on_Rebuild(self, command: Rebuild) -> float:
+        self.faults.at_recovery_work()
+        began = self.clock()
+        kv_cache_reused.rebuild(self._state, command.order, self._endpoint())
+        self._cached_ids = list(command.order.context_ids)
+        self._telemetry(f"rebuild KV: {command.order.strategy}", began)
+        return self.clock() - began
+
+    def _on_Reprotect(self, command: Reprotect) -> None:
+        if self._replication:
+            self._replicate(0, len(self._cached_ids), self._endpoint())
+
+    def _on_ReportKV(self, command: ReportKV) -> dict:
+        cache = self._state.cache
+        return {(self.device, layer, g): tuple(t.clone() for t in cache.head(layer, g))
+                for layer in range(cache.num_layers) for g in cache.kv_heads}
+
+    def _on_Describe(self, command: Describe) -> DeviceInfo:
+        state = self._state
+        hidden, replica = state.hidden_states, state.replica
+        return DeviceInfo(
+            self.device, self._epoch, state.shard.query_heads, state.cache.kv_heads, state.shard.mlp,
+            state.vocab.rows, state.shard.nbytes + state.vocab.nbytes, tuple(self._cached_ids),
+            None if hidden is None else hidden.length, 0 if hidden is None else hidden.nbytes, self._replication,
+            state.replica_of, () if replica is None else replica.kv_heads, 0 if replica is None else replica.length,
+            0 if replica is None else replica.nbytes)
+
+    def _on_TimeHiddenRebuild(self, command: TimeHiddenRebuild) -> float:
+        """The seed's comparison, on a copy: project from the stored inputs every KV head this device
+        now needs, or only those its cache lacks (keeping its own)."""
+        self.faults.at_recovery_work()
+        state = self._state
+        wanted = state.shard.kv_heads
+        kept = tuple(g for g in wanted if g in state.cache.kv_heads) if command.inherited_only else ()
+        trial = replace(state, cache=state.cache.regrouped(kept).regrouped(wanted))
+        missing = tuple(g for g in wanted if g not in kept)
+        began = time.perf_counter()
+        kv_cache_reused.rebuild_from_hidden_states(trial, missing)
+        return time.perf_counter() - began
+
+    def _on_Arm(self, command: Arm) -> None:
+        self.faults.arm(command.plan)
+
+    def _on_CorruptKV(self, command: CorruptKV) -> None:
+        for store in (self._state.cache.k, self._state.cache.v):
+            for layer in store:
+                layer[:, :self._state.cache.length] += command.delta
+
+    def _endpoint(self) -> DeviceEndpoint:
+        group = self._transport.collective(self._epoch, self._members)
+        return DeviceEndpoint(self.device, group, lambda: self._epoch, self.faults)
+
+    def _replicate(self, start: int, length: int, endpoint: DeviceEndpoint) -> None:
+        """The step's new KV to the next member (a real send); the previous member's into the copy."""
+        members = self._members
+        if len(members) < 2:
+            return
+        began, i = self.clock(), members.index(self.device)
+        replicate_step(self._state, start, length, endpoint, members[(i + 1) % len(members)], members[i - 1])
+        self._telemetry("replicate", began)
+
+    # ---------------------------------------------------------------------------------------
+    # The control thread: beats, watching, epochs
+
+    def _serve_control(self) -> None:
+        interval, next_beat, was_hung = self._setup.heartbeat.interval_s, 0.0, False
+        looked_at = time.monotonic()
+        while not self._stopping.is_set():
+            if self.faults.hung.is_set():  # a stopped device does nothing, beats included
+                was_hung = True
+                time.sleep(POLL_S)
+                continue
+            now = time.monotonic()
+            if now - looked_at > 2 * POLL_S:  # this thread did not look meanwhile (stalled, hung, busy in
+                self._monitor.excuse(now - looked_at - POLL_S)  # a handler): no one is blamed for that time
+            looked_at = now
+            if now >= next_beat:  # a beat that fell due while hung goes out at once, with the old epoch
+                self._beat()
+                next_beat = max(next_beat + interval, now)
+            if was_hung:  # what came meanwhile first: its silence says nothing of the others'
+                was_hung = False
+                self._drain_control()
+                continue
+            envelope = self._transport.receive(Address("control", self.device),
+                                               min(POLL_S, max(0.0, next_beat - time.monotonic())))
+            if envelope is not None:
+                self._on_control(envelope.body)
+                self._drain_control()  # beats queued while this thread waited for the CPU are not silence
+            for detection in self._monitor.check() if self._judging else ():
+                self._on_declared(detection)
+
+    def _drain_control(self) -> None:
+        while not self._stopping.is_set() and (envelope := self._transport.receive(
+                Address("control", self.device), 0)) is not None:
+            self._on_control(envelope.body)
+
+    def _beat(self) -> None:
+        beat = Beat(self.device, self._epoch)
+        targets = [m for m in self._members if m != self.device] if self.leader else [self._leader_id]
+        for device in targets:
+            self._send(Address("control", device), beat)
+        self._telemetry("beat")
+
+    def _on_control(self, body: Any) -> None:
+        if isinstance(body, Stop):  # obeyed at once, whatever the device is doing, as SIGTERM is
+            self._stop()
+        elif isinstance(body, Beat):
+            self._monitor.beat(body.device, body.epoch)
+        elif isinstance(body, NewEpoch):
+            self._admit(body)
+        elif isinstance(body, Watch) and self.leader is not None:
+            self._monitor.restart()
+            self._judging = True
+        elif isinstance(body, Declare) and self.leader is not None:
+            detection = self._monitor.declare(body.device, body.signal)
+            if detection is not None:
+                self._on_declared(detection)
+
+    def _admit(self, epoch: NewEpoch) -> None:
+        """A new epoch: abort the collective a step may wait in, join the new group, or stop if fenced out."""
+        if epoch.epoch <= self._epoch:
+            return
+        self._transport.abort_epoch(self._epoch)
+        if self.device not in epoch.members:
+            self._fenced()
+            return
+        with self._epoch_changed:
+            self._epoch, self._members, self._assignment = epoch.epoch, epoch.members, epoch.assignment
+            self._transport.collective(epoch.epoch, epoch.members)  # the new group, at once: the old one ends
+            if epoch.leader != self._leader_id and self.leader is None:
+                self._leader_id = epoch.leader
+                self._monitor = self._watch([epoch.leader])
+            self._declared_here = []
+            self._epoch_changed.notify_all()
+
+    def _on_declared(self, detection) -> None:
+        if self.leader is not None:
+            if not self.leader.declared(detection):
+                self._fenced()
+            return
+        # the leader is gone: the lowest-numbered survivor (of those this device has not declared) leads
+        self._transport.abort_epoch(self._epoch)
+        self._declared_here.append(detection)
+        lost = {d.device for d in self._declared_here}
+        successor = min(m for m in self._members if m not in lost)
+        if successor == self.device:
+            self._become_leader(self._declared_here)
+        else:
+            self._leader_id = successor
+            self._monitor = self._watch([successor])
+
+    def _become_leader(self, lost: list) -> None:
+        """Lead from now on: watch every other member, and open an epoch for each lost leader."""
+        from cluster_leader import Leader
+        watched = [m for m in self._members if m != self.device]
+        self._monitor = self._watch(watched, epoch=self._epoch)
+        self._leader_id = self.device
+        self.leader = Leader(self.device, self._transport, self._epoch, self._members, self._assignment,
+                             self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot)
+        self.leader.start()
+        for detection in lost:
+            declared = self._monitor.declare(detection.device, detection.signal)
+            if declared is not None and not self.leader.declared(
+                    replace(declared, last_beat_at=detection.last_beat_at), failover=True):
+                self._fenced()
+                return
+
+    def _cached_ids_snapshot(self) -> list[int]:
+        return list(self._cached_ids)
+
+    def _watched(self) -> list[int]:
+        return [m for m in self._members if m != self.device] if self.device == self._leader_id else [self._leader_id]
+
+    def _watch(self, devices, epoch: int | None = None) -> HeartbeatMonitor:
+        return HeartbeatMonitor(devices, self._setup.heartbeat, epoch=self._epoch if epoch is None else epoch)
+
+    # ---------------------------------------------------------------------------------------
+    # Telling others
+
+    def _send(self, to: Address, body: Any, request: int = 0) -> None:
+        self._transport.send(to, Envelope(self.device, self._epoch, request, body))
+
+    def _telemetry(self, kind: str, began: float | None = None) -> None:
+        now = self.clock()
+        at, duration = (now, 0.0) if began is None else (began, now - began)
+        self._send(Address("driver", DRIVER), Telemetry(((at, self.device, kind, duration),)))
+
+    def _tell_strike(self, device: int, mode: str, at: float) -> None:
+        self._send(Address("driver", DRIVER), Strike(device, mode, at))
+
+    @staticmethod
+    def clock() -> float:
+        return time.monotonic()
+
+
+def _with_trace(error: BaseException) -> BaseException:
+    """The error, carrying its device-side traceback as a note (a traceback does not cross as bytes;
+    a note does, and Python prints it with the error wherever it is raised again)."""
+    error.add_note("raised on the device:\n" + "".join(traceback.format_exception(error)).rstrip())
+    return error

@@ -1,0 +1,313 @@
+"""The protocol: every message between the driver, the leader and the devices, as plain data.
+
+A device is a private world reached only by messages. Who sends what:
+
+| from -> to | inbox | messages |
+|---|---|---|
+| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo` |
+| leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
+| leader -> device | `commands` | commands: `Forward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
+| device -> leader | `results` | one `Reply` per command |
+| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (to the leader) |
+| driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
+| driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing) |
+| device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
+
+Collectives and KV transfers between devices go through the `Collective` (tensor_parallel_model.py),
+never through these inboxes. Every message carries its sender's epoch: a receiver refuses one
+from an ended epoch (fencing). Commands carry batches of sequences (`Chunk`s), each with its own
+KV, although the devices serve one sequence at a time for now.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from head_assignment import Assignment
+
+DRIVER = -1  # the sender id of the program that drives generation
+
+
+@dataclass(frozen=True)
+class Address:
+    """An inbox: `kind` is one of INBOXES; `owner` a device, or DRIVER."""
+
+    kind: str
+    owner: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in INBOXES:
+            raise ValueError(f"no inbox of kind {self.kind!r} (kinds: {', '.join(INBOXES)})")
+
+
+INBOXES = ("commands", "control", "leader", "results", "driver")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What travels: the sender, the sender's epoch, the request it answers or asks (0: a notice)."""
+
+    sender: int
+    epoch: int
+    request: int
+    body: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Work: a batch of sequences
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence at positions start..start+len: what a step computes for it."""
+
+    sequence: int
+    token_ids: tuple[int, ...]
+    start: int
+
+
+# --------------------------------------------------------------------------------------------
+# Commands (leader -> device); each is answered by one Reply
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward step over the chunks; `logits`: "last", "all" or "none". The first device of the
+    group answers with the logits, the others with None (every device has them after the gather)."""
+
+    chunks: tuple[Chunk, ...]
+    logits: str = "last"
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What the device keeps in normal running for recovery: its layers' inputs (reuse-hidden), a
+    copy of its KV sent to its buddy every step (replicate). Replication switched on sends what is
+    already cached first, so the copy covers the context."""
+
+    hidden_states: bool
+    replication: bool
+
+
+@dataclass(frozen=True)
+class Inherit:
+    """Read the weight slices this device lacks for `assignment`. Answered with `Inherited`."""
+
+    assignment: Assignment
+
+
+@dataclass(frozen=True)
+class Inherited:
+    seconds: float
+    bytes_read: int
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """Rebuild the KV cache as `order` says (kv_cache_reused.RebuildOrder). Answered with seconds."""
+
+    order: Any
+
+
+@dataclass(frozen=True)
+class Reprotect:
+    """Send the whole KV to the current buddy (after a recovery changed who is whose buddy)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Cut every store to `length` positions (what the leader recorded) and keep a private copy of
+    the KV, to start several recoveries from the same state (`Restore`)."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Go back to the copy kept by `Snapshot`."""
+
+
+@dataclass(frozen=True)
+class ReportKV:
+    """Answered with every (device, layer, KV head) -> (K, V) this device holds, copied: for checks."""
+
+
+@dataclass(frozen=True)
+class Describe:
+    """Answered with a `DeviceInfo`."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the leader may know of a device without touching it."""
+
+    device: int
+    epoch: int
+    query_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]        # those its cache holds
+    mlp: tuple[tuple[int, int], ...]
+    vocab: tuple[int, int]
+    weight_bytes: int
+    cached_ids: tuple[int, ...]      # the tokens its cache holds, in order
+    hidden_positions: int | None     # positions its hidden-state store holds (None: not kept)
+    hidden_bytes: int
+    replication: bool
+    replica_of: int | None           # the device whose KV copy it holds
+    replica_kv_heads: tuple[int, ...]
+    replica_positions: int
+    replica_bytes: int
+
+
+@dataclass(frozen=True)
+class TimeHiddenRebuild:
+    """The seed's device-level comparison: rebuild from the stored layer inputs every KV head this
+    device holds (`inherited_only` False) or only those it lacks, on a copy; answered with seconds."""
+
+    inherited_only: bool
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Fault injection: `plan` (fault_injection.FailurePlan) strikes this device at its point."""
+
+    plan: Any
+
+
+@dataclass(frozen=True)
+class CorruptKV:
+    """Fault injection: add `delta` to every cached K and V entry (memory corruption)."""
+
+    delta: float
+
+
+# --------------------------------------------------------------------------------------------
+# Control (any device -> any device's control inbox)
+
+
+@dataclass(frozen=True)
+class Beat:
+    device: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class NewEpoch:
+    """The leader opens `epoch`: these `members` under `assignment`, led by `leader`; `lost` left.
+    A member admits itself; a device not among the members has been fenced out and stops."""
+
+    epoch: int
+    members: tuple[int, ...]
+    assignment: Assignment
+    leader: int
+    lost: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the device's threads at once (the driver closing the cluster)."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    """From the driver to the leader once every device is up: start judging the members' silences
+    (before, a device still starting is silent for no fault of its own)."""
+
+
+@dataclass(frozen=True)
+class Declare:
+    """Ask the leader to declare `device` dead at once, on `signal` (e.g. "collective": a device saw
+    the connection to it close), instead of waiting for its silence."""
+
+    device: int
+    signal: str
+
+
+# --------------------------------------------------------------------------------------------
+# Requests (driver -> leader); each is answered by one Reply
+
+
+@dataclass(frozen=True)
+class Step:
+    """A forward step on every device of the group (redone after a recovery when one fails)."""
+
+    chunks: tuple[Chunk, ...]
+    logits: str = "last"
+
+
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    """How the leader recovers: who takes the lost heads, how the KV is rebuilt, and whether it
+    recovers on its own (`hold` False) or stops once the failure is handled as far as inheriting
+    weights and waits for the driver's `Recover` (to compare strategies from one state)."""
+
+    reassign: str = "random"
+    seed: int = 0
+    strategy: str = "full-recompute"
+    hold: bool = False
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """After a held failure: plan the reassignment, inherit weights, snapshot the survivors' state."""
+
+
+@dataclass(frozen=True)
+class Recover:
+    """After `Prepare`: rebuild with `strategy` (falling back when impossible) from the snapshot."""
+
+    strategy: str
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send `command` to every device of the group; answered with {device: its answer}."""
+
+    command: Any
+
+
+@dataclass(frozen=True)
+class SendTo:
+    """Send `command` to one device; answered with its answer."""
+
+    device: int
+    command: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Answers and notices
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a command or request: a value, or the error it raised (`error` set)."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class LeaderChanged:
+    """The old leader was declared dead; `leader` leads `epoch`. It has recovered (`recovery`), or,
+    holding, waits for the driver to recover from `failures`."""
+
+    leader: int
+    epoch: int
+    recovery: Any
+    failures: tuple = ()
+
+
+@dataclass(frozen=True)
+class Strike:
+    """An injected fault fired on `device` at clock time `at` (a measurement hook, not part of recovery)."""
+
+    device: int
+    mode: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """(time, device, kind, duration) events of one device, for the timeline."""
+
+    events: tuple[tuple[float, int, str, float], ...] = field(default=())
+
