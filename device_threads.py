@@ -161,19 +161,18 @@ class ThreadCollective:
         round_, parity = self._deposit(device, tensor)
 
         def sum_once() -> None:  # run by the last device to arrive, before the others go on
-            total = _sum_in_order([self.codec.decode(part) for part in self._inbox[parity]])
+            total = sum_in_order([self.codec.decode(part) for part in self._inbox[parity]])
             self._results[parity] = (round_, self.codec.encode(total))
 
         self._wait(sum_once)
         return self.codec.decode(self._results[parity][1])
 
     def own_rows(self, device: int, length: int) -> slice:
-        slot, n = self._slot[device], len(self.devices)
-        return slice(slot * length // n, (slot + 1) * length // n)
+        return row_split(self._slot[device], len(self.devices), length)
 
     def reduce_scatter(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
         rows = self.own_rows(device, tensor.shape[0])
-        return _sum_in_order([part[rows] for part in self._exchange(device, tensor)])
+        return sum_in_order([part[rows] for part in self._exchange(device, tensor)])
 
     def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
         if not self.codec.shares_memory:
@@ -194,6 +193,9 @@ class ThreadCollective:
         """Hand `payload` to device `to` (it gets it with `recv`); does not wait for it."""
         self._refuse_if_closed()
         self._channel(device, to).put(self.codec.encode(payload))
+
+    def flush(self) -> None:
+        """Nothing to wait for: a send is in the receiver's queue when `send` returns."""
 
     def recv(self, device: int, source: int) -> Any:
         """What device `source` sent to this device, waiting for it (until it comes or the epoch ends)."""
@@ -258,7 +260,13 @@ class ThreadCollective:
             return self._channels.setdefault((source, to), SimpleQueue())
 
 
-def _sum_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+def row_split(slot: int, members: int, length: int) -> slice:
+    """The rows of a `length`-row tensor that the member in `slot` holds: contiguous, in member order."""
+    return slice(slot * length // members, (slot + 1) * length // members)
+
+
+def sum_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts added in member order: every backend gives the same bits."""
     total = parts[0].clone()
     for part in parts[1:]:
         total += part

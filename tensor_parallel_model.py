@@ -46,6 +46,9 @@ class Collective(Protocol):
     def recv(self, device: int, source: int) -> object:
         """What device `source` sent to this device."""
 
+    def flush(self) -> None:
+        """Return once every send this device started has been taken by its receiver."""
+
 
 # --------------------------------------------------------------------------------------------
 # RoPE and RMSNorm (Hugging Face conventions: rotate_half layout, norm computed in fp32)
