@@ -337,9 +337,6 @@ class DeviceActor:
                 time.sleep(POLL_S)
                 continue
             now = time.monotonic()
-            if now - looked_at > 2 * POLL_S:  # this thread did not look meanwhile (stalled, hung, busy in
-                self._monitor.excuse(now - looked_at - POLL_S)  # a handler): no one is blamed for that time
-            looked_at = now
             if now >= next_beat:  # a beat that fell due while hung goes out at once, with the old epoch
                 self._beat()
                 next_beat = max(next_beat + interval, now)
@@ -352,6 +349,10 @@ class DeviceActor:
             if envelope is not None:
                 self._on_control(envelope.body)
                 self._drain_control()  # beats queued while this thread waited for the CPU are not silence
+            now = time.monotonic()
+            if now - looked_at > 2 * POLL_S:  # this thread did not look meanwhile (stalled, hung, busy in
+                self._monitor.excuse(now - looked_at - POLL_S)  # a handler): no one is blamed for that time
+            looked_at = now
             for detection in self._monitor.check() if self._judging else ():
                 self._on_declared(detection)
 
