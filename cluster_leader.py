@@ -282,6 +282,7 @@ class Leader:
         try:
             infos = self._run_group({m: Describe() for m in self.members})
             self._context = list(_common_prefix([info.cached_ids for info in infos.values()]))
+            self._replication = all(info.replication for info in infos.values())  # the old leader knew it
             recovery = None if self.policy.hold else self._recover(self.policy.strategy)
         except StepAbandoned:
             self._failover = True  # another device died meanwhile: try again

@@ -489,6 +489,18 @@ def test_replicate_needs_no_fallback_when_buddies_survive(tiny_4kv, backend):
     assert outcome.assignment.devices == (0, 2)
 
 
+def test_a_leader_that_took_over_keeps_replicating_so_a_later_loss_is_recovered_from_the_copy(tiny, backend):
+    """Found by the property test: the new leader must learn that replication is on (from the
+    devices), or it never re-protects after its recovery and a later loss finds no copy."""
+    c = tiny.config
+    assignment = custom_assignment({0: (0, 3, 4, 5, 6, 7), 1: (1,), 2: (2,)}, c.num_attention_heads,
+                                   c.num_key_value_heads, c.intermediate_size)
+    outcome = run_scenario(tiny, assignment, [FailurePlan(0, 1, at_call=1), FailurePlan(2, 2, at_call=1)], backend,
+                           recovery="replicate", replicate=True)
+    outcome.assert_lossless()
+    assert [(r.strategy, r.fallback_reason) for r in outcome.recoveries] == [("replicate", None)] * 2
+
+
 def test_replicate_crash_during_prefill_needs_no_fallback(tiny_4kv, backend):
     outcome = run_scenario(tiny_4kv, even_assignment(tiny_4kv.config, 4), [FailurePlan(1, after_tokens=0, at_call=2)],
                            backend, recovery="replicate", replicate=True)
