@@ -79,11 +79,15 @@ class FaultTolerantLlama(TensorParallelLlama):
                 self.prepare_recovery()
                 recovery = self.rebuild(strategy)
             except StepFailed as failure:
-                self.failures += [e for e in failure.events if e not in self.failures]
+                self.note_failures(failure.events)
                 continue
             self.recoveries.append(recovery)
-            self.failures += [e for e in recovery.events if e not in self.failures]
+            self.note_failures(recovery.events)
             return recovery
+
+    def note_failures(self, events: Sequence[FailureEvent]) -> None:
+        """Record the failures the driver was told of, each once (a retried recovery repeats them)."""
+        self.failures += [e for e in events if e not in self.failures]
 
     def prepare_recovery(self) -> PostFailure:
         """Plan where the dead devices' work goes, inherit the weight slices, snapshot the survivors."""
@@ -109,7 +113,6 @@ class FaultTolerantLlama(TensorParallelLlama):
         return self.request(SendTo(device, TimeHiddenRebuild(inherited_only)))
 
 
-
 def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int], max_new_tokens: int,
                            failures: Sequence[FailurePlan],
                            recover: Callable[[FaultTolerantLlama, StepFailed], object] | None = None) -> list[int]:
@@ -125,7 +128,7 @@ def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int],
         try:
             logits = model.prefill(prompt_ids) if not tokens else model.decode(tokens[-1])
         except StepFailed as failure:
-            model.failures += [e for e in failure.events if e not in model.failures]
+            model.note_failures(failure.events)
             (recover or _recover_with_the_policys_strategy)(model, failure)
             continue
         tokens.append(int(logits.argmax()))
