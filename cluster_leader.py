@@ -141,6 +141,8 @@ class Leader:
             news = NewEpoch(self.epoch, self.members, self.assignment, self.host, (detection.device,))
         for device in (*self.members, detection.device):
             self._send(Address("control", device), news)
+        if self.policy.fence:
+            self._transport.fence(detection.device)  # processes: SIGKILL (threads: the epoch alone fences)
         self._send(Address("driver", DRIVER),
                    Telemetry(((detection.declared_at, detection.device, "declared dead", 0.0),)))
         return True
