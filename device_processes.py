@@ -631,7 +631,10 @@ def serve_node(rendezvous: Rendezvous, wait_for_master_s: float) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         launcher.start_here(here)
-        launcher.await_exits(float("inf"))
+        while not launcher.await_exits(1.0):
+            waiting.check(["devices"])  # raises once node 0's store is gone: its driver died
+    except (RuntimeError, OSError):
+        print(f"node {rendezvous.node_rank}: node 0 is gone: killing its devices", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"node {rendezvous.node_rank}: interrupted: killing its devices", file=sys.stderr)
     finally:
@@ -663,7 +666,9 @@ def start_device_processes(master: tuple[str, int], devices: Sequence[int], node
     for device in devices:
         command = [sys.executable, "-m", "device_processes", "--device", str(device),
                    "--master", f"{master[0]}:{master[1]}", "--node-addr", node_addr]
-        processes[device] = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+        # a session of its own: a terminal's Ctrl-C reaches the launcher only, which stops every device
+        processes[device] = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
         STARTED_PIDS.append(processes[device].pid)
 
 

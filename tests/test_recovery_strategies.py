@@ -35,6 +35,7 @@ HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.5)  # short, with room 
 # Four clusters at once (16 devices) on two cores can keep a healthy device's beats silent for a
 # quarter of a second: the concurrent scenarios wait longer before declaring a device dead.
 CONCURRENT_HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=1.0)
+PROCESSES_HEARTBEAT = CONCURRENT_HEARTBEAT  # five interpreters share the two cores
 DTYPE = torch.float32
 PROMPT = [256] + [(37 * i + 11) % 250 for i in range(23)]  # BOS + 23 byte tokens
 NEW_TOKENS = 5
@@ -109,7 +110,8 @@ def test_full_recompute_rebuilds_every_head_and_reuse_only_the_missing():
 
 
 def new_model(checkpoint: Checkpoint, devices: int, backend: str, strategy: str = "full-recompute",
-              reassign: str = "random", heartbeat: HeartbeatConfig = HEARTBEAT) -> FaultTolerantLlama:
+              reassign: str = "random", heartbeat: HeartbeatConfig | None = None) -> FaultTolerantLlama:
+    heartbeat = heartbeat or (PROCESSES_HEARTBEAT if backend == "processes" else HEARTBEAT)
     return FaultTolerantLlama(checkpoint, even_assignment(checkpoint.config, devices), DTYPE, heartbeat=heartbeat,
                               backend=backend, policy=RecoveryPolicy(reassign, 0, strategy, hold=True))
 
@@ -156,7 +158,7 @@ def check_after_recovery(model: FaultTolerantLlama, recovery: Recovery, referenc
 
 def run_with_crash(checkpoint: Checkpoint, devices: int, failures: list[FailurePlan], strategy: str, backend: str,
                    reassign: str = "random", hidden: bool | None = None, replicate: bool | None = None,
-                   heartbeat: HeartbeatConfig = HEARTBEAT) -> tuple[list[int], list[Checked], list[int]]:
+                   heartbeat: HeartbeatConfig | None = None) -> tuple[list[int], list[Checked], list[int]]:
     """The run with failures; returns (tokens, checks after each recovery, failure-free tokens)."""
     reference, reference_kv = failure_free(checkpoint, devices)
     hidden = strategy == "reuse-hidden" if hidden is None else hidden
@@ -247,7 +249,7 @@ def test_every_strategy_is_lossless_after_a_crash(tiny, backend, devices, device
     together = backend != "processes"  # 16 device processes at once would starve two cores: one after another
     jobs = {strategy: (lambda strategy=strategy: run_with_crash(
                 tiny, devices, [FailurePlan(device, FAIL_AFTER)], strategy, backend, reassign,
-                heartbeat=CONCURRENT_HEARTBEAT if together else HEARTBEAT))
+                heartbeat=CONCURRENT_HEARTBEAT))
             for strategy in ALL_STRATEGIES}
     outcomes = run_concurrently(jobs) if together else {name: _outcome_of(job) for name, job in jobs.items()}
     problems = {}
