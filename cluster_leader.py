@@ -341,6 +341,9 @@ class Leader:
         root = next((e for _, e in sorted(errors.items()) if not isinstance(e, StepAbandoned)), None)
         if root is not None:
             self._reform()
+            for device, error in sorted(errors.items()):
+                if error is not root:
+                    root.add_note(f"meanwhile Device-{device}: {type(error).__name__}: {str(error).splitlines()[0]}")
             raise root
         if errors or len(answers) < len(commands):
             said = [f"Device-{d}: {str(e).splitlines()[0]}" for d, e in sorted(errors.items())]

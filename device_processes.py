@@ -157,9 +157,9 @@ class GlooCollective:
 
     def recv(self, device: int, source: int) -> Any:
         rank, size = self.devices.index(source), torch.empty(1, dtype=torch.int64)
-        self._call(lambda group: group.recv([size], rank, SEND_TAG))
+        self._point_to_point(lambda group: group.recv([size], rank, SEND_TAG))
         data = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._call(lambda group: group.recv([data], rank, SEND_TAG))
+        self._point_to_point(lambda group: group.recv([data], rank, SEND_TAG))
         return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
     def flush(self) -> None:
@@ -167,7 +167,7 @@ class GlooCollective:
         command done, or leaves: a process that ends with a send in flight takes the data with it)."""
         sending, self._sending = self._sending, []
         for work, _ in sending:
-            self._call(lambda group, work=work: work)
+            self._point_to_point(lambda group, work=work: work)
 
     # Lifetime
 
@@ -198,19 +198,45 @@ class GlooCollective:
         return self._group
 
     def _call(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> None:
-        work = start(self._joined())
+        """A collective call, waited for in slices (an aborted epoch releases it at once)."""
+        work = self._start(start)
         while True:
             try:
                 work.wait(datetime.timedelta(seconds=POLL_S))
                 return
-            except RuntimeError as error:  # a slice of waiting ended, or the call failed
-                if work.is_completed():  # failed: a peer's connection closed, or gloo's own timeout
-                    self._leave(keep_alive=False)
-                    self._on_broken()
-                    raise StepAbandoned(f"epoch {self.epoch} collective failed: {error}") from None
+            except RuntimeError:  # a slice of waiting ended (the call may have completed just after), or it failed
+                if work.is_completed():
+                    self._outcome(work)
+                    return
                 if self.aborted:
                     self._leave(keep_alive=True)
                     self._refuse_if_closed()
+
+    def _point_to_point(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> None:
+        """A send or receive, waited for whole: gloo closes the connection when a point-to-point wait
+        times out, so it cannot be waited for in slices. A dead peer fails it at once; a hung one is
+        fenced by SIGKILL (which fails it too), else gloo's timeout ends it."""
+        self._outcome(self._start(start))
+
+    def _start(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> dist.Work:
+        group = self._joined()
+        try:
+            return start(group)
+        except RuntimeError as error:  # the group broke before this call: a peer is gone
+            self._fail(error)
+
+    def _outcome(self, work: dist.Work) -> None:
+        """A completed call's own outcome: nothing, or its failure (a peer's connection closed, or gloo's
+        timeout), after which this device leaves the group and looks for the dead peer."""
+        try:
+            work.wait()
+        except RuntimeError as error:
+            self._fail(error)
+
+    def _fail(self, error: RuntimeError) -> None:
+        self._leave(keep_alive=False)
+        self._on_broken()
+        raise StepAbandoned(f"epoch {self.epoch} collective failed: {error}") from None
 
     def _leave(self, keep_alive: bool) -> None:
         """Drop the group: its connections close, which tells the other members. Destroying a gloo
