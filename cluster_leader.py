@@ -141,6 +141,8 @@ class Leader:
             news = NewEpoch(self.epoch, self.members, self.assignment, self.host, (detection.device,))
         for device in (*self.members, detection.device):
             self._send(Address("control", device), news)
+        if self.policy.fence:
+            self._transport.fence(detection.device)  # processes: SIGKILL (threads: the epoch alone fences)
         self._send(Address("driver", DRIVER),
                    Telemetry(((detection.declared_at, detection.device, "declared dead", 0.0),)))
         return True
@@ -182,8 +184,8 @@ class Leader:
                 recoveries.append(self._recover(self.policy.strategy))
             try:
                 answers = self._run_group({m: Forward(request.chunks, request.logits) for m in self.members})
-            except StepAbandoned:
-                self._await_declaration()
+            except StepAbandoned as abandoned:
+                self._await_declaration(abandoned)
                 continue
             self._context += list(chunk.token_ids)
             return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment)
@@ -195,8 +197,8 @@ class Leader:
             try:
                 self._post = self._prepare()
                 return self._post
-            except StepAbandoned:
-                self._await_declaration()
+            except StepAbandoned as abandoned:
+                self._await_declaration(abandoned)
 
     def _on_Recover(self, request: Recover) -> Recovery:
         return self._recover(request.strategy, prepared=self._post)
@@ -221,8 +223,8 @@ class Leader:
             try:
                 post = prepared if prepared is not None and not self._declared else self._prepare()
                 used, fallback, rebuild_s = self._rebuild(post, strategy, restore=prepared is not None)
-            except StepAbandoned:
-                self._await_declaration()
+            except StepAbandoned as abandoned:
+                self._await_declaration(abandoned)
                 prepared = None
                 continue
             recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
@@ -293,14 +295,14 @@ class Leader:
         with self._lock:
             return list(self._declared)
 
-    def _await_declaration(self) -> None:
+    def _await_declaration(self, abandoned: StepAbandoned) -> None:
         """A step was abandoned: wait (bounded) until the device behind it has been declared dead."""
         deadline = time.monotonic() + 4 * self._heartbeat.timeout_s
         while not self._declared:
             self._refuse_if_host_gone()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"a step was abandoned but no device was declared dead within "
-                                   f"{4 * self._heartbeat.timeout_s:.1f} s")
+                                   f"{4 * self._heartbeat.timeout_s:.1f} s ({abandoned})")
             time.sleep(POLL_S)
 
     # ---------------------------------------------------------------------------------------
@@ -339,9 +341,15 @@ class Leader:
         root = next((e for _, e in sorted(errors.items()) if not isinstance(e, StepAbandoned)), None)
         if root is not None:
             self._reform()
+            for device, error in sorted(errors.items()):
+                if error is not root:
+                    root.add_note(f"meanwhile Device-{device}: {type(error).__name__}: {str(error).splitlines()[0]}")
             raise root
         if errors or len(answers) < len(commands):
-            raise StepAbandoned(f"epoch {epoch}: a device failed or stopped answering")
+            said = [f"Device-{d}: {str(e).splitlines()[0]}" for d, e in sorted(errors.items())]
+            silent = [f"Device-{d}" for d in commands if d not in answers and d not in errors]
+            raise StepAbandoned(f"epoch {epoch}: " + "; ".join(said + ([f"no answer from {', '.join(silent)}"]
+                                                                      if silent else [])))
         return answers
 
     def _refuse_if_host_gone(self) -> None:

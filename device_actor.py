@@ -24,7 +24,7 @@ import kv_cache_reused
 from device_protocol import (DRIVER, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
                              Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
-from device_threads import POLL_S, StaleEpoch, ThreadCollective
+from device_threads import POLL_S, StaleEpoch, StepAbandoned, ThreadCollective
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
@@ -95,7 +95,7 @@ class DeviceEndpoint:
 class DeviceActor:
     """A device: its state, its epoch, and the threads that serve its inboxes."""
 
-    def __init__(self, setup: DeviceSetup, transport, released: threading.Event):
+    def __init__(self, setup: DeviceSetup, transport):
         self.device = setup.device
         self._setup, self._transport = setup, transport
         self._checkpoint = Checkpoint(setup.checkpoint)
@@ -109,11 +109,13 @@ class DeviceActor:
         self._leader_id = min(self._members)
         self._epoch_changed = threading.Condition()
         self._stopping = threading.Event()
-        self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike, released)
+        self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike,
+                                  transport.released(self.device), signals=transport.real_signals)
         self._monitor = self._watch(self._watched())
-        self._judging = self.device != self._leader_id  # the leader judges silences once every device is up
+        self._judging = False  # silences are judged once every device is up (the driver's Watch, forwarded)
         self._declared_here: list = []  # leaders this device declared dead (its own view, until told)
         self.leader = None  # cluster_leader.Leader when this device leads
+        self._used_group = None  # the collective the command being served used (its sends are flushed after it)
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -166,7 +168,7 @@ class DeviceActor:
             except BaseException as error:  # noqa: BLE001 - handed back to the leader
                 self._answer(envelope, Reply(error=_with_trace(error)))
                 continue
-            self._answer(envelope, Reply(value))
+            self._answer(envelope, self._flushed(Reply(value)))
 
     def _execute(self, envelope: Envelope) -> Any:
         if not self._await_epoch(envelope.epoch):
@@ -182,6 +184,16 @@ class DeviceActor:
             self._epoch_changed.wait_for(lambda: self._epoch >= epoch or self._stopping.is_set(),
                                          timeout=10 * self._setup.heartbeat.timeout_s)
             return self._epoch == epoch
+
+    def _flushed(self, reply: Reply) -> Reply:
+        """A command is done only when the KV it sent was taken (processes: a send completes when received)."""
+        group, self._used_group = self._used_group, None
+        try:
+            if group is not None:
+                group.flush()
+        except StepAbandoned as error:  # the receiver is gone, or a newer epoch began meanwhile
+            return Reply(error=error)
+        return reply
 
     def _answer(self, envelope: Envelope, reply: Reply) -> None:
         self._send(Address("results", envelope.sender), reply, request=envelope.request)
@@ -313,7 +325,7 @@ class DeviceActor:
                 layer[:, :self._state.cache.length] += command.delta
 
     def _endpoint(self) -> DeviceEndpoint:
-        group = self._transport.collective(self._epoch, self._members)
+        group = self._used_group = self._transport.collective(self._epoch, self._members)
         return DeviceEndpoint(self.device, group, lambda: self._epoch, self.faults)
 
     def _replicate(self, start: int, length: int, endpoint: DeviceEndpoint) -> None:
@@ -375,11 +387,15 @@ class DeviceActor:
             self._monitor.beat(body.device, body.epoch)
         elif isinstance(body, NewEpoch):
             self._admit(body)
-        elif isinstance(body, Watch) and self.leader is not None:
+        elif isinstance(body, Watch):  # every device is up: silences count from now (loading is not silence)
             self._monitor.restart()
             self._judging = True
-        elif isinstance(body, Declare) and self.leader is not None:
-            detection = self._monitor.declare(body.device, body.signal)
+            if self.leader is not None:
+                for member in self._members:
+                    if member != self.device:
+                        self._send(Address("control", member), Watch())
+        elif isinstance(body, Declare) and (self.leader is not None or body.device == self._leader_id):
+            detection = self._monitor.declare(body.device, body.signal)  # a follower watches only its leader
             if detection is not None:
                 self._on_declared(detection)
 
@@ -452,8 +468,8 @@ class DeviceActor:
         at, duration = (now, 0.0) if began is None else (began, now - began)
         self._send(Address("driver", DRIVER), Telemetry(((at, self.device, kind, duration),)))
 
-    def _tell_strike(self, device: int, mode: str, at: float) -> None:
-        self._send(Address("driver", DRIVER), Strike(device, mode, at))
+    def _tell_strike(self, device: int, mode: str, at: float, signal: str | None) -> None:
+        self._send(Address("driver", DRIVER), Strike(device, mode, at, signal))
 
     @staticmethod
     def clock() -> float:

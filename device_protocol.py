@@ -8,10 +8,11 @@ A device is a private world reached only by messages. Who sends what:
 | leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
 | leader -> device | `commands` | commands: `Forward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
-| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (to the leader) |
+| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
-| driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing) |
+| driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing); processes: `Declare` (a device process exited) |
 | device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
+| launcher -> driver | `driver` | processes: `DeviceExited` (a device process ended while the cluster ran) |
 
 Collectives and KV transfers between devices go through the `Collective` (tensor_parallel_model.py),
 never through these inboxes. Every message carries its sender's epoch: a receiver refuses one
@@ -244,6 +245,7 @@ class RecoveryPolicy:
     seed: int = 0
     strategy: str = "full-recompute"
     hold: bool = False
+    fence: bool = True  # kill a device declared dead (processes: SIGKILL), as clusters fence a node
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,16 @@ class Strike:
 
     device: int
     mode: str
+    at: float
+    signal: str | None = None  # the real signal the fault was (processes: "SIGKILL", "SIGSTOP"); None on threads
+
+
+@dataclass(frozen=True)
+class DeviceExited:
+    """A device process ended while the cluster ran (seen by the launcher, which reaps it)."""
+
+    device: int
+    exit_code: int
     at: float
 
 

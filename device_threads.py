@@ -285,9 +285,12 @@ class ThreadTransport:
     epoch ends every earlier one (as the survivors of a real cluster destroy the old process group).
     """
 
+    real_signals = False  # faults are simulated inside the threads (processes: real signals)
+
     def __init__(self, codec: Codec = Codec()):
         self.codec = codec
         self.name = codec.name
+        self._released: dict[int, threading.Event] = {}  # set to continue a hung device
         self._inboxes: dict[Address, SimpleQueue] = {}
         self._groups: dict[int, ThreadCollective] = {}
         self._lock = threading.Lock()
@@ -323,6 +326,25 @@ class ThreadTransport:
             group = self._groups.get(epoch)
         if group is not None:
             group.abort()
+
+    def released(self, device: int) -> threading.Event:
+        """The event that continues `device` when it hangs (as SIGCONT continues a stopped process)."""
+        with self._lock:
+            return self._released.setdefault(device, threading.Event())
+
+    def release_hung(self) -> None:
+        """Continue every hung device: it resumes its stale step, which the fencing refuses."""
+        with self._lock:
+            events = list(self._released.values())
+        for event in events:
+            event.set()
+
+    def fence(self, device: int) -> None:
+        """Nothing to kill: on threads a declared device is fenced by its epoch alone."""
+
+    def processes(self) -> list[dict[str, int]]:
+        """No device processes: every device is a thread of this one."""
+        return []
 
     def start_thread(self, name: str, target: Callable[[], None]) -> threading.Thread:
         """A device's thread; an error that escapes it is kept (`crashed`), so that it is never lost."""

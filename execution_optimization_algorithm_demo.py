@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from cluster_leader import StepFailed
+from device_processes import LaunchError
 from device_protocol import RecoveryPolicy
 from device_threads import StepAbandoned, interrupts_at_wait_points
 from fault_injection import FailurePlan
@@ -69,6 +70,7 @@ class Options:
     report: Path
     seed: int
     quiet: bool
+    backend: str = "threads"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add = parser.add_argument
     add("--model-dir", type=Path, help="checkpoint folder (config.json + safetensors); default: $LLAMA_CHECKPOINT, "
                                        "the Hugging Face cache, else a synthetic Llama-3.2-1B")
-    add("--devices", type=int, default=4, help="simulated devices (threads) (default 4)")
+    add("--devices", type=int, default=4, help="simulated devices (default 4)")
+    add("--backend", choices=("threads", "processes"), default="threads",
+        help="threads: every device a thread of this process (default); processes: every device an OS process, "
+             "collectives on torch.distributed (gloo), the crash a real SIGKILL (see README for two hosts)")
     add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
     add("--fail-after", type=int, default=4, help="generated tokens before the crash (default 4)")
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt text")
@@ -111,7 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                       args.context_tokens or None, args.new_tokens, args.reassign,
                       tuple(RECOVERY_STRATEGIES) if args.recovery == "all" else (args.recovery,),
                       args.heartbeat_interval, args.heartbeat_timeout, args.dtype, args.repeats, args.report,
-                      args.seed, args.quiet)
+                      args.seed, args.quiet, args.backend)
     check_options(options)
     return options
 
@@ -173,7 +178,8 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
     model = FaultTolerantLlama.from_checkpoint(
         location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet, open_seconds,
         heartbeat=HeartbeatConfig(o.heartbeat_interval, o.heartbeat_timeout),
-        policy=RecoveryPolicy(o.reassign, o.seed, hold=True))  # the comparison drives every recovery
+        policy=RecoveryPolicy(o.reassign, o.seed, hold=True),  # the comparison drives every recovery
+        backend=o.backend)
     kind = "synthetic" if is_synthetic_checkpoint(checkpoint.folder) else "real"
     log(f"model: {checkpoint.folder} ({kind}: {location.reason})")
     try:
@@ -210,6 +216,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         log("cost of keeping state: prefills and decode steps, alternating")
         cost = measure_keeping_cost(model, decode_repeats=max(5, o.repeats), prefill_repeats=PREFILL_REPEATS)
 
+    system["processes"] = model.transport.processes()  # each device process's memory, near the end of the run
     system |= {"prefill_seconds": reference.prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
                "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, len(post.context_ids))
@@ -219,10 +226,11 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                   f"Device-{event.device} crashes after {o.fail_after} tokens; {o.reassign} reassignment; "
                   f"{len(post.context_ids)}-token context; {len(o.recovery)} strategies x {o.repeats}")
     return {
-        "run": {"started": started_at, "options": {k: str(v) for k, v in vars(o).items()}},
+        "run": {"started": started_at, "backend": o.backend, "options": {k: str(v) for k, v in vars(o).items()}},
         "model": describe_model(model, o.dtype),
         "system": system,
         "failure": {"device": event.device, "mode": "crash", "after_tokens": o.fail_after,
+                    "signal": next((s.signal for s in model.strikes if s.device == event.device), None),
                     "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
                     "detection_latency_s": detection_s, "declared_by": event.detection.signal, "leader": event.leader,
                     "reassign": o.reassign, "plan": plan.describe(), "weight_load_seconds": post.weight_load_s,
@@ -258,8 +266,8 @@ def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: 
     while len(tokens) < o.fail_after:
         tokens.append(int(model.decode(tokens[-1]).argmax()))
     model.arm(FailurePlan(o.fail_device, o.fail_after))
-    log(f"Device-{o.fail_device} crashes in this step; waiting for the heartbeat monitor "
-        f"(timeout {o.heartbeat_timeout} s)...")
+    log(f"Device-{o.fail_device} crashes in this step; waiting for its death to be declared "
+        f"(heartbeat timeout {o.heartbeat_timeout} s; a process's exit is seen at once)...")
     try:
         model.decode(tokens[-1])
     except StepFailed:
@@ -349,7 +357,7 @@ def describe_text(model, prompt: str, prompt_ids: list[int], before: list[int], 
 
 def describe_environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": f"{torch.get_num_threads()} intra-op in the main thread, 1 per device thread",
+            "threads": f"{torch.get_num_threads()} intra-op in the main thread, 1 per device",
             "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
 
 
@@ -375,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupts_at_wait_points():  # Ctrl-C stops the run where the leader waits, never inside a lock
             report = run_scenario(options, log)
             write_report(options.report, report)
-    except (UsageError, CheckpointError) as bad:
+    except (UsageError, CheckpointError, LaunchError) as bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2
     except StepAbandoned:  # a device went silent although no failure was injected there

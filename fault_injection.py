@@ -6,9 +6,13 @@ recovery. "crash": the device's threads end and its memory is gone. "hang": the 
 (no compute, no beats, no messages handled) until it is released from outside, as a stopped
 process is continued; then it goes on with its stale step, which the fencing must refuse.
 "slow": its compute stalls for a while, its heartbeats go on (it must not be declared dead).
+With `signals` (the processes backend) the faults are real: a crash is the process's own SIGKILL,
+a hang its own SIGSTOP (continued by SIGCONT from the launcher).
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -48,13 +52,14 @@ class FaultSwitch:
     """A device's fault point. The device calls `at_collective_call` at every collective call and
     `at_recovery_work` when it starts recovery work; an armed plan strikes there.
 
-    `strike` is told when a fault fires (device, mode, clock time); `hung` is set while the device
-    is hung, so that its other threads stop too; `released` is set from outside to continue it.
+    `strike` is told when a fault fires (device, mode, clock time, real signal or None); `hung` is set
+    while the device is hung, so that its other threads stop too; `released` is set from outside to
+    continue it. With `signals`, crash and hang are the process's own SIGKILL and SIGSTOP.
     """
 
-    def __init__(self, device: int, default_call: int, strike: Callable[[int, str, float], None],
-                 released: threading.Event, clock: Callable[[], float] = time.monotonic):
-        self.device, self.default_call = device, default_call
+    def __init__(self, device: int, default_call: int, strike: Callable[[int, str, float, str | None], None],
+                 released: threading.Event, clock: Callable[[], float] = time.monotonic, signals: bool = False):
+        self.device, self.default_call, self.signals = device, default_call, signals
         self.hung = threading.Event()
         self._strike_told, self._released, self._clock = strike, released, clock
         self._plan: FailurePlan | None = None
@@ -87,9 +92,12 @@ class FaultSwitch:
 
     def _fire(self, plan: FailurePlan) -> None:
         self._plan = None
-        self._strike_told(self.device, plan.mode, self._clock())
+        real = {"crash": signal.SIGKILL, "hang": signal.SIGSTOP}.get(plan.mode) if self.signals else None
+        self._strike_told(self.device, plan.mode, self._clock(), None if real is None else real.name)
         if plan.mode == "slow":
             self._closing.wait(plan.delay_s)
+        elif real is not None:
+            os.kill(os.getpid(), real)  # the kernel does the rest; a stopped process goes on when continued
         elif plan.mode == "hang":
             self.hung.set()
             while not (self._released.is_set() or self._closing.is_set()):

@@ -33,8 +33,7 @@ class FaultTolerantLlama(TensorParallelLlama):
 
     def release_hung(self) -> None:
         """Continue every hung device (as SIGCONT does): it resumes its stale step, which the fencing refuses."""
-        for released in self._released.values():
-            released.set()
+        self.transport.release_hung()
 
     def declare_dead(self, device: int, signal: str) -> None:
         """Tell the leader that `device` is dead, as a device whose collective saw its peer's connection

@@ -95,16 +95,31 @@ def _model(r: Report) -> str:
 
 def _system(r: Report) -> str:
     s = r["system"]
+    backend = r["run"].get("backend", "threads")
+    kind = "OS processes (torch.distributed, gloo)" if backend == "processes" else "threads of one process"
     lines = [_heading("2. System initialisation"),
-             f"devices           {s['devices']} threads; leader Device-{s['leader']}",
+             f"devices           {s['devices']} {kind}; leader Device-{s['leader']}",
              f"context           {s['context_tokens']} tokens; {s['new_tokens']} new tokens to generate"]
     for d in s["assignment"]:
         lines.append(f"  Device-{d['device']}: query heads {d['heads']}, KV heads {d['kv_heads']}, "
                      f"MLP columns {d['mlp']}, {d['weight_bytes'] / 1e6:.1f} MB of weight slices")
     lines.append(f"KV heads held twice: {s['duplicated_kv'] or 'none'}")
+    lines += _processes(s.get("processes") or [], r["model"])
     lines.append(f"KV cache filled by the prefill: {s['prefill_seconds']:.3f} s (the failure-free run: the "
                  f"process's first prefill, cold; section 6 compares warm prefills)")
     return "\n".join(lines)
+
+
+def _processes(processes: list[dict], model: dict) -> list[str]:
+    """Each device process's memory, measured at the end of the run, against the model's size."""
+    if not processes:
+        return []
+    lines = [f"  Device-{p['device']} process {p['pid']}: resident {p['rss_bytes'] / 1e6:.0f} MB "
+             f"(peak {p['peak_rss_bytes'] / 1e6:.0f} MB)" for p in processes]
+    total = sum(p["rss_bytes"] for p in processes)
+    return [f"memory            {len(processes)} device processes, {total / 1e6:.0f} MB resident in all "
+            f"(the checkpoint stores {model['stored_bytes'] / 1e6:.0f} MB; each process holds only its slices "
+            f"and its own interpreter with torch)"] + lines
 
 
 def _failure(r: Report) -> str:
@@ -116,6 +131,7 @@ def _failure(r: Report) -> str:
              f"of silence",
              f"detection         {f['detection_latency_s']:.3f} s from failure to declaration "
              f"(bound: timeout + one interval = {f['heartbeat_timeout_s'] + f['heartbeat_interval_s']:.1f} s)",
+             f"declared by       {_declared_by(f)}",
              f"led by            Device-{f['leader']}",
              f"reassignment      {f['reassign']}"]
     lines += [f"  {line}" for line in f["plan"]]
@@ -124,6 +140,13 @@ def _failure(r: Report) -> str:
     if r.get("files", {}).get("timeline"):
         lines.append(f"timeline          {r['files']['timeline']} (every device's work, beats and the failure)")
     return "\n".join(lines)
+
+
+def _declared_by(f: dict) -> str:
+    signal = f.get("signal")
+    how = {"heartbeat": "its silence (heartbeat timeout)", "process-exit": "the launcher seeing its process exit",
+           "collective": "a peer's failed collective (its connection closed)"}.get(f["declared_by"], f["declared_by"])
+    return how + (f"; the fault was a real {signal}" if signal else "; the fault was simulated inside its threads")
 
 
 def render_comparison(r: Report) -> str:

@@ -11,7 +11,7 @@ driver sees a slower step, the recoveries the leader ran, or, when the leader ho
 """
 from __future__ import annotations
 
-import threading
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,9 @@ import torch
 
 from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
-from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceInfo, Envelope, LeaderChanged,
-                             RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
+from device_processes import Rendezvous, collective_timeout_s, driver_launcher
+from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
+                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
 from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
@@ -30,7 +31,9 @@ from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_t
 from lossless_checks import KVSnapshot
 from synthetic_checkpoint import ensure_synthetic_checkpoint
 
-BACKENDS = tuple(CODECS)  # "threads"; "serialising" (every message and payload as bytes: a test of the boundary)
+# "threads" (the default); "processes" (one OS process per device, torch.distributed collectives);
+# "serialising" (threads, with every message and payload as bytes: a test of the boundary)
+BACKENDS = ("threads", "processes", "serialising")
 SEQUENCE = 0  # the one sequence the devices serve for now
 
 
@@ -63,29 +66,40 @@ class TensorParallelLlama:
 
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
                  progress: bool = False, heartbeat: HeartbeatConfig = HeartbeatConfig(),
-                 policy: RecoveryPolicy = RecoveryPolicy(), backend: str = "threads"):
-        if backend not in CODECS:
+                 policy: RecoveryPolicy = RecoveryPolicy(), backend: str = "threads",
+                 rendezvous: Rendezvous | None = None):
+        if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
         self.assignment, self.heartbeat, self.policy = assignment, heartbeat, policy
-        self.transport = ThreadTransport(CODECS[backend])
+        self.backend = backend
         self.leader, self.epoch = min(assignment.devices), 0
         self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
         self.recoveries: list[Recovery] = []
         self.failures: list = []  # every failure the driver was told of (cluster_leader.FailureEvent), in order
         self.events: list[tuple[float, int, str, float]] = []  # telemetry: (time, device, kind, duration)
         self.strikes: list[Strike] = []
+        self.exits: list[DeviceExited] = []  # device processes that ended while the cluster ran
         self.tokenizer: Tokenizer | None = None
         self.load_report: LoadReport | None = None
-        self._released = {d: threading.Event() for d in assignment.devices}  # continue a hung device
         self._requests = 0
+        self._devices = assignment.devices  # every device started (for stopping them all)
         self._closed = False
         self._progress = progress
         dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
+        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy)
+                  for d in assignment.devices]
+        if backend == "processes":  # made first: a launch that cannot start has nothing to close
+            self.transport = driver_launcher(rendezvous or Rendezvous.from_environment(),
+                                             collective_timeout_s(heartbeat.timeout_s))
+        else:
+            self.transport = ThreadTransport(CODECS[backend])
         try:
-            for device in assignment.devices:
-                setup = DeviceSetup(device, checkpoint.folder, dtype_name, assignment, heartbeat, policy)
-                DeviceActor(setup, self.transport, self._released[device]).start()
+            if backend == "processes":
+                self.transport.launch(setups, _bytes_per_device(checkpoint, dtype, len(setups)))
+            else:
+                for setup in setups:
+                    DeviceActor(setup, self.transport).start()
             self._await_ready()
             self.transport.send(Address("control", self.leader), Envelope(DRIVER, self.epoch, 0, Watch()))
         except BaseException:
@@ -126,6 +140,9 @@ class TensorParallelLlama:
                     waiting.discard(envelope.body.device)
                 elif isinstance(envelope.body, Telemetry):
                     bar.update(sum(1 for event in envelope.body.events if event[2] == "loaded layer"))
+                elif isinstance(envelope.body, DeviceExited):
+                    raise RuntimeError(f"Device-{envelope.body.device}'s process exited (code "
+                                       f"{envelope.body.exit_code}) before it had loaded its slices")
 
     # ---------------------------------------------------------------------------------------
     # Running
@@ -240,6 +257,9 @@ class TensorParallelLlama:
         elif isinstance(notice, Strike):
             self.strikes.append(notice)
             self.events.append((notice.at, notice.device, "stalled" if notice.mode == "slow" else "died", 0.0))
+        elif isinstance(notice, DeviceExited):
+            self.exits.append(notice)
+            self.events.append((notice.at, notice.device, "process exited", 0.0))
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -250,9 +270,8 @@ class TensorParallelLlama:
         if self._closed:
             return
         self._closed = True
-        for released in self._released.values():
-            released.set()
-        for device in self._released:
+        self.transport.release_hung()
+        for device in self._devices:
             self.transport.send(Address("control", device), Envelope(DRIVER, self.epoch, 0, Stop()))
         left = self.transport.join(timeout_s=60.0)
         if left:
@@ -266,6 +285,12 @@ class TensorParallelLlama:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _bytes_per_device(checkpoint: Checkpoint, dtype: torch.dtype, devices: int) -> int:
+    """What one device's slices take in the compute dtype (the checkpoint over the devices)."""
+    elements = sum(math.prod(shape) for shape in checkpoint.shapes.values())
+    return elements * dtype.itemsize // devices
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -65,8 +65,9 @@ class Row:
 
 
 class EngineRunner:
-    def __init__(self, folder: Path, devices: int, dtype: torch.dtype):
-        self.model = TensorParallelLlama.load(folder, devices=devices, dtype=dtype, log=lambda m: None)
+    def __init__(self, folder: Path, devices: int, dtype: torch.dtype, backend: str):
+        self.model = TensorParallelLlama.load(folder, devices=devices, dtype=dtype, log=lambda m: None,
+                                              backend=backend)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.prefill(ids.tolist())
@@ -152,43 +153,53 @@ def alternate(engine_case: Callable[[], float], reference_case: Callable[[], flo
 
 
 def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: torch.Tensor) -> None:
+    """For each backend in turn: its engine against the reference, alternating; then one device."""
     dtype = DTYPES[dtype_name]
     limits = MachineLimits(matmul_peak(dtype), gemv_bandwidth(dtype))
     started = time.perf_counter()
-    engine = EngineRunner(folder, args.devices, dtype)
-    engine_load = time.perf_counter() - started
-    reference = None
+    reference = ReferenceRunner(folder, dtype)
+    reference_load = time.perf_counter() - started
+    rows: list[Row] = []
+    loads, checks = {}, {}
     try:
-        started = time.perf_counter()
-        reference = ReferenceRunner(folder, dtype)
-        reference_load = time.perf_counter() - started
-        check = ids[:min(args.lengths)]
-        ours, theirs = engine.prefill(check), reference.prefill(check)
-        difference = (ours - theirs).abs().max().item() / theirs.abs().max().item()
-        same_top = int(ours.argmax()) == int(theirs.argmax())
-
-        rows: list[Row] = []
-        for length in args.lengths:
-            prompt = ids[:length]
-            e, r = alternate(lambda: timed(lambda: engine.prefill(prompt)),
-                             lambda: timed(lambda: reference.prefill(prompt)), args.repeats)
-            rows.append(Row(f"prefill {length} tokens", "s", e, r))
+        for backend in args.backends:
+            started = time.perf_counter()
+            engine = EngineRunner(folder, args.devices, dtype, backend)
+            loads[backend] = time.perf_counter() - started
+            try:
+                rows += engine_rows(engine, reference, backend, args, ids)
+                check = ids[:min(args.lengths)]
+                ours, theirs = engine.prefill(check), reference.prefill(check)
+                checks[backend] = ((ours - theirs).abs().max().item() / theirs.abs().max().item(),
+                                   int(ours.argmax()) == int(theirs.argmax()))
+            finally:
+                engine.close()  # its weights make room for the next engine's
+                gc.collect()
         prompt = ids[:args.decode_after]
         steps = ids[args.decode_after:args.decode_after + args.decode_steps]
-        e, r = alternate(lambda: statistics.median(engine.decode_times(prompt, steps)) * 1e3,
-                         lambda: statistics.median(reference.decode_times(prompt, steps)) * 1e3, args.repeats)
-        rows.append(Row(f"decode after {args.decode_after} tokens ({args.decode_steps} steps)", "ms/token", e, r))
-        engine.close()  # its weights make room for the single device's
         rows.append(single_device_decode(folder, dtype, reference, prompt, steps, args.repeats))
     finally:
-        engine.close()
-        if reference is not None:
-            reference.close()
-        engine = reference = None  # drop the weights before the next dtype
+        reference.close()
+        reference = None  # drop the weights before the next dtype
         gc.collect()
+    print_table(dtype_name, args, rows, limits, Checkpoint(folder), loads, reference_load, checks)
 
-    print_table(dtype_name, args, rows, limits, Checkpoint(folder), engine_load, reference_load,
-                difference, same_top)
+
+def engine_rows(engine: EngineRunner, reference: ReferenceRunner, backend: str, args: argparse.Namespace,
+                ids: torch.Tensor) -> list[Row]:
+    rows = []
+    for length in args.lengths:
+        prompt = ids[:length]
+        e, r = alternate(lambda: timed(lambda: engine.prefill(prompt)),
+                         lambda: timed(lambda: reference.prefill(prompt)), args.repeats)
+        rows.append(Row(f"prefill {length} tokens, {backend}", "s", e, r))
+    prompt = ids[:args.decode_after]
+    steps = ids[args.decode_after:args.decode_after + args.decode_steps]
+    e, r = alternate(lambda: statistics.median(engine.decode_times(prompt, steps)) * 1e3,
+                     lambda: statistics.median(reference.decode_times(prompt, steps)) * 1e3, args.repeats)
+    rows.append(Row(f"decode after {args.decode_after} tokens ({args.decode_steps} steps), {backend}",
+                    "ms/token", e, r))
+    return rows
 
 
 def single_device_decode(folder: Path, dtype: torch.dtype, reference: ReferenceRunner, prompt: torch.Tensor,
@@ -203,19 +214,20 @@ def single_device_decode(folder: Path, dtype: torch.dtype, reference: ReferenceR
 
 
 def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], limits: MachineLimits,
-                checkpoint: Checkpoint, engine_load: float, reference_load: float, difference: float,
-                same_top: bool) -> None:
+                checkpoint: Checkpoint, engine_loads: dict[str, float], reference_load: float,
+                checks: dict[str, tuple[float, bool]]) -> None:
     config = checkpoint.config
     stored = {"BF16": "bfloat16", "F32": "float32"}.get(checkpoint.stored_dtype)
     lazy_note = (" (the stored dtype: transformers memory-maps the file and pages weights in during the warm-up)"
                  if stored == dtype_name else "")
     print(f"\n### {dtype_name}\n")
     print(f"Machine: {machine()}; main thread {torch.get_num_threads()} torch threads (reference, matmul peak); "
-          f"engine: {args.devices} device threads x 1 intra-op thread. {args.repeats} repeats after 1 warm-up "
-          f"each, alternating. Load: engine {engine_load:.1f} s, reference {reference_load:.1f} s"
-          f"{lazy_note}. "
-          f"Last-token logits, engine vs reference: max |diff| / max |ref| = {difference:.1e}, "
-          f"same argmax: {same_top}.\n")
+          f"engine: {args.devices} devices (threads of this process, or processes) x 1 intra-op thread. "
+          f"{args.repeats} repeats after 1 warm-up each, alternating. Load: "
+          + ", ".join(f"engine on {b} {s:.1f} s" for b, s in engine_loads.items())
+          + f", reference {reference_load:.1f} s{lazy_note}. Last-token logits, engine vs reference: "
+          + "; ".join(f"{b} max |diff| / max |ref| = {d:.1e}, same argmax: {same}" for b, (d, same) in checks.items())
+          + ".\n")
     print("| what | engine median (min) | reference median (min) | ratio ref/engine |")
     print("|---|---|---|---|")
     for row in rows:
@@ -225,20 +237,21 @@ def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], limi
               f"{fmt.format(r_med)} ({fmt.format(r_min)}) | {r_med / e_med:.2f} |")
     longest = max(args.lengths)
     flops = prefill_flops(config, longest)
-    row = next(r for r in rows if r.what == f"prefill {longest} tokens")
-    e_rate, r_rate = flops / statistics.median(row.engine), flops / statistics.median(row.reference)
     peak = limits.matmul_flops
     print(f"\nMatmul peak (torch.mm 2048x2048 {dtype_name}, main thread, best of 10): {peak / 1e9:.0f} GFLOP/s. "
-          f"Prefill {longest} = {flops / 1e9:.0f} GFLOP (counted from shapes): engine {e_rate / 1e9:.0f} GFLOP/s "
-          f"= {e_rate / peak:.0%} of peak, reference {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
+          f"Prefill {longest} = {flops / 1e9:.0f} GFLOP (counted from shapes).")
+    for row in (r for r in rows if r.what.startswith(f"prefill {longest} tokens")):
+        e_rate, r_rate = flops / statistics.median(row.engine), flops / statistics.median(row.reference)
+        print(f"- {row.what}: engine {e_rate / 1e9:.0f} GFLOP/s = {e_rate / peak:.0%} of peak, reference beside "
+              f"it {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
     streamed = parameter_count(checkpoint) * DTYPES[dtype_name].itemsize
     floor_ms = streamed / limits.gemv_bytes_per_s * 1e3
-    decode = next(r for r in rows if r.what.startswith("decode after"))
-    e_ms, r_ms = statistics.median(decode.engine), statistics.median(decode.reference)
     print(f"\nDecode floor: a token streams every weight ({streamed / 1e9:.2f} GB; the tied embedding once, as "
           f"the LM head); at the measured matrix-vector bandwidth ({limits.gemv_bytes_per_s / 1e9:.1f} GB/s, "
-          f"main thread, 1 GB weight, best of 5) that is {floor_ms:.0f} ms: engine {e_ms / floor_ms - 1:+.0%}, "
-          f"reference {r_ms / floor_ms - 1:+.0%} above it.")
+          f"main thread, 1 GB weight, best of 5) that is {floor_ms:.0f} ms.")
+    for decode in (r for r in rows if r.what.startswith("decode after")):
+        e_ms, r_ms = statistics.median(decode.engine), statistics.median(decode.reference)
+        print(f"- {decode.what}: engine {e_ms / floor_ms - 1:+.0%}, reference {r_ms / floor_ms - 1:+.0%} above it.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,6 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B)")
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--backend", choices=["threads", "processes", "both"], default="threads",
+                        help="the engine's devices: threads, processes, or both one after the other (default threads)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-after", type=int, default=128)
@@ -253,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: lengths 32, 1 repeat, 4 decode steps")
     args = parser.parse_args(argv)
+    args.backends = ["threads", "processes"] if args.backend == "both" else [args.backend]
     if args.quick:
         args.lengths, args.repeats, args.decode_after, args.decode_steps = [32], 1, 32, 4
     return args

@@ -77,6 +77,7 @@ class ClusterFactory:
     devices: int
     dtype: torch.dtype
     heartbeat: HeartbeatConfig
+    backend: str = "threads"
 
     def __post_init__(self) -> None:
         self.location, self.checkpoint, _ = open_checkpoint(self.folder, log)
@@ -86,7 +87,7 @@ class ClusterFactory:
         """A cluster whose leader holds after a failure, so that every strategy runs from one state."""
         policy = RecoveryPolicy(reassign=reassign, seed=seed, hold=True)
         return FaultTolerantLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
-                                                  heartbeat=self.heartbeat, policy=policy)
+                                                  heartbeat=self.heartbeat, policy=policy, backend=self.backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class ClusterFactory:
 
 @dataclass
 class Trial:
+    backend: str
     devices: int
     reassign: str
     context: int
@@ -149,7 +151,8 @@ def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argpar
     rows = []
     for name in args.strategies:
         timing, flops = timings.get(name), recovery_flops(name, model.config, post)
-        row = {"devices": factory.devices, "reassign": reassign, "context": context, "strategy": name,
+        row = {"backend": factory.backend, "devices": factory.devices, "reassign": reassign, "context": context,
+               "strategy": name,
                "keeps": RECOVERY_STRATEGIES[name].keeps, "error": errors.get(name), "flops": flops,
                "flop_ratio": full_flops / flops if flops else float("inf"),
                "kept_bytes_per_token": kept_bytes(name, post) / context}
@@ -161,7 +164,7 @@ def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argpar
     plan = post.plans[-1]
     receivers = ", ".join(f"Device-{d}" for d in plan.moved_heads)
     rebuilt = sum(len(set(post.assignment.kv_heads(d)) - set(info.kv_heads)) for d, info in post.survivors.items())
-    return Trial(factory.devices, reassign, context, prefill_s, detection_s, post.weight_load_s, receivers,
+    return Trial(factory.backend, factory.devices, reassign, context, prefill_s, detection_s, post.weight_load_s, receivers,
                  rebuilt, overhead, rows)
 
 
@@ -176,34 +179,36 @@ def ratio(value: float | None) -> str:
 
 
 def recovery_table(trials: Sequence[Trial]) -> str:
-    lines = ["| devices | reassign | context | strategy | median s (min-max) | speedup | GFLOP | FLOP ratio | "
+    lines = ["| backend | devices | reassign | context | strategy | median s (min-max) | speedup | GFLOP | FLOP ratio | "
              "kept KiB/token |",
-             "|---:|---|---:|---|---|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
     for trial in trials:
         for row in trial.rows:
             if row.get("median_s") is None:
                 timing = f"could not run: {row['error']}"
             else:
                 timing = f"{row['median_s']:.4f} ({row['min_s']:.4f}-{row['max_s']:.4f})"
-            lines.append(f"| {trial.devices} | {trial.reassign} | {trial.context} | {row['strategy']} | {timing} | "
+            lines.append(f"| {trial.backend} | {trial.devices} | {trial.reassign} | {trial.context} | "
+                         f"{row['strategy']} | {timing} | "
                          f"{ratio(row.get('speedup'))} | {row['flops'] / 1e9:.2f} | {ratio(row['flop_ratio'])} | "
                          f"{row['kept_bytes_per_token'] / 1024:.1f} |")
     return "\n".join(lines)
 
 
 def trial_table(trials: Sequence[Trial]) -> str:
-    lines = ["| devices | reassign | context | lost heads go to | KV heads rebuilt | prefill s | detection s | "
-             "weight load s |",
-             "|---:|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| backend | devices | reassign | context | lost heads go to | KV heads rebuilt | prefill s | "
+             "detection s | weight load s |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|"]
     for t in trials:
-        lines.append(f"| {t.devices} | {t.reassign} | {t.context} | {t.receivers} | {t.rebuilt_kv_heads} | "
+        lines.append(f"| {t.backend} | {t.devices} | {t.reassign} | {t.context} | {t.receivers} | "
+                     f"{t.rebuilt_kv_heads} | "
                      f"{t.prefill_s:.2f} | {t.detection_s:.2f} | {t.weight_load_s:.2f} |")
     return "\n".join(lines)
 
 
 def overhead_table(trials: Sequence[Trial]) -> str:
-    lines = ["| devices | context | nothing kept ms/step | hidden states ms/step | KV replica ms/step |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | devices | context | nothing kept ms/step | hidden states ms/step | KV replica ms/step |",
+             "|---|---:|---:|---:|---:|---:|"]
     for t in trials:
         if not t.overhead:
             continue
@@ -214,7 +219,7 @@ def overhead_table(trials: Sequence[Trial]) -> str:
             if timing is None:
                 return "-"
             return f"{timing.median * 1e3:.1f} ({timing.median / base - 1:+.1%})"
-        lines.append(f"| {t.devices} | {t.context} | {base * 1e3:.1f} | {cell('hidden states')} | "
+        lines.append(f"| {t.backend} | {t.devices} | {t.context} | {base * 1e3:.1f} | {cell('hidden states')} | "
                      f"{cell('KV replica')} |")
     return "\n".join(lines)
 
@@ -240,6 +245,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="recovery strategies (default all)")
     add("--repeats", type=int, default=3, help="timed runs of each strategy per trial (default 3)")
     add("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default float32)")
+    add("--backend", nargs="+", choices=("threads", "processes"), default=["threads"],
+        help="device backends, one after the other (default threads)")
     add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
     add("--seed", type=int, default=0, help="seed of the random reassignment (default 0)")
     add("--heartbeat-interval", type=float, default=0.2, help="seconds between heartbeats (default 0.2)")
@@ -267,11 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     started = time.perf_counter()
     trials: list[Trial] = []
-    for devices in args.devices:
-        factory = ClusterFactory(folder, devices, dtype, heartbeat)
+    for backend, devices in ((b, d) for b in args.backend for d in args.devices):
+        factory = ClusterFactory(folder, devices, dtype, heartbeat, backend)
         for r, reassign in enumerate(args.reassign):
             for context in args.lengths:
-                log(f"{devices} devices, {reassign} reassignment, {context}-token context "
+                log(f"{backend}: {devices} devices, {reassign} reassignment, {context}-token context "
                     f"({time.perf_counter() - started:.0f} s so far)")
                 trials.append(run_trial(factory, context, reassign, args, with_overhead=r == 0))
                 gc.collect()
@@ -290,10 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nPer decode step, same position, alternating (median ms; change against nothing kept):\n")
     print(overhead_table(trials))
 
-    rows = [row for trial in trials for row in trial.rows if row.get("median_s") is not None]
+    plotted = args.backend[0]  # one backend's lines (the tables give every backend's)
+    rows = [row for trial in trials for row in trial.rows if row.get("median_s") is not None
+            and row["backend"] == plotted]
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot = plot_recovery_vs_context(rows, args.plot,
-                                    f"KV rebuild after a device failure ({args.dtype}, median of {args.repeats})")
+                                    f"KV rebuild after a device failure ({args.dtype}, {plotted}, median of {args.repeats})")
     print(f"\nplot: {plot}")
     if args.json:
         args.json.write_text(json.dumps([{**vars(t), "overhead": {m: list(x.seconds) for m, x in

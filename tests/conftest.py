@@ -73,7 +73,7 @@ def hf_reference():
 
 def _watched(thread: threading.Thread) -> bool:
     """Threads a test must not leave behind: non-daemon ones, and the project's device/heartbeat threads."""
-    return not thread.daemon or thread.name.startswith(("Device-", "heartbeat-"))
+    return not thread.daemon or thread.name.startswith(("Device-", "heartbeat-", "Launcher-"))
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +95,18 @@ def fail_on_leaked_threads():
             leaked.append(f"{thread.name} (daemon={thread.daemon})")
     if leaked:
         pytest.fail(f"the test left threads running: {', '.join(leaked)}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_orphan_processes():
+    """Fail the test if a device process it started is still there afterwards (checked by PID: a
+    process that ended but was not reaped counts as left too)."""
+    from device_processes import STARTED_PIDS, process_exists
+    first = len(STARTED_PIDS)
+    yield
+    left = [pid for pid in STARTED_PIDS[first:] if process_exists(pid)]
+    if left:
+        pytest.fail(f"the test left device processes behind: PIDs {left}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -145,8 +157,9 @@ def tiny_4kv(tmp_path_factory) -> Checkpoint:
 # The backends every scenario runs on
 
 
-@pytest.fixture(params=["threads", "serialising"])
+@pytest.fixture(params=["threads", "serialising", "processes"])
 def backend(request) -> str:
     """The scenario on device threads that share memory, then with every command, answer and collective
-    payload serialised to bytes and back (any shortcut through shared memory breaks there)."""
+    payload serialised to bytes and back (any shortcut through shared memory breaks there), then on
+    device processes (torch.distributed, real SIGKILL and SIGSTOP; `-k processes` selects those)."""
     return request.param

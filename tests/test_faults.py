@@ -33,6 +33,7 @@ import execution_optimization_algorithm_demo as demo
 from cluster_leader import Recovery, StepFailed
 from device_protocol import RecoveryPolicy
 from device_threads import StepAbandoned
+from device_processes import process_exists
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from head_assignment import Assignment, custom_assignment, even_assignment
@@ -46,6 +47,7 @@ from tensor_parallel_model import SEQUENCE_PARALLEL_MIN_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.5)  # short, with room for a loaded 2-core machine
+PROCESSES_HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=1.0)  # five interpreters share the two cores
 PROMPT = list(range(5, 29))  # 24 byte tokens
 LONG_PROMPT = list(range(5, 5 + 40))  # 40 tokens: prefill and full recompute run sequence-parallel
 NEW_TOKENS = 6
@@ -71,10 +73,23 @@ def assert_no_project_threads(grace_s: float = 2.0) -> None:
 
 
 def new_model(checkpoint: Checkpoint, assignment: Assignment, backend: str, recovery: str = "full-recompute",
-              reassign: str = "random", seed: int = 0, heartbeat: HeartbeatConfig = HEARTBEAT) -> FaultTolerantLlama:
+              reassign: str = "random", seed: int = 0, heartbeat: HeartbeatConfig | None = None,
+              fence: bool = True) -> FaultTolerantLlama:
     """A cluster whose leader holds every failure for the test to recover."""
-    return FaultTolerantLlama(checkpoint, assignment, DTYPE, heartbeat=heartbeat, backend=backend,
-                              policy=RecoveryPolicy(reassign, seed, recovery, hold=True))
+    return FaultTolerantLlama(checkpoint, assignment, DTYPE, heartbeat=heartbeat or heartbeat_for(backend),
+                              backend=backend,
+                              policy=RecoveryPolicy(reassign, seed, recovery, hold=True, fence=fence))
+
+
+def heartbeat_for(backend: str) -> HeartbeatConfig:
+    return PROCESSES_HEARTBEAT if backend == "processes" else HEARTBEAT
+
+
+def device_running(model: FaultTolerantLlama, device: int) -> bool:
+    """Is the device still there (its threads, or its process)?"""
+    if model.backend == "processes":
+        return device not in model.transport.exits
+    return f"Device-{device}" in project_threads()
 
 
 @dataclass
@@ -147,11 +162,11 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
                  recovery: str = "full-recompute", reassign: str = "random", seed: int = 0,
                  hidden: bool = False, replicate: bool = False, new_tokens: int = NEW_TOKENS,
                  prompt: Sequence[int] = PROMPT, before_recover: Hook | None = None,
-                 after_recover: Hook | None = None) -> Outcome:
+                 after_recover: Hook | None = None, fence: bool = True) -> Outcome:
     """The run with `failures` on a fresh model, every recovery checked as it happens, against a
     failure-free run of the same assignment."""
     reference, reference_kv = failure_free(checkpoint, assignment, new_tokens, prompt)
-    with new_model(checkpoint, assignment, backend, recovery, reassign, seed) as model:
+    with new_model(checkpoint, assignment, backend, recovery, reassign, seed, fence=fence) as model:
         model.keep(hidden, replicate)
         recoveries: list[Recovery] = []
 
@@ -189,9 +204,19 @@ def test_each_device_crashing_in_turn_is_survived_losslessly(tiny, backend, devi
     assert rec.events[0].leader == expected_leader
     assert outcome.leader == expected_leader
     assert device not in outcome.assignment.devices and len(outcome.assignment.devices) == 3
-    assert rec.events[0].detection.silence_s > HEARTBEAT.timeout_s  # declared by timeout, not earlier
-    assert rec.events[0].detection.signal == "heartbeat"
+    assert_declared_as_the_backend_can(rec.events[0].detection, backend)
     assert_no_project_threads()
+
+
+def assert_declared_as_the_backend_can(detection, backend: str) -> None:
+    """On threads a crash is known only by its silence; a SIGKILLed process at once, by its exit or
+    by its peers' failed collective, long before a heartbeat timeout."""
+    if backend == "processes":
+        assert detection.signal in ("process-exit", "collective")
+        assert detection.silence_s < HEARTBEAT.timeout_s
+    else:
+        assert detection.signal == "heartbeat"
+        assert detection.silence_s > HEARTBEAT.timeout_s  # declared by timeout, not earlier
 
 
 def test_the_leader_crashing_mid_step_is_declared_by_the_lowest_survivor_which_leads_the_recovery(tiny, backend):
@@ -199,7 +224,7 @@ def test_the_leader_crashing_mid_step_is_declared_by_the_lowest_survivor_which_l
     survivor, declares it, leads the recovery (its own, not held), and generation goes on lossless."""
     assignment = even_assignment(tiny.config, 4)
     reference, reference_kv = failure_free(tiny, assignment, NEW_TOKENS)
-    with FaultTolerantLlama(tiny, assignment, DTYPE, heartbeat=HEARTBEAT, backend=backend,
+    with FaultTolerantLlama(tiny, assignment, DTYPE, heartbeat=heartbeat_for(backend), backend=backend,
                             policy=RecoveryPolicy("balanced", 0, "reuse-hidden")) as model:
         model.keep(True, False)
         tokens = generate_with_failures(model, PROMPT, NEW_TOKENS, [FailurePlan(0, after_tokens=2)])
@@ -340,22 +365,24 @@ def test_slow_device_that_keeps_beating_is_not_declared_dead(tiny, backend):
 
 @pytest.mark.parametrize("wakes", ["during-recovery", "after-recovery"])
 def test_hung_device_that_wakes_is_fenced_out_by_its_epoch(tiny, backend, wakes):
-    """A hung device (alive, silent, idle) is declared dead, which opens an epoch it never joins. When
-    it wakes, during the recovery or after it, its stale step's collective call is refused (its group
-    has ended), its stale answer is ignored, it finds itself fenced out and stops; the run is lossless."""
+    """A hung device (alive, silent, idle; a SIGSTOPped process) is declared dead, which opens an epoch
+    it never joins. When it wakes (SIGCONT), during the recovery or after it, its stale step's
+    collective call is refused (its group has ended), its stale answer is ignored, it finds itself
+    fenced out and stops; the run is lossless. (The leader's SIGKILL is off here: the epoch alone
+    must fence.)"""
     hung = 1
     seen: dict = {}
 
     def wake(model: FaultTolerantLlama) -> None:
         model.release_hung()
         deadline = time.monotonic() + 5
-        while f"Device-{hung}" in project_threads() and time.monotonic() < deadline:
+        while device_running(model, hung) and time.monotonic() < deadline:
             time.sleep(0.01)
-        seen["stopped"] = f"Device-{hung}" not in project_threads()
+        seen["stopped"] = not device_running(model, hung)
 
     def before_recover(model, failure):
         assert [e.device for e in failure.events] == [hung]
-        assert f"Device-{hung}" in project_threads(), "the hung device should still be there, stuck"
+        assert device_running(model, hung), "the hung device should still be there, stuck"
         if wakes == "during-recovery":
             wake(model)
 
@@ -366,7 +393,7 @@ def test_hung_device_that_wakes_is_fenced_out_by_its_epoch(tiny, backend, wakes)
     outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
                            [FailurePlan(hung, after_tokens=2, at_call=2, mode="hang")], backend,
                            recovery="reuse-hidden", hidden=True, before_recover=before_recover,
-                           after_recover=after_recover)
+                           after_recover=after_recover, fence=False)
     outcome.assert_lossless()
     assert seen == {"stopped": True}, seen
     assert "fenced out" in outcome.kinds(hung)
@@ -374,6 +401,28 @@ def test_hung_device_that_wakes_is_fenced_out_by_its_epoch(tiny, backend, wakes)
     assert [e.device for e in rec.events] == [hung] and rec.events[0].detection.signal == "heartbeat"
     assert hung not in outcome.assignment.devices
     assert_no_project_threads()
+
+
+def test_a_hung_process_declared_dead_is_killed_by_the_leader(tiny):
+    """Fencing as clusters do it: the SIGSTOPped device is declared on its silence (the only signal a
+    stopped process gives) and the leader SIGKILLs it; the run goes on lossless."""
+    hung = 2
+    exit_codes = {}
+
+    def after_recover(model, failure, recovery):
+        deadline = time.monotonic() + 5
+        while device_running(model, hung) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        exit_codes.update({d: code for d, (_, code) in model.transport.exits.items()})
+
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
+                           [FailurePlan(hung, after_tokens=2, at_call=2, mode="hang")], "processes",
+                           recovery="replicate", replicate=True, after_recover=after_recover)
+    outcome.assert_lossless()
+    assert exit_codes == {hung: -signal.SIGKILL}
+    (rec,) = outcome.recoveries
+    assert rec.events[0].detection.signal == "heartbeat"
+    assert rec.events[0].detection.silence_s > HEARTBEAT.timeout_s
 
 
 def test_a_slow_fault_after_a_hung_device_was_released_still_stalls(tiny, backend):
@@ -520,6 +569,8 @@ def test_a_death_declared_after_the_recovery_began_restarts_it_and_leaves_nothin
     recovery must not wait for Device-3: it is started again on what is left, takes Device-3's
     declaration with it, and leaves none behind to come back as a stale failure (the next steps
     need no second recovery)."""
+    if backend == "processes":
+        pytest.skip("a SIGKILLed process is declared at once by its exit: a late declaration cannot be forced")
     assignment = even_assignment(tiny.config, 4)
     reference, _ = failure_free(tiny, assignment, 4)
     slow_beats = HeartbeatConfig(interval_s=0.05, timeout_s=60.0)
@@ -625,6 +676,20 @@ def expected_strategy(rec: Recovery, asked: str, hidden: bool) -> str:
 # The demo under Ctrl-C, and what its log says while it waits
 
 
+def children_of(pid: int) -> list[int]:
+    """The PIDs of `pid`'s child processes (from /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
 def _read_lines(stream, into: queue.Queue) -> None:
     for line in iter(stream.readline, b""):
         into.put(line.decode(errors="replace"))
@@ -633,10 +698,13 @@ def _read_lines(stream, into: queue.Queue) -> None:
 
 @pytest.mark.parametrize("phase, marker, extra", [
     # logged just before the failing step, which blocks until the monitor declares the device dead (30 s here)
-    ("detection", "waiting for the heartbeat monitor", ("--context-tokens", "0", "--repeats", "1")),
+    ("detection", "waiting for its death to be declared", ("--context-tokens", "0", "--repeats", "1")),
     # logged before the strategies run, 40 times each over a 400-token context: seconds of device work
     ("comparison", "comparing 4 recovery strategies", ("--context-tokens", "400", "--repeats", "40")),
-], ids=["waiting-for-detection", "during-the-comparison"])
+    # the same on device processes: every one of them must be gone too
+    ("comparison", "comparing 4 recovery strategies", ("--context-tokens", "400", "--repeats", "40",
+                                                       "--backend", "processes")),
+], ids=["waiting-for-detection", "during-the-comparison", "during-the-comparison-processes"])
 def test_ctrl_c_stops_the_demo_at_once_and_cleanly(tiny_checkpoint, tmp_path, phase, marker, extra):
     out = tmp_path / "out"
     out.mkdir()
@@ -659,6 +727,8 @@ def test_ctrl_c_stops_the_demo_at_once_and_cleanly(tiny_checkpoint, tmp_path, ph
             before.append(line)
         time.sleep(0.5)
         assert process.poll() is None, "the demo ended before the interrupt"
+        devices = children_of(process.pid)
+        assert len(devices) == (3 if "processes" in extra else 0), devices  # Device-1 was SIGKILLed
         process.send_signal(signal.SIGINT)
         signalled = time.monotonic()
         code = process.wait(timeout=30)
@@ -675,6 +745,7 @@ def test_ctrl_c_stops_the_demo_at_once_and_cleanly(tiny_checkpoint, tmp_path, ph
     process.stdout.close()
     process.stderr.close()
     assert code == 130, "".join(before + after)
+    assert [pid for pid in devices if process_exists(pid)] == [], "device processes outlived the demo"
     assert elapsed < 2.0, f"took {elapsed:.2f} s to stop after Ctrl-C"
     if phase == "detection":
         assert not any("declared dead" in line for line in before + after), "it was not waiting in detection"
@@ -725,7 +796,7 @@ def test_waiting_for_the_monitor_is_logged_before_the_device_is_declared_dead(ti
 
     class Stamped:
         def write(self, text):
-            if "waiting for the heartbeat monitor" in text:
+            if "waiting for its death to be declared" in text:
                 times.setdefault("waiting", time.monotonic())
             return len(text)
 

@@ -119,9 +119,22 @@ REASSIGNMENTS = {"random": ("random", 0, 2, ()), "balanced": ("balanced", 0, 2, 
 @pytest.mark.parametrize("strategy", kv_cache_reused.STRATEGIES)
 def test_crash_of_device_1_after_5_tokens_leaves_the_greedy_text_unchanged(smollm2_dir, plain, strategy,
                                                                            reassign_case):
+    crash_device_1_and_check_the_text(smollm2_dir, plain, strategy, reassign_case, "threads")
+
+
+@pytest.mark.parametrize("strategy", ["reuse-hidden", "replicate"])
+def test_on_device_processes_a_sigkilled_device_1_leaves_the_greedy_text_unchanged(smollm2_dir, plain, strategy):
+    """The uneven split (9 query heads, 3 KV heads over 4 processes) on torch.distributed: a real
+    SIGKILL, the lost KV head rebuilt on Device-3 (seed 5), and still the text transformers writes."""
+    crash_device_1_and_check_the_text(smollm2_dir, plain, strategy, "random-seed5", "processes")
+
+
+def crash_device_1_and_check_the_text(smollm2_dir, plain, strategy: str, reassign_case: str, backend: str) -> None:
     reassign, seed, receiver, kv_to_rebuild = REASSIGNMENTS[reassign_case]
-    with FaultTolerantLlama.load(smollm2_dir, devices=DEVICES, dtype=torch.float32, heartbeat=HEARTBEAT,
-                                 log=lambda line: None, policy=RecoveryPolicy(reassign, seed, strategy)) as model:
+    heartbeat = HEARTBEAT if backend == "threads" else HeartbeatConfig(interval_s=0.05, timeout_s=1.0)
+    with FaultTolerantLlama.load(smollm2_dir, devices=DEVICES, dtype=torch.float32, heartbeat=heartbeat,
+                                 log=lambda line: None, policy=RecoveryPolicy(reassign, seed, strategy),
+                                 backend=backend) as model:
         model.keep(True, True)
         tokens = generate_with_failures(model, plain["ids"], NEW_TOKENS, [FailurePlan(FAILED, FAIL_AFTER)])
         survivors = dict(model.assignment.heads)
