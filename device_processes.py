@@ -10,8 +10,8 @@ thread backend (device_actor.py); only its transport differs:
   a network (the leader's bounded waits and the heartbeats take care of it).
 - Collectives: one gloo group per epoch (`GlooCollective`), formed in the background under the
   epoch's own key prefix, so that the survivors form the next group without the dead device and
-  without touching the old group's keys. NCCL is chosen instead of gloo when the devices are CUDA
-  devices (`collective_backend`); on this project's CPU machines only gloo is run.
+  without touching the old group's keys. (NCCL is not wired: the engine keeps every tensor on the
+  CPU. On GPUs the group would be a ProcessGroupNCCL formed the same way, with the same calls.)
 - Faults are real: an injected crash is the device's own SIGKILL, a hang its own SIGSTOP (continued
   by SIGCONT from the launcher), a slow device a real stall.
 - Detection has three signals: silence (heartbeats; the only one for a hung process), a failed
@@ -66,11 +66,6 @@ def collective_timeout_s(heartbeat_timeout_s: float) -> float:
     """How long one collective call may wait for a peer before it fails: a backstop far past any
     step's compute (the heartbeats declare a hung peer long before, and its group is then abandoned)."""
     return max(30.0, 10 * heartbeat_timeout_s)
-
-
-def collective_backend(device_type: str) -> str:
-    """gloo for CPU tensors, nccl for CUDA ones (the same group API; not runnable on CPU-only machines)."""
-    return "nccl" if device_type == "cuda" else "gloo"
 
 
 def connect_store(address: tuple[str, int], timeout_s: float = 60.0) -> dist.TCPStore:
