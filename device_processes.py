@@ -284,7 +284,6 @@ class ProcessTransport(ThreadTransport):
         self._closing = threading.Event()
         self._peers: dict[int, tuple[socket.socket, threading.Lock]] = {}
         self._addresses: dict[int, tuple[str, int]] = {}
-        self._released = threading.Event()  # a process is continued by SIGCONT, not by this event
         self._network_threads = [self._network_thread("inbox", self._accept)]
         self._store_set(f"inbox/{me}", f"{host}:{self._server.getsockname()[1]}")
 
@@ -304,9 +303,6 @@ class ProcessTransport(ThreadTransport):
                 connection.sendall(FRAME.pack(len(data)) + data)
         except OSError:
             self._forget(to.owner)  # the peer is gone (or stopped past the send timeout): the message is lost
-
-    def released(self, device: int) -> threading.Event:
-        return self._released
 
     def _connection(self, owner: int) -> tuple[socket.socket, threading.Lock] | None:
         with self._lock:

@@ -79,7 +79,6 @@ class TensorParallelLlama:
         self.failures: list = []  # every failure the driver was told of (cluster_leader.FailureEvent), in order
         self.events: list[tuple[float, int, str, float]] = []  # telemetry: (time, device, kind, duration)
         self.strikes: list[Strike] = []
-        self.exits: list[DeviceExited] = []  # device processes that ended while the cluster ran
         self.tokenizer: Tokenizer | None = None
         self.load_report: LoadReport | None = None
         self._requests = 0
@@ -258,7 +257,6 @@ class TensorParallelLlama:
             self.strikes.append(notice)
             self.events.append((notice.at, notice.device, "stalled" if notice.mode == "slow" else "died", 0.0))
         elif isinstance(notice, DeviceExited):
-            self.exits.append(notice)
             self.events.append((notice.at, notice.device, "process exited", 0.0))
 
     # ---------------------------------------------------------------------------------------
