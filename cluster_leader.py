@@ -4,9 +4,10 @@ commands to the devices, and recovers from failures. It decides; the devices do 
 Its host's control thread watches every member and tells it of each declaration (`declared`): the
 leader opens a new epoch at once (every survivor aborts the collective it may be waiting in and
 joins the new group; the dead device never does) and queues the failure. A recovery then runs as
-commands: plan the reassignment (task_reassign.py), `Regroup` (timed: the survivors' first call on
-the new group), `Inherit` the weight slices, `Snapshot` the
-survivors at the leader's record of the context, `Describe` what they hold, plan a `RebuildOrder`
+commands: plan the reassignment (task_reassign.py), `Regroup` (the survivors' first call on the new
+group), `Snapshot` the survivors at the leader's record of the context (keeping a copy only when
+holding, to compare strategies), `Inherit` the weight slices, `Describe` what they hold (each phase
+timed), plan a `RebuildOrder`
 per survivor (kv_cache_reused.py, falling back when the asked strategy is impossible), `Rebuild`,
 and `Reprotect` the KV copies. A death during the recovery starts it again on what is left. With
 `RecoveryPolicy.hold` the leader stops after the failure is declared and lets the driver call
@@ -50,7 +51,7 @@ class PostFailure:
     survivors: Mapping[int, DeviceInfo]
     weight_load_s: float
     weight_bytes: int = 0   # what the new owners read
-    regroup_s: float = 0.0  # fencing the dead device(s) and the survivors' first call on the new group
+    regroup_s: float = 0.0  # fencing, the survivors' first call on the new group, cutting to the leader's record
     weights_from_standby: bool = False  # every new owner took its slices from standby (none read)
 
 
@@ -66,7 +67,6 @@ class Recovery:
     rebuild_s: float
     attempts: int                 # more than 1 when another failure interrupted the recovery
     context_tokens: int           # positions whose KV was rebuilt
-    regroup_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class StepResult:
     leader: int
     epoch: int
     assignment: Assignment
+    resumed_from: int | None = None  # the layer this step, abandoned by a failure, was resumed from
 
 
 class StepFailed(StepAbandoned):
@@ -150,7 +151,8 @@ class Leader:
         if self.policy.fence:
             started = time.perf_counter()
             self._transport.fence(detection.device)  # processes: SIGKILL (threads: the epoch alone fences)
-            self._fence_s += time.perf_counter() - started
+            with self._lock:
+                self._fence_s += time.perf_counter() - started
         self._send(Address("driver", DRIVER),
                    Telemetry(((detection.declared_at, detection.device, "declared dead", 0.0),)))
         return True
@@ -198,7 +200,8 @@ class Leader:
                 continue
             self._context += list(chunk.token_ids)
             self._resumable = None
-            return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment)
+            return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment,
+                              forward.resume_layer)
 
     def _on_Prepare(self, request: Prepare) -> PostFailure:
         if self._recovered:  # a new failure: a new recovery
@@ -238,7 +241,7 @@ class Leader:
                 prepared = None
                 continue
             recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
-                                self._attempts, len(post.context_ids), post.regroup_s)
+                                self._attempts, len(post.context_ids))
             self._resumable = post
             if self.policy.hold:  # the driver may rebuild again from the same state
                 self._post, self._recovered = post, True
@@ -273,15 +276,20 @@ class Leader:
         survivors = self.assignment.devices
         started = time.perf_counter()
         self._run_group({d: Regroup() for d in survivors})
-        regroup_s, self._fence_s = self._fence_s + time.perf_counter() - started, 0.0
+        self._run_group({d: Snapshot(len(self._context), keep_copy=self.policy.hold) for d in survivors})
+        regroup_s = time.perf_counter() - started
         started = time.perf_counter()
         inherited = self._run_group({d: Inherit(self.assignment) for d in survivors})
         weight_load_s = time.perf_counter() - started
-        self._run_group({d: Snapshot(len(self._context)) for d in survivors})
+        started = time.perf_counter()
         infos = self._run_group({d: Describe() for d in survivors})
+        with self._lock:
+            regroup_s += self._fence_s + time.perf_counter() - started
+            self._fence_s = 0.0
+        readers = [answer for answer in inherited.values() if answer.bytes_read]
         return PostFailure(tuple(self._events), tuple(self._plans), self.assignment, tuple(self._context), infos,
-                           weight_load_s, sum(answer.bytes_read for answer in inherited.values()), regroup_s,
-                           all(answer.from_standby for answer in inherited.values() if answer.bytes_read))
+                           weight_load_s, sum(answer.bytes_read for answer in readers), regroup_s,
+                           bool(readers) and all(answer.from_standby for answer in readers))
 
     def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float]:
         """Rebuild with `strategy`, or the first fallback that still works (saying why)."""

@@ -119,7 +119,6 @@ class DeviceActor:
         self.leader = None  # cluster_leader.Leader when this device leads
         self._used_group = None  # the collective the command being served used (its sends are flushed after it)
         self._standby: tuple[StandbySlices, ...] = ()  # slices read in advance for a first failure
-        self._stale_standby: tuple[StandbySlices, ...] = ()  # dropped after the answer that made them stale
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -173,7 +172,6 @@ class DeviceActor:
                 self._answer(envelope, Reply(error=_with_trace(error)))
                 continue
             self._answer(envelope, self._flushed(Reply(value)))
-            self._stale_standby = ()
 
     def _execute(self, envelope: Envelope) -> Any:
         if not self._await_epoch(envelope.epoch):
@@ -279,9 +277,8 @@ class DeviceActor:
         columns = missing_ranges(assignment.mlp[self.device], shard.mlp)
         rows = assignment.vocab_range(self.device, self._config.vocab_size)
         standby = next((s for s in self._standby if (s.heads, s.mlp, s.vocab_rows) == (heads, columns, rows)), None)
-        # read for a first failure: after it, stale; its memory is given back once the leader has its answer
-        # (unmapping a GB takes about 0.1 s, which the interruption need not wait for)
-        self._stale_standby, self._standby = self._standby, ()
+        release_in_background(self._standby)  # read for a first failure: stale after it
+        self._standby = ()
         before = shard.nbytes + state.vocab.nbytes
         if heads or columns:
             state.shard = extend_shard(shard, self._checkpoint, heads, columns, self._dtype,
@@ -306,9 +303,11 @@ class DeviceActor:
         for store in (state.cache, state.hidden_states, state.replica):
             if store is not None:
                 store.length = min(store.length, command.length)
-        self._snapshot = (state.cache.clone(), list(self._cached_ids),
-                          None if state.hidden_states is None else state.hidden_states.length,
-                          state.replica_of, None if state.replica is None else state.replica.clone(), state.progress)
+        if command.keep_copy:
+            self._snapshot = (state.cache.clone(), list(self._cached_ids),
+                              None if state.hidden_states is None else state.hidden_states.length,
+                              state.replica_of, None if state.replica is None else state.replica.clone(),
+                              state.progress)
 
     def _on_Restore(self, command: Restore) -> None:
         cache, cached_ids, hidden_length, replica_of, replica, progress = self._snapshot
@@ -518,6 +517,12 @@ class DeviceActor:
     @staticmethod
     def clock() -> float:
         return time.monotonic()
+
+
+def release_in_background(held: object) -> None:
+    """Drop the last reference to `held` on a thread of its own: unmapping a GB of memory takes
+    about 0.1 s, which the command that made it stale (and the interruption) need not wait for."""
+    threading.Thread(target=lambda *_: None, args=(held,), name="release-memory", daemon=True).start()
 
 
 def _with_trace(error: BaseException) -> BaseException:

@@ -125,10 +125,11 @@ class Reprotect:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Cut every store to `length` positions (what the leader recorded) and keep a private copy of
-    the KV, to start several recoveries from the same state (`Restore`)."""
+    """Cut every store to `length` positions (what the leader recorded) and, with `keep_copy`, keep
+    a private copy of the KV, to start several recoveries from the same state (`Restore`)."""
 
     length: int
+    keep_copy: bool = True
 
 
 @dataclass(frozen=True)

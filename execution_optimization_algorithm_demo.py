@@ -32,7 +32,7 @@ from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import DETECTORS, HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
-from llama_model_loader import FLOAT_DTYPES, CheckpointError, LlamaConfig
+from llama_model_loader import CheckpointError, LlamaConfig
 from performance_comparator import (StrategyOutcome, Timing, compare_device_level, compare_recoveries,
                                     failure_free_run, measure_copy_bandwidth, measure_keeping_cost)
 from recovery_plots import plot_timeline
@@ -236,7 +236,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         cost = measure_keeping_cost(model, decode_repeats=max(5, o.repeats), prefill_repeats=PREFILL_REPEATS)
 
     system["processes"] = model.transport.processes()  # each device process's memory, near the end of the run
-    system["copy_bandwidth"] = measure_copy_bandwidth(stored_dtype(model), DTYPES[o.dtype])
+    system["copy_bandwidth"] = measure_copy_bandwidth(model.checkpoint.embedding_dtype, DTYPES[o.dtype])
     system |= {"prefill_seconds": reference.prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
                "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, len(post.context_ids))
@@ -300,12 +300,6 @@ def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: 
 
 # --------------------------------------------------------------------------------------------
 # Describing the run for the report
-
-
-def stored_dtype(model: FaultTolerantLlama) -> torch.dtype:
-    """The checkpoint's dtype (its embedding's, the largest tensor, where they differ): what inheriting reads."""
-    dtypes = model.checkpoint.dtypes
-    return FLOAT_DTYPES[dtypes["model.embed_tokens.weight"]]
 
 
 def describe_model(model: FaultTolerantLlama, dtype: str) -> dict:

@@ -29,7 +29,9 @@ DETECTORS = ("timeout", "phi")
 class HeartbeatConfig:
     """How often devices beat and how much silence the leader tolerates before declaring one dead:
     `timeout_s` for the fixed detector; for phi accrual, the suspicion `phi_threshold` (phi 8: the
-    silence would be that long by chance once in 10^8 gaps of the observed distribution)."""
+    silence would be that long by chance once in 10^8 gaps of the observed distribution, shifted by
+    the acceptable pause), with `timeout_s` still the longest silence it tolerates (the bound the
+    leader's other waits are sized by)."""
 
     interval_s: float = 1.0
     timeout_s: float = 5.0
@@ -72,26 +74,40 @@ class PhiAccrual:
     """Suspicion of one device from the gaps between its beats (phi accrual, normal model).
 
     phi(silence) = -log10 P(a gap longer than `silence`), the gaps taken as normal with the mean and
-    standard deviation of the last `WINDOW` gaps. As in Akka, the history starts from the configured
-    interval (mean `interval`, deviation `interval / 4`), the deviation never falls below
-    `interval / 10` (a perfectly steady device is not declared on its first late beat), and
-    `interval / 2` of silence is always acceptable (a scheduling hiccup is not a death).
+    standard deviation of the last `WINDOW` gaps, shifted by an acceptable pause. As in Akka, the
+    history starts from the configured interval (mean `interval`, deviation `interval / 4`), the
+    deviation never falls below `interval / 10` (a perfectly steady device is not declared on its
+    first late beat), and `interval / 2` of silence is always acceptable (a scheduling hiccup is
+    not a death). A gap shorter than half the interval is not the device's pace but beats queued at
+    the watcher (a device sends a late beat at once, then keeps its pace): it is not counted. Sums
+    are kept running: `phi` runs on every check, many times a second.
     """
 
     WINDOW = 100
 
     def __init__(self, interval_s: float) -> None:
         self.min_std_s, self.acceptable_pause_s = interval_s / 10, interval_s / 2
-        self.gaps: deque[float] = deque((interval_s * 0.75, interval_s * 1.25), maxlen=self.WINDOW)
+        self.gaps: deque[float] = deque()
+        self._sum = self._squares = 0.0
+        for seed in (interval_s * 0.75, interval_s * 1.25):
+            self._add(seed)
 
     def observe(self, gap_s: float) -> None:
         if gap_s >= self.acceptable_pause_s:
-            self.gaps.append(gap_s)
+            self._add(gap_s)
+
+    def _add(self, gap_s: float) -> None:
+        if len(self.gaps) == self.WINDOW:
+            old = self.gaps.popleft()
+            self._sum, self._squares = self._sum - old, self._squares - old * old
+        self.gaps.append(gap_s)
+        self._sum, self._squares = self._sum + gap_s, self._squares + gap_s * gap_s
 
     def phi(self, silence_s: float) -> float:
-        mean = statistics.fmean(self.gaps) + self.acceptable_pause_s
-        std = max(statistics.pstdev(self.gaps), self.min_std_s)
-        later = 0.5 * math.erfc((silence_s - mean) / (std * math.sqrt(2)))  # P(gap > silence)
+        n = len(self.gaps)
+        mean = self._sum / n
+        std = max(math.sqrt(max(self._squares / n - mean * mean, 0.0)), self.min_std_s)
+        later = 0.5 * math.erfc((silence_s - mean - self.acceptable_pause_s) / (std * math.sqrt(2)))
         return math.inf if later <= 0 else -math.log10(later)
 
 
@@ -200,7 +216,8 @@ class HeartbeatMonitor:
 
     def check(self) -> list[Detection]:
         """Declare dead every live device whose silence (excused time apart) is too long: strictly
-        more than timeout_s, or (phi accrual) a suspicion above the threshold. Each is reported once."""
+        more than timeout_s, or sooner (phi accrual) a suspicion above the threshold. Each is
+        reported once."""
         with self._lock:
             now = self._clock()
             silent = [(device, last) for device, last in sorted(self._last.items())
@@ -208,9 +225,9 @@ class HeartbeatMonitor:
             return [self._declare(device, last, now, "heartbeat") for device, last in silent]
 
     def _too_long(self, device: int, silence_s: float) -> bool:
-        if self.config.detector == "phi":
-            return self._phi[device].phi(silence_s) > self.config.phi_threshold
-        return silence_s > self.config.timeout_s
+        if silence_s > self.config.timeout_s:
+            return True
+        return self.config.detector == "phi" and self._phi[device].phi(silence_s) > self.config.phi_threshold
 
     def suspicion(self, device: int) -> float:
         """The device's phi now (phi accrual only): how unlikely its current silence is, as -log10."""
@@ -263,4 +280,5 @@ class HeartbeatMonitor:
             self._last.pop(device, None)
             self._excused.pop(device, None)
             self._phi.pop(device, None)
+            self._heard.discard(device)
             self._dead.discard(device)

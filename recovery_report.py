@@ -105,12 +105,16 @@ def render_interruption(r: Report) -> str:
         phases = row["interruption_phases"]
         saved = ""
         if full and row is not full:
-            saved = f"   {full['interruption_s'] - row['interruption_s']:.3f} s ({_ratio(row['interruption_ratio'])} " \
-                    f"shorter)"
+            saved = f"   {full['interruption_s'] - row['interruption_s']:.3f} s"
+            if row["interruption_ratio"] >= 1:
+                saved += f" ({_ratio(row['interruption_ratio'])} shorter)"
+            else:
+                saved += f" ({_ratio(1 / row['interruption_ratio'])} longer)"
         lines.append(f"{row['name']:<16}" + "".join(f"{phases[key]:>9.3f}" for key, _ in PHASES)
                      + f"{row['interruption_s']:>10.3f}{saved}")
     lines.append(f"detect: crash to declared dead ({f.get('detector', 'timeout')} detector; declared by "
-                 f"{f['declared_by']}); regroup: fencing and the survivors' first call on the new group; "
+                 f"{f['declared_by']}); regroup: fencing, the survivors' first call on the new group and their "
+                 f"agreeing on the context; "
                  f"weights: the new owners' slices; rebuild: the KV cache (median of the runs); redo: the "
                  f"abandoned step, redone, which gives the next token. Seconds, each measured in this run.")
     return "\n".join(lines)
@@ -175,8 +179,8 @@ def _failure(r: Report) -> str:
              f"led by            Device-{f['leader']}",
              f"reassignment      {f['reassign']}"]
     lines += [f"  {line}" for line in f["plan"]]
-    lines.append(f"regroup           {f.get('regroup_seconds', 0.0):.3f} s to fence the dead device and form the "
-                 f"survivors' new group")
+    lines.append(f"regroup           {f.get('regroup_seconds', 0.0):.3f} s to fence the dead device, form the "
+                 f"survivors' new group and cut them to the leader's record of the context")
     lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to take what they inherit"
                  + inheritance_rate(f))
     yardstick = copy_yardstick(r["system"])
@@ -190,7 +194,7 @@ def _failure(r: Report) -> str:
 def _detector(f: dict) -> str:
     if f.get("detector") == "phi":
         return (f"phi accrual detector, threshold {f['phi_threshold']} (adaptive: from the observed gaps; the "
-                f"fixed timeout {f['heartbeat_timeout_s']} s is not used)")
+                f"fixed timeout {f['heartbeat_timeout_s']} s stays the longest silence tolerated)")
     return (f"fixed timeout: declared dead after {f['heartbeat_timeout_s']} s of silence (bound on detection: "
             f"timeout + one interval = {f['heartbeat_timeout_s'] + f['heartbeat_interval_s']:.1f} s)")
 

@@ -515,8 +515,9 @@ class StepProgress:
     """How far this device got in its current (or abandoned) few-token step: the step's position and
     tokens, and for every layer it started, the residual stream entering it (the same on every
     device: it is the sum of all of them) and the layer's normed attention input. A step abandoned
-    in layer j can resume there: layers before j are done but for the K and V of heads this device
-    did not hold then, which the recorded inputs give."""
+    in layer j can resume there: of the layers before j only the K and V of the step's positions
+    are needed again (for every head the device holds after the recovery), and the recorded inputs
+    give them."""
 
     start: int
     token_ids: tuple[int, ...]

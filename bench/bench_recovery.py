@@ -61,6 +61,7 @@ from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import DETECTORS, HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
+from llama_model_loader import Checkpoint
 from performance_comparator import (Timing, kept_bytes, measure_copy_bandwidth, measure_keeping_cost, recovery_flops,
                                     time_rebuilds)
 from recovery_plots import plot_recovery_vs_context
@@ -284,8 +285,8 @@ def overhead_table(trials: Sequence[Trial]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def copy_bandwidth_text(dtype: torch.dtype) -> str:
-    c = measure_copy_bandwidth(torch.bfloat16, dtype)
+def copy_bandwidth_text(stored: torch.dtype, dtype: torch.dtype) -> str:
+    c = measure_copy_bandwidth(stored, dtype)
     return (f"{c['fresh_bytes_per_s'] / 1e9:.2f} GB/s into new memory, {c['warm_bytes_per_s'] / 1e9:.2f} GB/s into "
             f"memory already touched")
 
@@ -360,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("## The whole interruption after a device failure, by context length\n")
     print(f"Checkpoint {folder}; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
           f"per strategy per trial; heartbeats every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s, "
-          f"phi threshold {args.phi_threshold}); {machine()}; copy bandwidth (bf16 to {args.dtype}, one thread) "
-          f"{copy_bandwidth_text(dtype)}; total {time.perf_counter() - started:.0f} s; "
+          f"phi threshold {args.phi_threshold}); {machine()}; copy bandwidth (the checkpoint's dtype to {args.dtype}, "
+          f"one thread) {copy_bandwidth_text(Checkpoint(folder).embedding_dtype, dtype)}; total {time.perf_counter() - started:.0f} s; "
           f"peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
     print(interruption_table(trials))
     print("\ndetect: the fault to its declaration; regroup: fencing and the survivors' first call on the new group; "

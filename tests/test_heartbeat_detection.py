@@ -295,3 +295,12 @@ def test_phi_counts_no_gap_the_watcher_did_not_see_whole():
     monitor.beat(0)  # the queued beats, a moment apart
     beat_with_gaps(monitor, clock, [1.0] * 3)
     assert 2.0 < declared_after(monitor, clock) < 2.1  # as steady as before: neither 3 s nor 0 s was counted
+
+
+def test_phi_never_tolerates_more_silence_than_the_fixed_timeout():
+    """Very irregular beats would let phi wait long; the fixed timeout stays the bound (the leader's
+    other waits are sized by it)."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(interval_s=1.0, timeout_s=3.0, detector="phi"), clock)
+    beat_with_gaps(monitor, clock, [0.5, 2.5] * 20)
+    assert 3.0 < declared_after(monitor, clock) < 3.02

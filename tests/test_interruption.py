@@ -125,7 +125,7 @@ def tokens_after_a_crash(checkpoint: Path, backend: str, at_call: int | None, st
         model.rebuild(strategy)
         for _ in range(3):
             tokens.append(int(model.decode(tokens[-1]).argmax()))
-        return tokens, {d: info.abandoned_step for d, info in post.survivors.items()}
+        return tokens, {d: info.abandoned_step for d, info in post.survivors.items()}, model.resumed_steps
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +145,12 @@ def test_the_abandoned_step_resumes_from_the_layer_the_survivors_reached(tiny_ch
     """Calls of a decode step on the 3-layer preset: 1 the embedding's all-reduce, then two per
     layer (attention, MLP), then the logits' gather (8): the survivors stop in the call the dead
     device never joined, and the redo starts from that layer (None: nothing to keep, redone whole)."""
-    tokens, abandoned = tokens_after_a_crash(tiny_checkpoint, backend, at_call, strategy)
+    tokens, abandoned, resumed = tokens_after_a_crash(tiny_checkpoint, backend, at_call, strategy)
     assert tokens == failure_free_tokens
     start = len(PROMPT)
     expected = None if layer is None else (start, (failure_free_tokens[0],), layer)
     assert set(abandoned.values()) == {expected}
+    assert resumed == ([] if layer is None else [(start, layer)])  # and the leader did resume it there
 
 
 # --------------------------------------------------------------------------------------------
