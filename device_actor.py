@@ -119,6 +119,7 @@ class DeviceActor:
         self.leader = None  # cluster_leader.Leader when this device leads
         self._used_group = None  # the collective the command being served used (its sends are flushed after it)
         self._standby: tuple[StandbySlices, ...] = ()  # slices read in advance for a first failure
+        self._stale: list[StandbySlices] = []  # given back after the next step (the next token) is done
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -236,6 +237,8 @@ class DeviceActor:
         if self._replication:
             self._replicate(chunk.start, len(chunk.token_ids), endpoint)
         self._telemetry("compute", began)
+        stale, self._stale = self._stale, []
+        release_in_background(stale)
         return logits if self.device == self._members[0] else None
 
     def _resumed(self, command: Forward, chunk) -> StepProgress | None:
@@ -277,8 +280,7 @@ class DeviceActor:
         columns = missing_ranges(assignment.mlp[self.device], shard.mlp)
         rows = assignment.vocab_range(self.device, self._config.vocab_size)
         standby = next((s for s in self._standby if (s.heads, s.mlp, s.vocab_rows) == (heads, columns, rows)), None)
-        release_in_background(self._standby)  # read for a first failure: stale after it
-        self._standby = ()
+        self._stale, self._standby = list(self._standby), ()  # read for a first failure: stale after it
         before = shard.nbytes + state.vocab.nbytes
         if heads or columns:
             state.shard = extend_shard(shard, self._checkpoint, heads, columns, self._dtype,
@@ -519,10 +521,11 @@ class DeviceActor:
         return time.monotonic()
 
 
-def release_in_background(held: object) -> None:
-    """Drop the last reference to `held` on a thread of its own: unmapping a GB of memory takes
-    about 0.1 s, which the command that made it stale (and the interruption) need not wait for."""
-    threading.Thread(target=lambda *_: None, args=(held,), name="release-memory", daemon=True).start()
+def release_in_background(held: list) -> None:
+    """Empty `held` (holding the last references to its items) on a thread of its own: unmapping a
+    GB of memory takes about 0.1 s, which no step need wait for."""
+    if held:
+        threading.Thread(target=held.clear, name="release-memory", daemon=True).start()
 
 
 def _with_trace(error: BaseException) -> BaseException:

@@ -17,6 +17,7 @@ hang declared in at most half the fixed timeout with phi accrual, and no false a
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import multiprocessing
 import statistics
@@ -121,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         latencies = []
         for repeat in range(args.repeats):
             latencies.append(hang_detection_s(folder, args.devices, heartbeat, backend))
+            gc.collect()  # a cluster's memory goes before the next is loaded (device actors hold cycles)
             log(f"{backend}, {detector}: hang {repeat + 1} declared after {latencies[-1]:.3f} s")
         alarms, prefills = (false_alarms_under_load(folder, args.devices, heartbeat, backend, args.load_windows,
                                                     args.load_context) if args.load_windows else (0, 0))
+        gc.collect()
         log(f"{backend}, {detector}: {alarms} false declarations in {args.load_windows} windows ({prefills} prefills)")
         rows.append((backend, detector, latencies, alarms, prefills))
 
