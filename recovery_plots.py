@@ -154,7 +154,7 @@ def plot_timeline(events: Iterable[Event], path: str | Path, title: str) -> Path
     axes[-1].set_xlabel("seconds since the first event")
     figure.suptitle(title, fontsize=13)
     handles = legend_handles(timeline, spare)
-    figure.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=9,
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=9,
                   frameon=False)
     return save(figure, path)
 

@@ -362,11 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Checkpoint {folder}; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
           f"per strategy per trial; heartbeats every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s, "
           f"phi threshold {args.phi_threshold}); {machine()}; copy bandwidth (the checkpoint's dtype to {args.dtype}, "
-          f"one thread) {copy_bandwidth_text(Checkpoint(folder).embedding_dtype, dtype)}; total {time.perf_counter() - started:.0f} s; "
-          f"peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
+          f"one thread) {copy_bandwidth_text(Checkpoint(folder).embedding_dtype, dtype)}; "
+          f"total {time.perf_counter() - started:.0f} s; peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
     print(interruption_table(trials))
-    print("\ndetect: the fault to its declaration; regroup: fencing and the survivors' first call on the new group; "
-          "weights: the new owners' slices; rebuild: the KV cache (median); redo: the abandoned step, which gives "
+    print("\ndetect: the fault to its declaration; regroup: fencing, the survivors' first call on the new group, "
+          "cutting them to the leader's record; weights: the new owners' slices; rebuild: the KV cache (median); redo: the abandoned step, which gives "
           "the next token; full / this: full recompute's whole interruption over this strategy's.\n")
     print("## KV-cache rebuild alone\n")
     print(recovery_table(trials))
