@@ -4,13 +4,15 @@ commands to the devices, and recovers from failures. It decides; the devices do 
 Its host's control thread watches every member and tells it of each declaration (`declared`): the
 leader opens a new epoch at once (every survivor aborts the collective it may be waiting in and
 joins the new group; the dead device never does) and queues the failure. A recovery then runs as
-commands: plan the reassignment (task_reassign.py), `Inherit` the weight slices, `Snapshot` the
-survivors at the leader's record of the context, `Describe` what they hold, plan a `RebuildOrder`
+commands: plan the reassignment (task_reassign.py), `Regroup` (the survivors' first call on the new
+group), `Snapshot` the survivors at the leader's record of the context (keeping a copy only when
+holding, to compare strategies), `Inherit` the weight slices, `Describe` what they hold (each phase
+timed), plan a `RebuildOrder`
 per survivor (kv_cache_reused.py, falling back when the asked strategy is impossible), `Rebuild`,
 and `Reprotect` the KV copies. A death during the recovery starts it again on what is left. With
 `RecoveryPolicy.hold` the leader stops after the failure is declared and lets the driver call
 `Prepare` and `Recover` (to compare strategies from one state); otherwise it recovers on its own and
-redoes the abandoned step. When this leader's host dies, the lowest-numbered survivor leads.
+redoes the abandoned step (from the layer the survivors had reached, which each recorded). When this leader's host dies, the lowest-numbered survivor leads.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
-                             LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Reply, Reprotect,
+                             LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Regroup, Reply, Reprotect,
                              Restore, SendTo, Snapshot, Step, Telemetry)
 from device_threads import POLL_S, StaleEpoch, StepAbandoned
 from head_assignment import Assignment
@@ -49,6 +51,8 @@ class PostFailure:
     survivors: Mapping[int, DeviceInfo]
     weight_load_s: float
     weight_bytes: int = 0   # what the new owners read
+    regroup_s: float = 0.0  # fencing, the survivors' first call on the new group, cutting to the leader's record
+    weights_from_standby: bool = False  # every new owner took its slices from standby (none read)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class StepResult:
     leader: int
     epoch: int
     assignment: Assignment
+    resumed_from: int | None = None  # the layer this step, abandoned by a failure, was resumed from
 
 
 class StepFailed(StepAbandoned):
@@ -109,6 +114,8 @@ class Leader:
         self._replication = False
         self._failover = False
         self._requests = 0
+        self._fence_s = 0.0                      # spent fencing devices declared since the last preparation
+        self._resumable: PostFailure | None = None  # the last recovery's state: its abandoned step may resume
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -142,7 +149,10 @@ class Leader:
         for device in (*self.members, detection.device):
             self._send(Address("control", device), news)
         if self.policy.fence:
+            started = time.perf_counter()
             self._transport.fence(detection.device)  # processes: SIGKILL (threads: the epoch alone fences)
+            with self._lock:
+                self._fence_s += time.perf_counter() - started
         self._send(Address("driver", DRIVER),
                    Telemetry(((detection.declared_at, detection.device, "declared dead", 0.0),)))
         return True
@@ -182,13 +192,16 @@ class Leader:
                 if self.policy.hold:
                     raise StepFailed(self._take_declared_view())
                 recoveries.append(self._recover(self.policy.strategy))
+            forward = Forward(request.chunks, request.logits, self._resume_layer(chunk))
             try:
-                answers = self._run_group({m: Forward(request.chunks, request.logits) for m in self.members})
+                answers = self._run_group({m: forward for m in self.members})
             except StepAbandoned as abandoned:
                 self._await_declaration(abandoned)
                 continue
             self._context += list(chunk.token_ids)
-            return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment)
+            self._resumable = None
+            return StepResult(answers[self.members[0]], tuple(recoveries), self.host, self.epoch, self.assignment,
+                              forward.resume_layer)
 
     def _on_Prepare(self, request: Prepare) -> PostFailure:
         if self._recovered:  # a new failure: a new recovery
@@ -229,11 +242,24 @@ class Leader:
                 continue
             recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
                                 self._attempts, len(post.context_ids))
+            self._resumable = post
             if self.policy.hold:  # the driver may rebuild again from the same state
                 self._post, self._recovered = post, True
             else:
                 self._post, self._events, self._plans, self._attempts = None, [], [], 0
             return recovery
+
+    def _resume_layer(self, chunk) -> int | None:
+        """The layer from which every member can go on with `chunk`, when it is the step a failure
+        abandoned (each survivor recorded how far it got; the layers before are valid but for the
+        K and V of inherited heads, which the recorded inputs give); None: the step runs whole."""
+        post = self._resumable
+        if post is None or set(post.survivors) != set(self.members):
+            return None
+        steps = [info.abandoned_step for info in post.survivors.values()]
+        if any(step is None or step[:2] != (chunk.start, chunk.token_ids) for step in steps):
+            return None
+        return min(step[2] for step in steps)
 
     def _prepare(self) -> PostFailure:
         """Take every declared failure, plan where the dead devices' work goes, inherit weights, cut
@@ -249,12 +275,21 @@ class Leader:
             self._monitor.remove(event.device)
         survivors = self.assignment.devices
         started = time.perf_counter()
+        self._run_group({d: Regroup() for d in survivors})
+        self._run_group({d: Snapshot(len(self._context), keep_copy=self.policy.hold) for d in survivors})
+        regroup_s = time.perf_counter() - started
+        started = time.perf_counter()
         inherited = self._run_group({d: Inherit(self.assignment) for d in survivors})
         weight_load_s = time.perf_counter() - started
-        self._run_group({d: Snapshot(len(self._context)) for d in survivors})
+        started = time.perf_counter()
         infos = self._run_group({d: Describe() for d in survivors})
+        with self._lock:
+            regroup_s += self._fence_s + time.perf_counter() - started
+            self._fence_s = 0.0
+        readers = [answer for answer in inherited.values() if answer.bytes_read]
         return PostFailure(tuple(self._events), tuple(self._plans), self.assignment, tuple(self._context), infos,
-                           weight_load_s, sum(answer.bytes_read for answer in inherited.values()))
+                           weight_load_s, sum(answer.bytes_read for answer in readers), regroup_s,
+                           bool(readers) and all(answer.from_standby for answer in readers))
 
     def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float]:
         """Rebuild with `strategy`, or the first fallback that still works (saying why)."""

@@ -22,15 +22,17 @@ import torch
 
 import kv_cache_reused
 from device_protocol import (DRIVER, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
-                             Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Reply, ReportKV,
+                             Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
 from device_threads import POLL_S, StaleEpoch, StepAbandoned, ThreadCollective
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
-from tensor_parallel_model import (DeviceState, HiddenStateStore, device_forward, extend_shard, load_device_state,
-                                   load_vocab_slice, missing_ranges, replicate_step)
+from task_reassign import make_strategy
+from tensor_parallel_model import (DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
+                                   extend_shard, load_device_state, load_standby, load_vocab_slice, missing_ranges,
+                                   replicate_step)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -116,6 +118,8 @@ class DeviceActor:
         self._declared_here: list = []  # leaders this device declared dead (its own view, until told)
         self.leader = None  # cluster_leader.Leader when this device leads
         self._used_group = None  # the collective the command being served used (its sends are flushed after it)
+        self._standby: tuple[StandbySlices, ...] = ()  # slices read in advance for a first failure
+        self._stale: list[StandbySlices] = []  # given back after the next step (the next token) is done
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -203,6 +207,18 @@ class DeviceActor:
         self._state = load_device_state(self._checkpoint, self._assignment, self.device, self._dtype,
                                         on_layer=lambda: self._telemetry("loaded layer"))
         self._telemetry("load weights", started)
+        if self._setup.policy.standby_weights:
+            started = self.clock()
+            self._standby = load_standby(self._checkpoint, self._assignment, self._first_plans(), self.device,
+                                         self._dtype)
+            self._telemetry("load weights", started)
+
+    def _first_plans(self) -> dict[int, Assignment]:
+        """The assignment after each other device's death, as the leader will plan it for a first
+        failure (the same strategy and seed, so the same draw)."""
+        policy, before = self._setup.policy, self._assignment
+        return {failed: make_strategy(policy.reassign, policy.seed).plan(before, failed).after
+                for failed in before.devices if failed != self.device}
 
     # ---------------------------------------------------------------------------------------
     # Commands
@@ -216,12 +232,25 @@ class DeviceActor:
         self.faults.new_step()
         endpoint = self._endpoint()
         ids = torch.tensor(chunk.token_ids, dtype=torch.long)
-        logits = device_forward(state, ids, chunk.start, endpoint, command.logits)
+        logits = device_forward(state, ids, chunk.start, endpoint, command.logits, self._resumed(command, chunk))
         self._cached_ids = self._cached_ids[:chunk.start] + list(chunk.token_ids)
         if self._replication:
             self._replicate(chunk.start, len(chunk.token_ids), endpoint)
         self._telemetry("compute", began)
+        stale, self._stale = self._stale, []
+        release_in_background(stale)
         return logits if self.device == self._members[0] else None
+
+    def _resumed(self, command: Forward, chunk) -> StepProgress | None:
+        """Where an abandoned step resumes (the leader asks only when every member recorded it)."""
+        if command.resume_layer is None:
+            return None
+        progress = self._state.progress
+        if progress is None or (progress.start, progress.token_ids) != (chunk.start, chunk.token_ids) or \
+                progress.resumable_layer is None or progress.resumable_layer < command.resume_layer:
+            raise ValueError(f"Device-{self.device} cannot resume the step at {chunk.start} from layer "
+                             f"{command.resume_layer}: it did not record it")
+        return progress.upto(command.resume_layer)
 
     def _on_Keep(self, command: Keep) -> None:
         """Switched off, the hidden-state store is parked (not dropped), so that switching it on again
@@ -237,23 +266,33 @@ class DeviceActor:
             self._replicate(0, len(self._cached_ids), self._endpoint())  # the copy must cover what is cached
         self._replication = command.replication
 
+    def _on_Regroup(self, command: Regroup) -> None:
+        began = self.clock()
+        group = self._used_group = self._transport.collective(self._epoch, self._members)
+        group.all_reduce(self.device, torch.zeros(1))
+        self._telemetry("regroup", began)
+
     def _on_Inherit(self, command: Inherit) -> Inherited:
         self.faults.at_recovery_work()
         state, began, assignment = self._state, self.clock(), command.assignment
         shard = state.shard
-        heads = [h for h in assignment.heads[self.device] if h not in shard.query_heads]
+        heads = tuple(h for h in assignment.heads[self.device] if h not in shard.query_heads)
         columns = missing_ranges(assignment.mlp[self.device], shard.mlp)
         rows = assignment.vocab_range(self.device, self._config.vocab_size)
+        standby = next((s for s in self._standby if (s.heads, s.mlp, s.vocab_rows) == (heads, columns, rows)), None)
+        self._stale, self._standby = list(self._standby), ()  # read for a first failure: stale after it
         before = shard.nbytes + state.vocab.nbytes
         if heads or columns:
-            state.shard = extend_shard(shard, self._checkpoint, heads, columns, self._dtype)
+            state.shard = extend_shard(shard, self._checkpoint, heads, columns, self._dtype,
+                                       blocks=standby.layers if standby else None)
         if rows != state.vocab.rows:
-            state.vocab = load_vocab_slice(self._checkpoint, rows, self._dtype, held=state.vocab)
+            state.vocab = load_vocab_slice(self._checkpoint, rows, self._dtype, held=state.vocab,
+                                           standby=standby.vocab if standby else ())
         self._assignment = assignment
         seconds = self.clock() - began
         if heads or columns:
             self._telemetry("load weights", began)
-        return Inherited(seconds, max(0, state.shard.nbytes + state.vocab.nbytes - before))
+        return Inherited(seconds, max(0, state.shard.nbytes + state.vocab.nbytes - before), standby is not None)
 
     def _on_Snapshot(self, command: Snapshot) -> None:
         """Cut every store to the leader's record, then keep a private copy of what a recovery may
@@ -261,17 +300,21 @@ class DeviceActor:
         replaces it)."""
         state = self._state
         self._cached_ids = self._cached_ids[:command.length]
+        if state.progress is not None and state.progress.start != command.length:
+            state.progress = None  # not the step after the leader's record: never resumed
         for store in (state.cache, state.hidden_states, state.replica):
             if store is not None:
                 store.length = min(store.length, command.length)
-        self._snapshot = (state.cache.clone(), list(self._cached_ids),
-                          None if state.hidden_states is None else state.hidden_states.length,
-                          state.replica_of, None if state.replica is None else state.replica.clone())
+        if command.keep_copy:
+            self._snapshot = (state.cache.clone(), list(self._cached_ids),
+                              None if state.hidden_states is None else state.hidden_states.length,
+                              state.replica_of, None if state.replica is None else state.replica.clone(),
+                              state.progress)
 
     def _on_Restore(self, command: Restore) -> None:
-        cache, cached_ids, hidden_length, replica_of, replica = self._snapshot
+        cache, cached_ids, hidden_length, replica_of, replica, progress = self._snapshot
         state = self._state
-        state.cache, self._cached_ids = cache.clone(), list(cached_ids)
+        state.cache, self._cached_ids, state.progress = cache.clone(), list(cached_ids), progress
         if state.hidden_states is not None:
             state.hidden_states.length = hidden_length
         state.replica_of, state.replica = replica_of, None if replica is None else replica.clone()
@@ -301,7 +344,9 @@ class DeviceActor:
             state.vocab.rows, state.shard.nbytes + state.vocab.nbytes, tuple(self._cached_ids),
             None if hidden is None else hidden.length, 0 if hidden is None else hidden.nbytes, self._replication,
             state.replica_of, () if replica is None else replica.kv_heads, 0 if replica is None else replica.length,
-            0 if replica is None else replica.nbytes)
+            0 if replica is None else replica.nbytes, sum(standby.nbytes for standby in self._standby),
+            None if state.progress is None or state.progress.resumable_layer is None else
+            (state.progress.start, state.progress.token_ids, state.progress.resumable_layer))
 
     def _on_TimeHiddenRebuild(self, command: TimeHiddenRebuild) -> float:
         """The seed's comparison, on a copy: project from the stored inputs every KV head this device
@@ -474,6 +519,13 @@ class DeviceActor:
     @staticmethod
     def clock() -> float:
         return time.monotonic()
+
+
+def release_in_background(held: list) -> None:
+    """Empty `held` (holding the last references to its items) on a thread of its own: unmapping a
+    GB of memory takes about 0.1 s, which no step need wait for."""
+    if held:
+        threading.Thread(target=held.clear, name="release-memory", daemon=True).start()
 
 
 def _with_trace(error: BaseException) -> BaseException:

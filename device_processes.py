@@ -135,10 +135,17 @@ class GlooCollective:
         return torch.cat([part[:n] for part, n in zip(self.all_gather(device, padded), splits)])
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in self.devices]
-        self._call(lambda group: group.allgather([parts], [tensor]))
-        return parts
+        """Every member's tensor, whatever its shape (the logits' vocabulary rows split unevenly:
+        128256 over 7 devices): the shapes first, then the values padded to the longest."""
+        shape = torch.tensor(tensor.shape, dtype=torch.int64)
+        shapes = [torch.empty_like(shape) for _ in self.devices]
+        self._call(lambda group: group.allgather([shapes], [shape]))
+        sizes = [int(s.prod()) for s in shapes]
+        flat = tensor.new_zeros(max(sizes))
+        flat[:tensor.numel()] = tensor.reshape(-1)
+        parts = [torch.empty_like(flat) for _ in self.devices]
+        self._call(lambda group: group.allgather([parts], [flat]))
+        return [part[:size].view(*s.tolist()) for part, size, s in zip(parts, sizes, shapes)]
 
     def send(self, device: int, to: int, payload: Any) -> None:
         """Start sending `payload` (its size, then its bytes) and return: a gloo send completes only

@@ -78,6 +78,7 @@ class Forward:
 
     chunks: tuple[Chunk, ...]
     logits: str = "last"
+    resume_layer: int | None = None  # an abandoned step redone from this layer (the layers before it are kept)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,16 @@ class Inherit:
 
 
 @dataclass(frozen=True)
+class Regroup:
+    """Take part in the first call on the new epoch's group: answered once every member has joined
+    it (on processes, once the new gloo group is formed), so the leader can time the re-forming."""
+
+
+@dataclass(frozen=True)
 class Inherited:
     seconds: float
-    bytes_read: int
+    bytes_read: int          # the new slices' bytes: read from the checkpoint, or taken from standby
+    from_standby: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,10 +125,11 @@ class Reprotect:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Cut every store to `length` positions (what the leader recorded) and keep a private copy of
-    the KV, to start several recoveries from the same state (`Restore`)."""
+    """Cut every store to `length` positions (what the leader recorded) and, with `keep_copy`, keep
+    a private copy of the KV, to start several recoveries from the same state (`Restore`)."""
 
     length: int
+    keep_copy: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,8 @@ class DeviceInfo:
     replica_kv_heads: tuple[int, ...]
     replica_positions: int
     replica_bytes: int
+    standby_bytes: int = 0           # weight slices read in advance for a failure (`standby_weights`)
+    abandoned_step: tuple[int, tuple[int, ...], int] | None = None  # (start, tokens, layer it can resume from)
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,7 @@ class RecoveryPolicy:
     strategy: str = "full-recompute"
     hold: bool = False
     fence: bool = True  # kill a device declared dead (processes: SIGKILL), as clusters fence a node
+    standby_weights: bool = False  # each device reads in advance what it would inherit from a first failure
 
 
 @dataclass(frozen=True)

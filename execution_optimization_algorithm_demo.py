@@ -30,13 +30,14 @@ from device_threads import StepAbandoned, interrupts_at_wait_points
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
-from heartbeat_detection import HeartbeatConfig
+from heartbeat_detection import DETECTORS, HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import CheckpointError, LlamaConfig
 from performance_comparator import (StrategyOutcome, Timing, compare_device_level, compare_recoveries,
-                                    failure_free_run, measure_keeping_cost)
+                                    failure_free_run, measure_copy_bandwidth, measure_keeping_cost)
 from recovery_plots import plot_timeline
-from recovery_report import Report, check_writable, json_path, render, render_comparison, write_report
+from recovery_report import (Report, check_writable, json_path, render, render_comparison, render_interruption,
+                             write_report)
 from synthetic_checkpoint import is_synthetic_checkpoint
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import open_checkpoint
@@ -71,6 +72,13 @@ class Options:
     seed: int
     quiet: bool
     backend: str = "threads"
+    detector: str = "timeout"
+    phi_threshold: float = 8.0
+    standby_weights: bool = False
+
+    @property
+    def heartbeat(self) -> HeartbeatConfig:
+        return HeartbeatConfig(self.heartbeat_interval, self.heartbeat_timeout, self.detector, self.phi_threshold)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +110,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="who takes the lost heads: random (all to one survivor, seeded) or balanced (spread, KV groups whole)")
     add("--recovery", choices=("all", *RECOVERY_STRATEGIES), default="all", help="strategies to compare (default all)")
     add("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
-    add("--heartbeat-timeout", type=float, default=5.0, help="silence before a device is declared dead (default 5)")
+    add("--heartbeat-timeout", type=float, default=5.0,
+        help="silence before a device is declared dead, with --detector timeout (default 5)")
+    add("--detector", choices=DETECTORS, default="timeout",
+        help="how silence is judged: timeout (fixed, the default) or phi (phi accrual: adaptive, from the "
+             "observed heartbeat gaps)")
+    add("--phi-threshold", type=float, default=8.0,
+        help="with --detector phi: the suspicion at which a device is declared dead (default 8: a silence "
+             "that long once in 10^8 gaps)")
+    add("--standby-weights", action="store_true",
+        help="every device also reads, before any failure, the slices it would inherit (costs memory, "
+             "reported; inheriting then reads nothing)")
     add("--dtype", choices=tuple(DTYPES), default="float32",
         help="compute dtype (default float32: measured faster than bf16 on CPUs without AMX; see README)")
     add("--repeats", type=int, default=3, help="timed runs of each strategy (default 3)")
@@ -116,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                       args.context_tokens or None, args.new_tokens, args.reassign,
                       tuple(RECOVERY_STRATEGIES) if args.recovery == "all" else (args.recovery,),
                       args.heartbeat_interval, args.heartbeat_timeout, args.dtype, args.repeats, args.report,
-                      args.seed, args.quiet, args.backend)
+                      args.seed, args.quiet, args.backend, args.detector, args.phi_threshold, args.standby_weights)
     check_options(options)
     return options
 
@@ -136,7 +154,7 @@ def check_options(o: Options) -> None:
     if o.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {o.repeats}")
     try:
-        HeartbeatConfig(o.heartbeat_interval, o.heartbeat_timeout)
+        o.heartbeat
     except ValueError as bad:
         raise UsageError(str(bad)) from None
     try:
@@ -177,8 +195,9 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
     assignment = even_assignment(config, o.devices)
     model = FaultTolerantLlama.from_checkpoint(
         location, checkpoint, assignment, DTYPES[o.dtype], not o.quiet, open_seconds,
-        heartbeat=HeartbeatConfig(o.heartbeat_interval, o.heartbeat_timeout),
-        policy=RecoveryPolicy(o.reassign, o.seed, hold=True),  # the comparison drives every recovery
+        heartbeat=o.heartbeat,
+        policy=RecoveryPolicy(o.reassign, o.seed, hold=True, standby_weights=o.standby_weights),  # the comparison
+        # drives every recovery
         backend=o.backend)
     kind = "synthetic" if is_synthetic_checkpoint(checkpoint.folder) else "real"
     log(f"model: {checkpoint.folder} ({kind}: {location.reason})")
@@ -217,6 +236,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         cost = measure_keeping_cost(model, decode_repeats=max(5, o.repeats), prefill_repeats=PREFILL_REPEATS)
 
     system["processes"] = model.transport.processes()  # each device process's memory, near the end of the run
+    system["copy_bandwidth"] = measure_copy_bandwidth(model.checkpoint.embedding_dtype, DTYPES[o.dtype])
     system |= {"prefill_seconds": reference.prefill_s, "prefill_seconds_keeping": prefill_keeping_s,
                "keeping": keeping, "context_tokens": len(prompt_ids), "new_tokens": o.new_tokens,
                "kept_bytes_per_token": {row.keeps: row.kept_bytes / max(1, len(post.context_ids))
@@ -232,13 +252,16 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         "failure": {"device": event.device, "mode": "crash", "after_tokens": o.fail_after,
                     "signal": next((s.signal for s in model.strikes if s.device == event.device), None),
                     "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
+                    "detector": o.detector, "phi_threshold": o.phi_threshold if o.detector == "phi" else None,
                     "detection_latency_s": detection_s, "declared_by": event.detection.signal, "leader": event.leader,
-                    "reassign": o.reassign, "plan": plan.describe(), "weight_load_seconds": post.weight_load_s,
-                    "weight_bytes_inherited": post.weight_bytes,
+                    "reassign": o.reassign, "plan": plan.describe(), "regroup_seconds": post.regroup_s,
+                    "weight_load_seconds": post.weight_load_s, "weight_bytes_inherited": post.weight_bytes,
+                    "standby_weights": o.standby_weights, "weights_from_standby": post.weights_from_standby,
                     "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
                     "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}},
         "comparison_meta": {"repeats": o.repeats, "context_tokens": len(post.context_ids)},
-        "comparison": comparison_rows(outcomes, detection_s, post.weight_load_s),
+        "comparison": comparison_rows(outcomes, {"detection_s": detection_s, "regroup_s": post.regroup_s,
+                                                 "weights_s": post.weight_load_s}),
         "device_level": device_level_row(device_level),
         "overhead": {mode: timing_row(t) for mode, t in cost.decode.items()} if cost else None,
         "prefill_overhead": {mode: timing_row(t) for mode, t in cost.prefill.items()} if cost else None,
@@ -294,7 +317,8 @@ def describe_system(model: FaultTolerantLlama) -> dict:
             "assignment": [{"device": d, "heads": a.describe_heads(d),
                             "kv_heads": ", ".join(str(g + 1) for g in a.kv_heads(d)),
                             "mlp": ", ".join(f"{s}-{e}" for s, e in a.mlp[d]),
-                            "weight_bytes": infos[d].weight_bytes} for d in a.devices],
+                            "weight_bytes": infos[d].weight_bytes, "standby_bytes": infos[d].standby_bytes}
+                           for d in a.devices],
             "duplicated_kv": "; ".join(f"KV head {g + 1} on " + ", ".join(f"Device-{d}" for d in ds)
                                        for g, ds in a.duplicated_kv_heads().items())}
 
@@ -303,9 +327,10 @@ def timing_row(t: Timing) -> dict:
     return {"min_s": t.min, "median_s": t.median, "max_s": t.max, "seconds": list(t.seconds)}
 
 
-def comparison_rows(outcomes: Sequence[StrategyOutcome], detection_s: float, weights_s: float) -> list[dict]:
-    """One row per strategy. `interruption_s` is what a user waited in this run with that strategy:
-    detection + weight inheritance (both shared) + its KV rebuild (median) + the redo of the abandoned step."""
+def comparison_rows(outcomes: Sequence[StrategyOutcome], shared_phases: dict[str, float]) -> list[dict]:
+    """One row per strategy. `interruption_s` is what a user waited in this run with that strategy,
+    the sum of `interruption_phases`: detection, re-forming the group and inheriting weights (shared
+    by every strategy, measured once), its KV rebuild (median) and the abandoned step redone."""
     baseline = next((o for o in outcomes if o.name == "full-recompute" and o.timing), None)
     rows = []
     for o in outcomes:
@@ -320,10 +345,13 @@ def comparison_rows(outcomes: Sequence[StrategyOutcome], detection_s: float, wei
                "tokens_identical": o.tokens_identical, "continuation_ids": o.continuation,
                "near_tie_mismatches": list(o.near_tie_mismatches),
                "lossless": o.lossless, "error": o.error, "speedup": None, "flop_ratio": None,
-               "redo_s": o.redo_s if kv else None, "interruption_s": None, "interruption_ratio": None}
+               "redo_s": o.redo_s if kv else None, "interruption_s": None, "interruption_phases": None,
+               "interruption_ratio": None}
         if o.timing:
             row |= timing_row(o.timing)
-            row["interruption_s"] = detection_s + weights_s + o.timing.median + o.redo_s
+            if kv:
+                row["interruption_phases"] = {**shared_phases, "rebuild_s": o.timing.median, "redo_s": o.redo_s}
+                row["interruption_s"] = sum(row["interruption_phases"].values())
         if baseline and o.timing:
             row["speedup"] = baseline.timing.median / o.timing.median
             row["flop_ratio"] = baseline.flops / o.flops if o.flops else float("inf")
@@ -372,7 +400,7 @@ def _cpu_name() -> str:
 
 
 def print_summary(report: Report, path: Path) -> None:
-    print(render_comparison(report))
+    print(render_interruption(report) + "\n\n" + render_comparison(report))
     print(f"\nreport: {path} (and {json_path(path)})")
 
 

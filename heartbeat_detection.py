@@ -1,35 +1,51 @@
 """Crash and hang detection by heartbeats, so a device learns another is gone without waiting on it.
 
 Each device beats every `interval_s` from its control thread (long compute cannot starve it): the
-members to the leader, the leader to every member. A `HeartbeatMonitor` declares a device dead once
-its last beat is older than `timeout_s`, or at once on another signal (`declare`); every declaration
-opens a new epoch, and beats stamped with an ended one are refused (fencing). Time comes from an
-injectable clock, so detection and its latency are testable without real waiting.
+members to the leader, the leader to every member. A `HeartbeatMonitor` declares a device dead when
+its detector says its silence is too long, or at once on another signal (`declare`); every
+declaration opens a new epoch, and beats stamped with an ended one are refused (fencing). Two
+detectors: the seed's fixed `timeout_s`, and phi accrual (Hayashibara et al., as Cassandra and Akka
+use it): suspicion grows with the silence measured against the observed distribution of this
+device's heartbeat gaps, so a steady device is declared soon after it stops, and a device whose
+beats come irregularly (a loaded machine) is given more time. Time comes from an injectable clock,
+so detection and its latency are testable without real waiting.
 """
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Iterable
 
 Clock = Callable[[], float]  # seconds, monotonic
+DETECTORS = ("timeout", "phi")
 
 
 @dataclass(frozen=True)
 class HeartbeatConfig:
-    """How often devices beat and how much silence the leader tolerates before declaring one dead."""
+    """How often devices beat and how much silence the leader tolerates before declaring one dead:
+    `timeout_s` for the fixed detector; for phi accrual, the suspicion `phi_threshold` (phi 8: the
+    silence would be that long by chance once in 10^8 gaps of the observed distribution, shifted by
+    the acceptable pause), with `timeout_s` still the longest silence it tolerates (the bound the
+    leader's other waits are sized by)."""
 
     interval_s: float = 1.0
     timeout_s: float = 5.0
+    detector: str = "timeout"
+    phi_threshold: float = 8.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.interval_s) and math.isfinite(self.timeout_s)):
             raise ValueError(f"heartbeat interval and timeout must be finite numbers of seconds, "
                              f"got {self.interval_s} and {self.timeout_s}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown failure detector {self.detector!r} (choose from {', '.join(DETECTORS)})")
+        if not (math.isfinite(self.phi_threshold) and self.phi_threshold > 0):
+            raise ValueError(f"phi threshold ({self.phi_threshold}) must be a positive number")
         if self.interval_s <= 0:
             raise ValueError(f"heartbeat interval ({self.interval_s} s) must be positive")
         if self.timeout_s <= self.interval_s:
@@ -52,6 +68,47 @@ class Detection:
     def silence_s(self) -> float:
         """How long the device had been silent when declared dead: an upper bound on detection latency."""
         return self.declared_at - self.last_beat_at
+
+
+class PhiAccrual:
+    """Suspicion of one device from the gaps between its beats (phi accrual, normal model).
+
+    phi(silence) = -log10 P(a gap longer than `silence`), the gaps taken as normal with the mean and
+    standard deviation of the last `WINDOW` gaps, shifted by an acceptable pause. As in Akka, the
+    history starts from the configured interval (mean `interval`, deviation `interval / 4`), the
+    deviation never falls below `interval / 10` (a perfectly steady device is not declared on its
+    first late beat), and `interval / 2` of silence is always acceptable (a scheduling hiccup is
+    not a death). A gap shorter than half the interval is not the device's pace but beats queued at
+    the watcher (a device sends a late beat at once, then keeps its pace): it is not counted. Sums
+    are kept running: `phi` runs on every check, many times a second.
+    """
+
+    WINDOW = 100
+
+    def __init__(self, interval_s: float) -> None:
+        self.min_std_s, self.acceptable_pause_s = interval_s / 10, interval_s / 2
+        self.gaps: deque[float] = deque()
+        self._sum = self._squares = 0.0
+        for seed in (interval_s * 0.75, interval_s * 1.25):
+            self._add(seed)
+
+    def observe(self, gap_s: float) -> None:
+        if gap_s >= self.acceptable_pause_s:
+            self._add(gap_s)
+
+    def _add(self, gap_s: float) -> None:
+        if len(self.gaps) == self.WINDOW:
+            old = self.gaps.popleft()
+            self._sum, self._squares = self._sum - old, self._squares - old * old
+        self.gaps.append(gap_s)
+        self._sum, self._squares = self._sum + gap_s, self._squares + gap_s * gap_s
+
+    def phi(self, silence_s: float) -> float:
+        n = len(self.gaps)
+        mean = self._sum / n
+        std = max(math.sqrt(max(self._squares / n - mean * mean, 0.0)), self.min_std_s)
+        later = 0.5 * math.erfc((silence_s - mean - self.acceptable_pause_s) / (std * math.sqrt(2)))
+        return math.inf if later <= 0 else -math.log10(later)
 
 
 class FakeClock:
@@ -104,6 +161,8 @@ class HeartbeatMonitor:
         now = clock()
         self._last: dict[int, float] = {d: now for d in devices}  # all count as having beaten at start
         self._excused: dict[int, float] = {d: 0.0 for d in devices}  # silence the watcher did not see
+        self._phi = {d: PhiAccrual(config.interval_s) for d in devices} if config.detector == "phi" else {}
+        self._heard: set[int] = set()  # devices whose last recorded time is a real beat (a gap can be measured)
         self._dead: set[int] = set()
         self._epoch = epoch
         self._refused: Counter[tuple[int, int, BeatVerdict]] = Counter()
@@ -131,8 +190,11 @@ class HeartbeatMonitor:
                 verdict = BeatVerdict.NOT_WATCHED
             else:
                 verdict = BeatVerdict.ACCEPTED
-                self._last[device] = beat_at = self._clock()
-                self._excused[device] = 0.0
+                beat_at = self._clock()
+                if device in self._phi and device in self._heard and self._excused[device] == 0.0:
+                    self._phi[device].observe(beat_at - self._last[device])  # a gap the watcher saw whole
+                self._last[device], self._excused[device] = beat_at, 0.0
+                self._heard.add(device)
             if verdict is not BeatVerdict.ACCEPTED:
                 self._refused[(device, epoch, verdict)] += 1
                 return verdict
@@ -153,13 +215,24 @@ class HeartbeatMonitor:
                 self._excused[device] += seconds
 
     def check(self) -> list[Detection]:
-        """Declare dead every live device silent for strictly more than timeout_s (excused time apart);
-        each is reported once only."""
+        """Declare dead every live device whose silence (excused time apart) is too long: strictly
+        more than timeout_s, or sooner (phi accrual) a suspicion above the threshold. Each is
+        reported once."""
         with self._lock:
             now = self._clock()
             silent = [(device, last) for device, last in sorted(self._last.items())
-                      if device not in self._dead and now - last - self._excused[device] > self.config.timeout_s]
+                      if device not in self._dead and self._too_long(device, now - last - self._excused[device])]
             return [self._declare(device, last, now, "heartbeat") for device, last in silent]
+
+    def _too_long(self, device: int, silence_s: float) -> bool:
+        if silence_s > self.config.timeout_s:
+            return True
+        return self.config.detector == "phi" and self._phi[device].phi(silence_s) > self.config.phi_threshold
+
+    def suspicion(self, device: int) -> float:
+        """The device's phi now (phi accrual only): how unlikely its current silence is, as -log10."""
+        with self._lock:
+            return self._phi[device].phi(self._clock() - self._last[device] - self._excused[device])
 
     def declare(self, device: int, signal: str) -> Detection | None:
         """Declare a device dead at once on another signal than silence (None if it already was)."""
@@ -177,6 +250,7 @@ class HeartbeatMonitor:
         for other in self._last:
             if other not in self._dead:
                 self._last[other], self._excused[other] = max(self._last[other], now), 0.0
+                self._heard.discard(other)
         return Detection(device, last, now, self._epoch, signal)
 
     def restart(self) -> None:
@@ -185,6 +259,7 @@ class HeartbeatMonitor:
             now = self._clock()
             for device in self._last:
                 self._last[device], self._excused[device] = now, 0.0
+            self._heard.clear()
 
     def alive(self) -> tuple[int, ...]:
         with self._lock:
@@ -204,4 +279,6 @@ class HeartbeatMonitor:
         with self._lock:
             self._last.pop(device, None)
             self._excused.pop(device, None)
+            self._phi.pop(device, None)
+            self._heard.discard(device)
             self._dead.discard(device)

@@ -299,6 +299,11 @@ class Checkpoint:
     def stored_dtype(self) -> str:
         return ", ".join(sorted(set(self.dtypes.values())))
 
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        """The dtype of the largest tensor (the embedding): what inheriting slices mostly reads."""
+        return FLOAT_DTYPES[self.dtypes["model.embed_tokens.weight"]]
+
     def _tensor_files(self) -> dict[str, Path]:
         """Tensor name -> file, from the shard index or from the single model.safetensors."""
         index = self.folder / "model.safetensors.index.json"

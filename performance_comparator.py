@@ -334,3 +334,29 @@ def _alternate_modes(model: FaultTolerantLlama, repeats: int, step: Callable[[],
             seconds[name].append(time.perf_counter() - started)
     model.keep(*keeping)
     return {name: Timing(tuple(s)) for name, s in seconds.items() if s}
+
+
+def measure_copy_bandwidth(source: torch.dtype, target: torch.dtype, elements: int = 64 << 20,
+                           tries: int = 3) -> dict:
+    """What this machine's memory gives one thread (a device computes on one) converting `source`
+    to `target`, as inheriting weight slices does: bytes written per second into memory the copy
+    touches first (a new slice: every page faulted in) and into memory already touched; best of
+    `tries`. The yardsticks for the inheritance rate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.ones(elements, dtype=source)
+        fresh, warm = [], []
+        for _ in range(tries):
+            started = time.perf_counter()
+            dst = torch.empty(elements, dtype=target).copy_(src)
+            fresh.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            dst.copy_(src)
+            warm.append(time.perf_counter() - started)
+            del dst
+    finally:
+        torch.set_num_threads(threads)
+    written = elements * target.itemsize
+    return {"source_dtype": str(source).removeprefix("torch."), "target_dtype": str(target).removeprefix("torch."),
+            "fresh_bytes_per_s": written / min(fresh), "warm_bytes_per_s": written / min(warm)}

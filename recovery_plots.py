@@ -23,7 +23,8 @@ from matplotlib.transforms import blended_transform_factory
 Event = tuple[float, int, str, float]  # (time, device, kind, duration): fault_tolerant_cluster.EventLog
 
 REBUILD = "rebuild KV"
-SPAN_COLOURS = {"compute": "#9bb7d4", "load weights": "#f28e2b", "stalled": "#edc948", REBUILD: "#59a14f"}
+SPAN_COLOURS = {"compute": "#9bb7d4", "load weights": "#f28e2b", "stalled": "#edc948", "regroup": "#7f7f7f",
+                REBUILD: "#59a14f"}
 STRATEGY_COLOURS = {"full-recompute": "#b07aa1", "reuse-replay": "#9c755f", "reuse-hidden": "#59a14f",
                     "replicate": "#17becf"}
 SPARE_COLOURS = ("#ff9da7", "#76b7b2", "#bab0ac", "#e15759")
@@ -38,7 +39,7 @@ RESUMED_COLOUR = "#2ca02c"
 @dataclass(frozen=True)
 class Span:
     device: int
-    kind: str     # 'compute', 'load weights', 'stalled' or 'rebuild KV' (strategy in `label`)
+    kind: str     # 'compute', 'regroup', 'load weights', 'stalled' or 'rebuild KV' (strategy in `label`)
     label: str    # legend label: the kind, or the strategy of a rebuild
     start: float  # seconds after the first event
     duration: float
@@ -153,7 +154,7 @@ def plot_timeline(events: Iterable[Event], path: str | Path, title: str) -> Path
     axes[-1].set_xlabel("seconds since the first event")
     figure.suptitle(title, fontsize=13)
     handles = legend_handles(timeline, spare)
-    figure.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=9,
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=9,
                   frameon=False)
     return save(figure, path)
 
@@ -262,7 +263,7 @@ def legend_handles(timeline: Timeline, spare: dict[str, str]) -> list:
             name = f"rebuild KV: {name}" if name != REBUILD else name
             name += f" (median {seconds(rebuild_median(timeline, span.label))})"
         seen.setdefault(name, span_colour(span, spare))
-    order = ["compute", "load weights", "stalled"]
+    order = ["compute", "regroup", "load weights", "stalled"]
     handles: list = [Patch(color=seen[k], label=k) for k in order if k in seen]
     handles += [Patch(color=c, label=k) for k, c in seen.items() if k not in order]
     handles.append(Line2D([], [], color="0.35", marker="|", linestyle="none", markersize=8, label="heartbeat"))
@@ -297,11 +298,14 @@ REASSIGN_STYLES = {"random": "-", "balanced": "--"}
 DEVICE_MARKERS = ("o", "s", "^", "D", "v")
 
 
-def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Median recovery seconds (log scale) against context length, one line per strategy.
+def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None,
+                             measure: str = "median_s", ylabel: str = "KV rebuild time, median") -> Path:
+    """Recovery seconds (log scale) against context length, one line per strategy: the rebuild's
+    median, or another `measure` of the rows (e.g. 'interruption_s', the whole interruption).
 
-    Each row needs 'strategy', 'context' and 'median_s'; 'reassign' and 'devices' (if present)
-    give separate lines (line style and marker); 'min_s' and 'max_s' (if present) give bars.
+    Each row needs 'strategy', 'context' and `measure`; 'reassign' and 'devices' (if present)
+    give separate lines (line style and marker); with the median, 'min_s' and 'max_s' (if
+    present) give bars.
     """
     if not rows:
         raise ValueError("no rows to plot")
@@ -325,9 +329,9 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
         # dodge: each (reassign, devices) variant a little to the side, so that bars do not hide each other
         dodge = 2 ** (0.035 * (variants.index((reassign, devices)) - (len(variants) - 1) / 2))
         x = [r["context"] * dodge for r in group]
-        y = [r["median_s"] for r in group]
+        y = [r[measure] for r in group]
         errors = None
-        if all("min_s" in r and "max_s" in r for r in group):
+        if measure == "median_s" and all("min_s" in r and "max_s" in r for r in group):
             errors = [[r["median_s"] - r["min_s"] for r in group], [r["max_s"] - r["median_s"] for r in group]]
         baseline = strategy == "full-recompute"  # drawn wide and below: reuse-replay often lies on top of it
         ax.errorbar(x, y, yerr=errors, color=colours[strategy], linestyle=styles[reassign],
@@ -340,7 +344,7 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
     ax.minorticks_off()
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel("context length (tokens); variants drawn slightly apart")
-    ax.set_ylabel("KV rebuild time, median (s, log scale)")
+    ax.set_ylabel(f"{ylabel} (s, log scale)")
     ax.grid(True, which="major", color="0.88", linewidth=0.6)
     figure.suptitle(title or "KV-cache rebuild time after a device failure", fontsize=12)
 
@@ -351,7 +355,7 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
     if len(device_counts) > 1 or device_counts != [0]:
         handles += [Line2D([], [], color="0.3", marker=markers[n], linestyle="none", label=f"{n} devices")
                     for n in device_counts if n]
-    if any(r.get("min_s", r["median_s"]) < r.get("max_s", r["median_s"]) for r in rows):
+    if measure == "median_s" and any(r.get("min_s", r["median_s"]) < r.get("max_s", r["median_s"]) for r in rows):
         handles.append(Line2D([], [], color="0.3", marker="|", markersize=10, linestyle="none",
                               label="bar: min to max"))
     figure.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False)

@@ -13,12 +13,27 @@ from typing import Any
 Report = dict[str, Any]
 
 
+PHASES = (("detection_s", "detect"), ("regroup_s", "regroup"), ("weights_s", "weights"), ("rebuild_s", "rebuild"),
+          ("redo_s", "redo"))
+
+
 def inheritance_rate(failure: dict) -> str:
     """' (N MB, X MB/s)' for the inherited slices, when the run says how much was read."""
     read, seconds = failure.get("weight_bytes_inherited"), failure["weight_load_seconds"]
     if not read or seconds <= 0:
         return ""
-    return f" ({read / 1e6:.0f} MB, {read / 1e6 / seconds:.0f} MB/s)"
+    source = "from standby, read before the failure" if failure.get("weights_from_standby") else "written"
+    return f" ({read / 1e6:.0f} MB {source}, {read / 1e6 / seconds:.0f} MB/s)"
+
+
+def copy_yardstick(system: dict) -> str:
+    """The machine's measured conversion bandwidth, the yardstick for the inheritance rate."""
+    c = system.get("copy_bandwidth")
+    if not c:
+        return ""
+    return (f"this machine converts {c['source_dtype']} to {c['target_dtype']} on one thread at "
+            f"{c['fresh_bytes_per_s'] / 1e6:.0f} MB/s into new memory (each page faulted in, as a new slice is) "
+            f"and {c['warm_bytes_per_s'] / 1e6:.0f} MB/s into memory already touched (measured in this run)")
 
 
 def json_path(report_path: Path) -> Path:
@@ -60,7 +75,8 @@ def check_writable(report_path: Path) -> None:
 
 
 def render(report: Report) -> str:
-    sections = [_title(report), _model(report), _system(report), _failure(report), render_comparison(report),
+    sections = [_title(report), render_interruption(report), _model(report), _system(report), _failure(report),
+                render_comparison(report),
                 _device_level(report), _overhead(report), _lossless(report), _text(report), _environment(report)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -73,6 +89,35 @@ def _title(r: Report) -> str:
     return (f"KV-cache reuse after a device failure: performance report\n{'=' * 57}\n"
             f"Every figure below was measured in this run ({r['run']['started']}), "
             f"unless it is marked as counted from shapes.")
+
+
+def render_interruption(r: Report) -> str:
+    """The first screen: what losing the device cost this run, end to end, phase by phase, and what
+    each strategy saved of it against full recomputation."""
+    f, rows = r["failure"], [row for row in r["comparison"] if row.get("interruption_phases")]
+    if not rows:
+        return ""
+    full = next((row for row in rows if row["name"] == "full-recompute"), None)
+    lines = [_heading(f"What losing Device-{f['device']} cost: from the crash to the next token"),
+             f"{'strategy':<16}" + "".join(f"{label:>9}" for _, label in PHASES) + f"{'total s':>10}"
+             + ("   saved against full recompute" if full else "")]
+    for row in rows:
+        phases = row["interruption_phases"]
+        saved = ""
+        if full and row is not full:
+            saved = f"   {full['interruption_s'] - row['interruption_s']:.3f} s"
+            if row["interruption_ratio"] >= 1:
+                saved += f" ({_ratio(row['interruption_ratio'])} shorter)"
+            else:
+                saved += f" ({_ratio(1 / row['interruption_ratio'])} longer)"
+        lines.append(f"{row['name']:<16}" + "".join(f"{phases[key]:>9.3f}" for key, _ in PHASES)
+                     + f"{row['interruption_s']:>10.3f}{saved}")
+    lines.append(f"detect: crash to declared dead ({f.get('detector', 'timeout')} detector; declared by "
+                 f"{f['declared_by']}); regroup: fencing, the survivors' first call on the new group and their "
+                 f"agreeing on the context; "
+                 f"weights: the new owners' slices; rebuild: the KV cache (median of the runs); redo: the "
+                 f"abandoned step, redone, which gives the next token. Seconds, each measured in this run.")
+    return "\n".join(lines)
 
 
 def _model(r: Report) -> str:
@@ -101,8 +146,9 @@ def _system(r: Report) -> str:
              f"devices           {s['devices']} {kind}; leader Device-{s['leader']}",
              f"context           {s['context_tokens']} tokens; {s['new_tokens']} new tokens to generate"]
     for d in s["assignment"]:
+        standby = f" + {d['standby_bytes'] / 1e6:.1f} MB standby" if d.get("standby_bytes") else ""
         lines.append(f"  Device-{d['device']}: query heads {d['heads']}, KV heads {d['kv_heads']}, "
-                     f"MLP columns {d['mlp']}, {d['weight_bytes'] / 1e6:.1f} MB of weight slices")
+                     f"MLP columns {d['mlp']}, {d['weight_bytes'] / 1e6:.1f} MB of weight slices{standby}")
     lines.append(f"KV heads held twice: {s['duplicated_kv'] or 'none'}")
     lines += _processes(s.get("processes") or [], r["model"])
     lines.append(f"KV cache filled by the prefill: {s['prefill_seconds']:.3f} s (the failure-free run: the "
@@ -127,24 +173,36 @@ def _failure(r: Report) -> str:
     lines = [_heading("3. Failure detection and recovery"),
              f"injected          Device-{f['device']} {f['mode']}ed in the middle of the step after "
              f"{f['after_tokens']} generated tokens",
-             f"heartbeats        every {f['heartbeat_interval_s']} s, declared dead after {f['heartbeat_timeout_s']} s "
-             f"of silence",
-             f"detection         {f['detection_latency_s']:.3f} s from failure to declaration "
-             f"(bound: timeout + one interval = {f['heartbeat_timeout_s'] + f['heartbeat_interval_s']:.1f} s)",
+             f"heartbeats        every {f['heartbeat_interval_s']} s; {_detector(f)}",
+             f"detection         {f['detection_latency_s']:.3f} s from failure to declaration",
              f"declared by       {_declared_by(f)}",
              f"led by            Device-{f['leader']}",
              f"reassignment      {f['reassign']}"]
     lines += [f"  {line}" for line in f["plan"]]
-    lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to read what they inherit"
+    lines.append(f"regroup           {f.get('regroup_seconds', 0.0):.3f} s to fence the dead device, form the "
+                 f"survivors' new group and cut them to the leader's record of the context")
+    lines.append(f"weight slices     {f['weight_load_seconds']:.3f} s for the new owners to take what they inherit"
                  + inheritance_rate(f))
+    yardstick = copy_yardstick(r["system"])
+    if yardstick:
+        lines.append(f"                  ({yardstick})")
     if r.get("files", {}).get("timeline"):
         lines.append(f"timeline          {r['files']['timeline']} (every device's work, beats and the failure)")
     return "\n".join(lines)
 
 
+def _detector(f: dict) -> str:
+    if f.get("detector") == "phi":
+        return (f"phi accrual detector, threshold {f['phi_threshold']} (adaptive: from the observed gaps; the "
+                f"fixed timeout {f['heartbeat_timeout_s']} s stays the longest silence tolerated)")
+    return (f"fixed timeout: declared dead after {f['heartbeat_timeout_s']} s of silence (bound on detection: "
+            f"timeout + one interval = {f['heartbeat_timeout_s'] + f['heartbeat_interval_s']:.1f} s)")
+
+
 def _declared_by(f: dict) -> str:
     signal = f.get("signal")
-    how = {"heartbeat": "its silence (heartbeat timeout)", "process-exit": "the launcher seeing its process exit",
+    silence = "phi accrual" if f.get("detector") == "phi" else "heartbeat timeout"
+    how = {"heartbeat": f"its silence ({silence})", "process-exit": "the launcher seeing its process exit",
            "collective": "a peer's failed collective (its connection closed)"}.get(f["declared_by"], f["declared_by"])
     return how + (f"; the fault was a real {signal}" if signal else "; the fault was simulated inside its threads")
 
@@ -165,17 +223,6 @@ def render_comparison(r: Report) -> str:
                      f"{row['reuse_rate']:>7.0%}{row['kept_bytes'] / 1e6:>9.1f}{'yes' if row['lossless'] else 'NO':>10}")
     lines.append("speedup = median of full-recompute / median of the strategy; FLOP ratio likewise from FLOPs; "
                  "kept MB = state kept during normal running for the strategy (all survivors)")
-    f = r["failure"]
-    lines.append(f"the whole interruption a user waited, as measured in this run: detection "
-                 f"{f['detection_latency_s']:.3f} s + weight slices {f['weight_load_seconds']:.3f} s + KV rebuild "
-                 f"(median) + the abandoned step redone:")
-    for row in rows:
-        if not row["error"]:
-            ratio = row["interruption_ratio"]
-            versus = "" if row["name"] == "full-recompute" or ratio is None else \
-                f"  full-recompute's is {_ratio(ratio)} this"
-            lines.append(f"  {row['name']:<16}{row['interruption_s']:>9.3f} s  (rebuild {row['median_s']:.3f} s, "
-                         f"redo {row['redo_s']:.3f} s){versus}")
     return "\n".join(lines)
 
 

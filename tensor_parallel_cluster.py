@@ -76,6 +76,7 @@ class TensorParallelLlama:
         self.leader, self.epoch = min(assignment.devices), 0
         self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
         self.recoveries: list[Recovery] = []
+        self.resumed_steps: list[tuple[int, int]] = []  # (position, layer) of each abandoned step resumed
         self.failures: list = []  # every failure the driver was told of (cluster_leader.FailureEvent), in order
         self.events: list[tuple[float, int, str, float]] = []  # telemetry: (time, device, kind, duration)
         self.strikes: list[Strike] = []
@@ -162,6 +163,8 @@ class TensorParallelLlama:
         self.cached_ids += list(ids)
         self.recoveries += result.recoveries
         self.assignment = result.assignment
+        if result.resumed_from is not None:
+            self.resumed_steps.append((start, result.resumed_from))
         return None if result.logits is None else result.logits.float()
 
     def prefill(self, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:

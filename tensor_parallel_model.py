@@ -11,7 +11,7 @@ replace the threads without touching this file.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -122,7 +122,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @dataclass
 class LayerShard:
-    """One layer's slices on one device. Norm weights are replicated (every device has them)."""
+    """One layer's slices on one device. Norm weights are replicated (every device has them).
+
+    Slices inherited in a recovery are kept as blocks of their own (`inherited`, each laid out as
+    this one), never copied into the first: the heads and columns a device holds are the first
+    block's then each inherited block's, in order. Inheriting then writes only the new slices.
+    """
 
     wqkv: torch.Tensor       # [(q_heads + 2 * kv_heads) * head_dim, hidden]: own Q rows, held K rows, held V rows
     wo: torch.Tensor         # [hidden, q_heads * head_dim]: the columns of own heads
@@ -130,22 +135,64 @@ class LayerShard:
     w_down: torch.Tensor     # [hidden, mlp_width]
     input_norm: torch.Tensor
     post_norm: torch.Tensor
+    inherited: tuple["LayerShard", ...] = ()
+
+    @property
+    def blocks(self) -> tuple["LayerShard", ...]:
+        return (self, *self.inherited)
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of this block's own matrices (norms apart: each block refers to the first's)."""
+        return sum(t.nbytes for t in (self.wqkv, self.wo, self.w_gate_up, self.w_down))
+
+    def heads(self, head_dim: int) -> tuple[int, int]:
+        """(query heads, KV heads) of this block alone."""
+        nq = self.wo.shape[1] // head_dim
+        return nq, (self.wqkv.shape[0] // head_dim - nq) // 2
+
+
+@dataclass(frozen=True)
+class VocabBlock:
+    """Consecutive vocabulary rows from `start`: of the embedding (its tokens' lookups) and of the
+    output projection (its share of the logits), the same tensor when they are tied."""
+
+    start: int
+    embed: torch.Tensor    # [rows, hidden]
+    lm_head: torch.Tensor  # [rows, hidden]: `embed` itself when tied
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.embed.shape[0]
+
+    def cut(self, start: int, stop: int) -> "VocabBlock":
+        """Rows start..stop of this block, as views (nothing copied)."""
+        a, b = start - self.start, stop - self.start
+        tied = self.lm_head is self.embed
+        embed = self.embed[a:b]
+        return VocabBlock(start, embed, embed if tied else self.lm_head[a:b])
 
 
 @dataclass
 class VocabSlice:
-    """A device's rows of the vocabulary: of the embedding (its tokens' lookups) and of the output
-    projection (its share of the logits), the same tensor when they are tied; and the final norm."""
+    """A device's rows of the vocabulary, `rows` [start, stop), as blocks in order (one at load; a
+    recovery adds the rows it inherits as blocks of their own and keeps the rest as views), and the
+    final norm."""
 
     rows: Range
-    embed: torch.Tensor    # [rows, hidden]
-    lm_head: torch.Tensor  # [rows, hidden]: `embed` itself when tied
+    blocks: tuple[VocabBlock, ...]
     final_norm: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        shared = self.lm_head.data_ptr() == self.embed.data_ptr()
-        return self.embed.nbytes + (0 if shared else self.lm_head.nbytes) + self.final_norm.nbytes
+        """Bytes of memory held, counted once per storage (a view keeps its whole storage alive)."""
+        tensors = [t for b in self.blocks for t in (b.embed, b.lm_head)] + [self.final_norm]
+        return held_bytes(tensors)
+
+
+def held_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 @dataclass
@@ -167,8 +214,8 @@ class DeviceShard:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for layer in self.layers
-                   for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down, layer.input_norm, layer.post_norm))
+        return sum(block.block_nbytes for layer in self.layers for block in layer.blocks) + \
+            sum(layer.input_norm.nbytes + layer.post_norm.nbytes for layer in self.layers)
 
 
 def head_rows(heads: Sequence[int], head_dim: int) -> list[Range]:
@@ -219,60 +266,81 @@ def load_device_shard(checkpoint: Checkpoint, assignment: Assignment, device: in
 
 
 def extend_shard(shard: DeviceShard, checkpoint: Checkpoint, heads: Sequence[int], mlp: Sequence[Range],
-                 dtype: torch.dtype) -> DeviceShard:
-    """The shard plus inherited query heads and MLP columns, reading only the new slices.
+                 dtype: torch.dtype, blocks: Sequence[LayerShard] | None = None) -> DeviceShard:
+    """The shard plus inherited query heads and MLP columns: one new block per layer, read from the
+    checkpoint (only the new slices), or `blocks` already held (standby slices).
 
-    New rows and columns are appended after the old ones: attention and the MLP do not depend on
-    the order of heads or columns, only on Q rows, Wo columns and KV slots agreeing.
+    Attention and the MLP do not depend on the order of heads or columns, only on Q rows, Wo
+    columns and KV slots agreeing: the new heads come after the old ones, their new KV heads too.
     """
     new_kv = tuple(sorted({h // shard.group_size for h in heads} - set(shard.kv_heads)))
-    layers = [merge_layers(old, load_layer_shard(checkpoint, i, heads, new_kv, mlp, dtype),
-                           (len(shard.query_heads), len(heads)), (len(shard.kv_heads), len(new_kv)),
-                           checkpoint.config.head_dim)
-              for i, old in enumerate(shard.layers)]
+    if blocks is None:
+        blocks = [load_layer_shard(checkpoint, i, heads, new_kv, mlp, dtype) for i in range(len(shard.layers))]
+    layers = [replace(old, inherited=old.inherited + (replace(new, input_norm=old.input_norm,
+                                                              post_norm=old.post_norm),))
+              for old, new in zip(shard.layers, blocks)]
     return DeviceShard(shard.device, shard.query_heads + tuple(heads), shard.kv_heads + new_kv,
                        shard.mlp + tuple(mlp), layers, shard.group_size)
 
 
-def merge_layers(old: LayerShard, new: LayerShard, q_heads: tuple[int, int], kv_heads: tuple[int, int],
-                 head_dim: int) -> LayerShard:
-    """Concatenate two slices of one layer: Q, K, V blocks and MLP columns of `old` then `new`."""
-    old_q, old_k, old_v = old.wqkv.split([q_heads[0] * head_dim, kv_heads[0] * head_dim, kv_heads[0] * head_dim])
-    new_q, new_k, new_v = new.wqkv.split([q_heads[1] * head_dim, kv_heads[1] * head_dim, kv_heads[1] * head_dim])
-    (old_gate, old_up), (new_gate, new_up) = gate_and_up(old), gate_and_up(new)
-    return LayerShard(
-        wqkv=torch.cat([old_q, new_q, old_k, new_k, old_v, new_v]),
-        wo=torch.cat([old.wo, new.wo], dim=1),
-        w_gate_up=torch.cat([old_gate, new_gate, old_up, new_up]),
-        w_down=torch.cat([old.w_down, new.w_down], dim=1),
-        input_norm=old.input_norm,
-        post_norm=old.post_norm,
-    )
+@dataclass(frozen=True)
+class StandbySlices:
+    """What a device would inherit if `failed` died first (the reassignment is known in advance),
+    read before any failure, so that inheriting it costs no read (`--standby-weights`)."""
+
+    failed: int
+    heads: tuple[int, ...]
+    mlp: tuple[Range, ...]
+    vocab_rows: Range
+    layers: tuple[LayerShard, ...]
+    vocab: tuple[VocabBlock, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.block_nbytes for layer in self.layers) + held_bytes(
+            [t for b in self.vocab for t in (b.embed, b.lm_head)])
 
 
-def gate_and_up(layer: LayerShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate and up rows of a slice (by width, not chunk(2): a slice may be empty)."""
-    width = layer.w_down.shape[1]
-    return layer.w_gate_up[:width], layer.w_gate_up[width:]
+def load_standby(checkpoint: Checkpoint, before: Assignment, afters: dict[int, Assignment], device: int,
+                 dtype: torch.dtype) -> tuple[StandbySlices, ...]:
+    """For each failure `afters` plans (failed device -> the assignment after it), the slices
+    `device` would inherit: heads, MLP columns and vocabulary rows it does not hold."""
+    vocab_size, held_rows = checkpoint.config.vocab_size, before.vocab_range(device, checkpoint.config.vocab_size)
+    standby = []
+    for failed, after in sorted(afters.items()):
+        heads = tuple(h for h in after.heads[device] if h not in before.heads[device])
+        columns = missing_ranges(after.mlp[device], before.mlp[device])
+        new_kv = tuple(sorted({h // before.group_size for h in heads} - set(before.kv_heads(device))))
+        layers = tuple(load_layer_shard(checkpoint, i, heads, new_kv, columns, dtype)
+                       for i in range(checkpoint.config.num_hidden_layers)) if heads or columns else ()
+        rows = after.vocab_range(device, vocab_size)
+        vocab = tuple(read_vocab_block(checkpoint, piece, dtype) for piece in missing_ranges((rows,), (held_rows,)))
+        standby.append(StandbySlices(failed, heads, columns, rows, layers, vocab))
+    return tuple(standby)
 
 
-def load_vocab_slice(checkpoint: Checkpoint, rows: Range, dtype: torch.dtype,
-                     held: VocabSlice | None = None) -> VocabSlice:
-    """The embedding and output rows `rows` [start, stop), reusing those `held` already has."""
-    def read_rows(name: str, held_rows: torch.Tensor | None) -> torch.Tensor:
-        out = torch.empty(rows[1] - rows[0], checkpoint.config.hidden_size, dtype=dtype)
-        kept = (max(rows[0], held.rows[0]), min(rows[1], held.rows[1])) if held is not None else (0, 0)
-        if kept[0] < kept[1]:
-            out[kept[0] - rows[0]:kept[1] - rows[0]] = held_rows[kept[0] - held.rows[0]:kept[1] - held.rows[0]]
-        for start, stop in missing_ranges((rows,), (kept,) if kept[0] < kept[1] else ()):
-            checkpoint.read(name, dtype, rows=[(start, stop)], out=out[start - rows[0]:stop - rows[0]])
-        return out
-
-    embed = read_rows("model.embed_tokens.weight", held.embed if held else None)
-    tied = checkpoint.config.tie_word_embeddings
-    lm_head = embed if tied else read_rows("lm_head.weight", held.lm_head if held else None)
+def load_vocab_slice(checkpoint: Checkpoint, rows: Range, dtype: torch.dtype, held: VocabSlice | None = None,
+                     standby: Sequence[VocabBlock] = ()) -> VocabSlice:
+    """The embedding and output rows `rows` [start, stop): those `held` already has kept as views,
+    those in `standby` blocks taken as they are, the rest read."""
+    have = rows_of(held.blocks if held else (), [rows])
+    have += rows_of(standby, missing_ranges((rows,), [(b.start, b.stop) for b in have]))
+    have += [read_vocab_block(checkpoint, piece, dtype)
+             for piece in missing_ranges((rows,), [(b.start, b.stop) for b in have])]
     final_norm = held.final_norm if held else checkpoint.read("model.norm.weight", dtype)
-    return VocabSlice(rows, embed, lm_head, final_norm)
+    return VocabSlice(rows, tuple(sorted(have, key=lambda b: b.start)), final_norm)
+
+
+def rows_of(blocks: Sequence[VocabBlock], ranges: Sequence[Range]) -> list[VocabBlock]:
+    """The parts of `blocks` that fall in `ranges`, as views."""
+    return [b.cut(max(start, b.start), min(stop, b.stop)) for start, stop in ranges for b in blocks
+            if max(start, b.start) < min(stop, b.stop)]
+
+
+def read_vocab_block(checkpoint: Checkpoint, rows: Range, dtype: torch.dtype) -> VocabBlock:
+    embed = checkpoint.read("model.embed_tokens.weight", dtype, rows=[rows])
+    tied = checkpoint.config.tie_word_embeddings
+    return VocabBlock(rows[0], embed, embed if tied else checkpoint.read("lm_head.weight", dtype, rows=[rows]))
 
 
 def missing_ranges(wanted: Sequence[Range], held: Sequence[Range]) -> tuple[Range, ...]:
@@ -294,11 +362,18 @@ def missing_ranges(wanted: Sequence[Range], held: Sequence[Range]) -> tuple[Rang
 def embed_partial(token_ids: torch.Tensor, vocab: VocabSlice) -> torch.Tensor:
     """This device's share of the embedding of `token_ids`: the rows of its own tokens, zeros for the
     others ([T, hidden]); the sum over devices is the embedding (each token has exactly one owner)."""
-    local = token_ids - vocab.rows[0]
-    own = (local >= 0) & (local < vocab.embed.shape[0])
-    out = vocab.embed.new_zeros((token_ids.shape[0], vocab.embed.shape[1]))
-    out[own] = vocab.embed[local[own]]
+    out = vocab.blocks[0].embed.new_zeros((token_ids.shape[0], vocab.blocks[0].embed.shape[1]))
+    for block in vocab.blocks:
+        local = token_ids - block.start
+        own = (local >= 0) & (local < block.embed.shape[0])
+        out[own] = block.embed[local[own]]
     return out
+
+
+def logits_partial(h: torch.Tensor, vocab: VocabSlice) -> torch.Tensor:
+    """This device's columns of the logits for normed rows h: [T, its vocabulary rows]."""
+    parts = [F.linear(h, block.lm_head) for block in vocab.blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +511,29 @@ class HiddenStateStore:
 
 
 @dataclass
+class StepProgress:
+    """How far this device got in its current (or abandoned) few-token step: the step's position and
+    tokens, and for every layer it started, the residual stream entering it (the same on every
+    device: it is the sum of all of them) and the layer's normed attention input. A step abandoned
+    in layer j can resume there: of the layers before j only the K and V of the step's positions
+    are needed again (for every head the device holds after the recovery), and the recorded inputs
+    give them."""
+
+    start: int
+    token_ids: tuple[int, ...]
+    x: list[torch.Tensor] = field(default_factory=list)
+    h: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def resumable_layer(self) -> int | None:
+        """The layer a redo can start from (the last one started), or None (none started)."""
+        return len(self.x) - 1 if self.x else None
+
+    def upto(self, layer: int) -> "StepProgress":
+        return StepProgress(self.start, self.token_ids, self.x[:layer + 1], self.h[:layer])
+
+
+@dataclass
 class DeviceState:
     """Everything one device holds: its shard, its cache, and (optionally) hidden-state checkpoints."""
 
@@ -448,6 +546,7 @@ class DeviceState:
     kv_to_fill: tuple[int, ...] | None = None  # replay: compute K/V only for these KV heads, reuse the rest
     replica_of: int | None = None  # the device whose KV copy `replica` is (its ring predecessor)
     replica: KVCache | None = None
+    progress: StepProgress | None = None  # the few-token step in progress, or abandoned
 
     @property
     def device(self) -> int:
@@ -474,10 +573,33 @@ def project_qkv(layer: LayerShard, num_q: int, num_kv: int, head_dim: int, h: to
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K (both rotated, in one op) and V of a device's heads for normed input h: [heads, T, head_dim]."""
     T = h.shape[0]
-    qkv = F.linear(h, layer.wqkv)
+    qkv = F.linear(h, layer.wqkv) if not layer.inherited else blocks_qkv(layer, h, head_dim)
     qk = apply_rope(qkv[:, :(num_q + num_kv) * head_dim].view(T, num_q + num_kv, head_dim).transpose(0, 1), *rope)
     q, k = qk.split([num_q, num_kv])
     return q, k, qkv[:, (num_q + num_kv) * head_dim:].view(T, num_kv, head_dim).transpose(0, 1)
+
+
+def blocks_qkv(layer: LayerShard, h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Every block's Q, K and V of h, laid out as one block's: all Q, then all K, then all V."""
+    parts: tuple[list[torch.Tensor], ...] = ([], [], [])
+    for block in layer.blocks:
+        nq, nkv = block.heads(head_dim)
+        for part, piece in zip(parts, F.linear(h, block.wqkv).split([nq * head_dim, nkv * head_dim,
+                                                                     nkv * head_dim], dim=-1)):
+            part.append(piece)
+    return torch.cat([piece for part in parts for piece in part], dim=-1)
+
+
+def blocks_linear(layer: LayerShard, x: torch.Tensor, weight: Callable[[LayerShard], torch.Tensor]) -> torch.Tensor:
+    """x @ W^T where W's columns are split over the blocks (Wo, W_down): each block's share, summed."""
+    out, at = None, 0
+    for block in layer.blocks:
+        w = weight(block)
+        if w.shape[1] == 0:
+            continue
+        part = F.linear(x[..., at:at + w.shape[1]], w)
+        out, at = part if out is None else out.add_(part), at + w.shape[1]
+    return out if out is not None else x.new_zeros((*x.shape[:-1], weight(layer).shape[0]))
 
 
 def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, start: int,
@@ -494,15 +616,33 @@ def attention_partial(state: DeviceState, layer_index: int, h: torch.Tensor, sta
     if not shard.grouped_in_order:  # a GQA group split unevenly: give each query head its KV head
         keys = keys.index_select(0, shard.kv_slot_of_query)
         values = values.index_select(0, shard.kv_slot_of_query)
-    out = causal_attention(q, keys, values, start)
-    return F.linear(out.transpose(0, 1).reshape(T, -1), layer.wo)
+    out = causal_attention(q, keys, values, start).transpose(0, 1).reshape(T, -1)
+    return F.linear(out, layer.wo) if not layer.inherited else blocks_linear(layer, out, lambda b: b.wo)
 
 
-def kv_weight_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -> tuple[slice | torch.Tensor, ...]:
-    """Rows of wqkv holding K and V of the given held KV heads: slices (views) when the heads sit
-    side by side, as inherited ones do, else index tensors."""
-    nq, nkv = len(shard.query_heads), len(shard.kv_heads)
-    slots = [shard.kv_heads.index(g) for g in kv_heads]
+KVRows = tuple[tuple[int, slice | torch.Tensor, slice | torch.Tensor], ...]
+
+
+def kv_weight_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -> KVRows:
+    """Where K and V of the given held KV heads come from: (block, K rows, V rows) of the blocks'
+    wqkv, in the order of `kv_heads`; rows are slices (views) when the heads sit side by side in a
+    block, as inherited ones do, else index tensors."""
+    layer, runs = shard.layers[0], []
+    firsts = [0]
+    for block in layer.blocks:
+        firsts.append(firsts[-1] + block.heads(head_dim)[1])
+    for g in kv_heads:
+        slot = shard.kv_heads.index(g)
+        block = max(b for b, first in enumerate(firsts[:-1]) if first <= slot)
+        if runs and runs[-1][0] == block:
+            runs[-1][1].append(slot - firsts[block])
+        else:
+            runs.append((block, [slot - firsts[block]]))
+    return tuple((block, *block_kv_rows(layer.blocks[block], slots, head_dim)) for block, slots in runs)
+
+
+def block_kv_rows(block: LayerShard, slots: Sequence[int], head_dim: int) -> tuple[slice | torch.Tensor, ...]:
+    nq, nkv = block.heads(head_dim)
     if slots == list(range(slots[0], slots[0] + len(slots))):
         first, last = slots[0] * head_dim, (slots[-1] + 1) * head_dim
         return slice(nq * head_dim + first, nq * head_dim + last), slice((nq + nkv) * head_dim + first,
@@ -511,12 +651,14 @@ def kv_weight_rows(shard: DeviceShard, kv_heads: Sequence[int], head_dim: int) -
     return nq * head_dim + within, (nq + nkv) * head_dim + within
 
 
-def project_kv_heads(layer: LayerShard, rows: tuple[slice | torch.Tensor, ...], h: torch.Tensor,
-                     rope: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def project_kv_heads(layer: LayerShard, rows: KVRows, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K (rotated) and V of some held KV heads for normed input h: [heads, T, head_dim] each."""
-    T = h.shape[0]
-    k = apply_rope(F.linear(h, layer.wqkv[rows[0]]).view(T, -1, head_dim).transpose(0, 1), *rope)
-    return k, F.linear(h, layer.wqkv[rows[1]]).view(T, -1, head_dim).transpose(0, 1)
+    T, blocks = h.shape[0], layer.blocks
+    keys = [F.linear(h, blocks[b].wqkv[k_rows]) for b, k_rows, _ in rows]
+    values = [F.linear(h, blocks[b].wqkv[v_rows]) for b, _, v_rows in rows]
+    k, v = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1) for parts in (keys, values))
+    return apply_rope(k.view(T, -1, head_dim).transpose(0, 1), *rope), v.view(T, -1, head_dim).transpose(0, 1)
 
 
 def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.Tensor, start: int,
@@ -524,7 +666,9 @@ def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.T
     """Replay: Q of own heads, K/V only for the KV heads in `state.kv_to_fill` (the others are cached)."""
     config, shard, layer = state.config, state.shard, state.shard.layers[layer_index]
     hd, T, nq = config.head_dim, h.shape[0], len(shard.query_heads)
-    q = apply_rope(F.linear(h, layer.wqkv[:nq * hd]).view(T, nq, hd).transpose(0, 1), *rope)
+    queries = [F.linear(h, block.wqkv[:block.heads(hd)[0] * hd]) for block in layer.blocks]
+    q = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
+    q = apply_rope(q.view(T, nq, hd).transpose(0, 1), *rope)
     if state.kv_to_fill:
         k, v = project_kv_heads(layer, kv_weight_rows(shard, state.kv_to_fill, hd), h, rope, hd)
         state.cache.put_heads(layer_index, state.kv_to_fill, start, k, v)
@@ -567,11 +711,17 @@ def _future_mask(rows: int) -> torch.Tensor:
 
 
 def mlp_partial(layer: LayerShard, h: torch.Tensor) -> torch.Tensor:
-    """This device's MLP columns' share of the MLP output: [T, hidden]."""
-    width = layer.w_down.shape[1]
-    gate_up = F.linear(h, layer.w_gate_up)
-    hidden = F.silu(gate_up[..., :width], inplace=True).mul_(gate_up[..., width:])  # in place: no temporaries
-    return F.linear(hidden, layer.w_down)
+    """This device's MLP columns' share of the MLP output: [T, hidden] (summed over its blocks)."""
+    out = None
+    for block in layer.blocks:
+        width = block.w_down.shape[1]
+        if width == 0 and out is not None:
+            continue
+        gate_up = F.linear(h, block.w_gate_up)
+        hidden = F.silu(gate_up[..., :width], inplace=True).mul_(gate_up[..., width:])  # in place: no temporaries
+        part = F.linear(hidden, block.w_down)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 # Steps of this many tokens or more split the residual stream by rows. Measured (4 devices, fp32):
@@ -590,11 +740,13 @@ class ResidualStream:
     crosses devices, and each device does 1/N of the norms and residual adds instead of all of them.
     """
 
-    def __init__(self, state: DeviceState, token_ids: torch.Tensor, collective: Collective):
+    def __init__(self, state: DeviceState, token_ids: torch.Tensor, collective: Collective,
+                 x: torch.Tensor | None = None):
+        """From the embedding of the tokens, or from `x` (a resumed step's stream, not split)."""
         self.device, self.collective, self.eps = state.device, collective, state.config.rms_norm_eps
         self.length = token_ids.shape[0]
         self.split = self.length >= SEQUENCE_PARALLEL_MIN_TOKENS
-        self.x = self._reduce(embed_partial(token_ids, state.vocab))
+        self.x = self._reduce(embed_partial(token_ids, state.vocab)) if x is None else x
 
     def add(self, partial: torch.Tensor) -> None:
         """x += the sum over devices of every device's `partial` ([T, hidden])."""
@@ -612,17 +764,29 @@ class ResidualStream:
 
 
 def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, collective: Collective,
-                   logits: str = "last") -> torch.Tensor | None:
+                   logits: str = "last", resume: StepProgress | None = None) -> torch.Tensor | None:
     """One device's part of a forward pass over `token_ids` at positions start..start+T.
 
     Each layer's two partial outputs (attention, MLP) are summed over devices into the residual
     stream; everything else is local. `logits` is "last" ([vocab]), "all" ([T, vocab]) or "none"
-    (only fill the KV cache, as a recovery does).
+    (only fill the KV cache, as a recovery does). `resume`: this step was abandoned; go on from its
+    last started layer instead of redoing the layers before it (few-token steps only).
     """
     rope = state.rotary.factors(start, token_ids.shape[0])
-    stream = ResidualStream(state, token_ids, collective)
-    for i, layer in enumerate(state.shard.layers):
+    if resume is None:
+        stream = ResidualStream(state, token_ids, collective)
+        state.progress = None if stream.split else StepProgress(start, tuple(token_ids.tolist()))
+    else:
+        stream = ResidualStream(state, token_ids, collective, x=resume.x[-1])
+        state.progress = resume
+        fill_done_layers(state, resume, rope)
+    first = 0 if resume is None else len(resume.h)
+    for i, layer in enumerate(state.shard.layers[first:], start=first):
+        if state.progress is not None and len(state.progress.x) == i:
+            state.progress.x.append(stream.x)
         h = stream.normed(layer.input_norm)
+        if state.progress is not None:
+            state.progress.h.append(h)
         if state.hidden_states is not None:
             state.hidden_states.record(i, start, h)
         stream.add(attention_partial(state, i, h, start, rope))
@@ -630,11 +794,24 @@ def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, coll
     result = None
     if logits != "none":
         h = stream.normed(state.vocab.final_norm)
-        partial_logits = F.linear(h if logits == "all" else h[-1:], state.vocab.lm_head)
+        partial_logits = logits_partial(h if logits == "all" else h[-1:], state.vocab)
         result = torch.cat(collective.all_gather(state.device, partial_logits), dim=-1)
         result = result if logits == "all" else result[0]
     state.commit(start + token_ids.shape[0])
+    state.progress = None
     return result
+
+
+def fill_done_layers(state: DeviceState, resume: StepProgress, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The layers a resumed step does not redo: the K and V of every KV head this device holds now
+    (its own are recomputed too: a recovery may have rebuilt its cache), from the recorded inputs."""
+    hd, kv_heads = state.config.head_dim, state.cache.kv_heads
+    rows = kv_weight_rows(state.shard, kv_heads, hd)
+    for i, h in enumerate(resume.h):
+        k, v = project_kv_heads(state.shard.layers[i], rows, h, rope, hd)
+        state.cache.write(i, resume.start, k, v)
+        if state.hidden_states is not None:
+            state.hidden_states.record(i, resume.start, h)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""KV-cache rebuild time of every recovery strategy against context length, reassignment and device count.
+"""The whole interruption after a device failure, and the KV-cache rebuild of every recovery
+strategy, against context length, reassignment, device count, backend, detector and weights.
 
-What it measures, for each `--devices` count, each `--reassign` strategy and each `--lengths`
-context L (one "trial" each):
+What it measures, for each `--backend`, `--devices` count, `--detector`, `--weights` source,
+`--reassign` strategy and `--lengths` context L (one "trial" each):
   * a fresh cluster prefills L-1 prompt tokens and decodes one, keeping what every strategy needs
     (hidden-state checkpoints and the buddy's KV replica), so the context at the failure is L;
   * the per-step cost of keeping them (performance_comparator.measure_keeping_cost: decode steps
@@ -10,13 +11,18 @@ context L (one "trial" each):
   * Device-`--fail-device` crashes mid-step; the leader declares it dead and holds; asked by this
     script, it reassigns the heads and the new owners read their weight slices (prepare_recovery);
   * from that one post-failure state, every strategy rebuilds the KV cache `--repeats` times,
-    alternating with a rotated order, each run from the survivors' snapshot (performance_comparator.time_rebuilds).
+    alternating with a rotated order, each run from the survivors' snapshot (performance_comparator.time_rebuilds);
+    after its last rebuild, the abandoned step is redone (the next token), timed;
+  * the whole interruption of each strategy: detection (the fault's moment to its declaration) +
+    regroup (fencing, the survivors' first call on the new group) + weights (the new owners' slices:
+    read, or taken from standby with `--weights standby`) + its rebuild (median) + the redo.
 FLOPs are counted from shapes (recovery_flops); "kept" is the state the survivors keep during
 normal running for the strategy (kept_bytes), per token of context.
 
 How: a crash removes a device from its cluster, so each trial runs on a new cluster (device actors,
-each reading its own slices from the page-cached checkpoint). Heartbeats are short (detection is
-not what this measures; the demo reports it).
+each reading its own slices from the page-cached checkpoint). Heartbeats are the seed's (1 s, 5 s
+timeout) unless given: detection is part of the interruption. On threads a crash is found by
+silence (the detector matters); on processes a SIGKILLed device is found at its exit.
 Lossless checks are the demo's and the tests' job: this script only times.
 
 Memory: the 1B model in fp32 holds about 5 GB of weights; each survivor keeps 128 KiB of hidden
@@ -28,11 +34,14 @@ the same trial; FLOP ratio likewise from FLOPs. On a shared 2-core machine numbe
 
     KV_REUSE_CACHE=/tmp/kvcache python bench/bench_recovery.py --quick
     python bench/bench_recovery.py                   # lengths 128 512 2048, 4 and 8 devices, 3 repeats
+    python bench/bench_recovery.py --lengths 512 --devices 4 --backend processes --weights standby \
+        --reassign random --strategies replicate    # the issue's target: kill to next token
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import sys
 import time
@@ -50,9 +59,11 @@ from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt, 
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
-from heartbeat_detection import HeartbeatConfig
+from heartbeat_detection import DETECTORS, HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
-from performance_comparator import Timing, kept_bytes, measure_keeping_cost, recovery_flops, time_rebuilds
+from llama_model_loader import Checkpoint
+from performance_comparator import (Timing, kept_bytes, measure_copy_bandwidth, measure_keeping_cost, recovery_flops,
+                                    time_rebuilds)
 from recovery_plots import plot_recovery_vs_context
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import open_checkpoint
@@ -78,6 +89,7 @@ class ClusterFactory:
     dtype: torch.dtype
     heartbeat: HeartbeatConfig
     backend: str = "threads"
+    weights: str = "read"  # or "standby": every device holds in advance what it would inherit
 
     def __post_init__(self) -> None:
         self.location, self.checkpoint, _ = open_checkpoint(self.folder, log)
@@ -85,7 +97,7 @@ class ClusterFactory:
 
     def new(self, reassign: str, seed: int) -> FaultTolerantLlama:
         """A cluster whose leader holds after a failure, so that every strategy runs from one state."""
-        policy = RecoveryPolicy(reassign=reassign, seed=seed, hold=True)
+        policy = RecoveryPolicy(reassign=reassign, seed=seed, hold=True, standby_weights=self.weights == "standby")
         return FaultTolerantLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
                                                   heartbeat=self.heartbeat, policy=policy, backend=self.backend)
 
@@ -98,11 +110,17 @@ class ClusterFactory:
 class Trial:
     backend: str
     devices: int
+    detector: str
+    weights: str
     reassign: str
     context: int
     prefill_s: float
     detection_s: float
+    declared_by: str
+    regroup_s: float
     weight_load_s: float
+    weight_bytes: int
+    standby_bytes: int
     receivers: str
     rebuilt_kv_heads: int
     overhead: dict[str, Timing] | None
@@ -110,10 +128,11 @@ class Trial:
 
 
 def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, strategies: Sequence[str],
-                    overhead_repeats: int) -> tuple[PostFailure, FailureEvent, float, dict[str, Timing] | None]:
+                    overhead_repeats: int) -> tuple[PostFailure, FailureEvent, float, dict[str, Timing] | None, int]:
     """Fill the cache to `context` tokens keeping what `strategies` need, crash a device mid-step,
     let the leader declare it, reassign and inherit weights. Returns the post-failure state, the
-    failure, the prefill seconds, and the per-step overhead (when `overhead_repeats`)."""
+    failure, the prefill seconds, the per-step overhead (when `overhead_repeats`) and the token of
+    the abandoned step."""
     prompt_ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context - 1)[:context - 1]
     keep_state_for(model, strategies)
     started = time.perf_counter()
@@ -131,41 +150,59 @@ def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, s
     post = model.prepare_recovery()
     if len(post.context_ids) != context:
         raise RuntimeError(f"context at the failure is {len(post.context_ids)} tokens, not {context}")
-    return post, event, prefill_s, overhead
+    return post, event, prefill_s, overhead, token
 
 
 def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argparse.Namespace,
               with_overhead: bool) -> Trial:
     model = factory.new(reassign, args.seed)
+    redo: dict[str, float] = {}
     try:
-        post, event, prefill_s, overhead = post_failure_at(
+        standby_bytes = sum(info.standby_bytes for info in model.describe().values())
+        post, event, prefill_s, overhead, token = post_failure_at(
             model, context, args.fail_device, args.strategies, max(3, args.repeats) if with_overhead else 0)
         detection_s = model.detection_latency_s(event)
-        log(f"  prefill {prefill_s:.2f} s; Device-{event.device} declared dead after {detection_s:.2f} s; "
-            f"weights {post.weight_load_s:.2f} s; timing {len(args.strategies)} strategies x {args.repeats}")
-        timings, errors = time_rebuilds(model, args.strategies, args.repeats)
+        log(f"  prefill {prefill_s:.2f} s; Device-{event.device} declared dead after {detection_s:.3f} s "
+            f"({event.detection.signal}); regroup {post.regroup_s:.3f} s; weights {post.weight_load_s:.3f} s; "
+            f"timing {len(args.strategies)} strategies x {args.repeats}")
+
+        def redo_step(name: str) -> None:
+            started = time.perf_counter()
+            model.decode(token)
+            redo[name] = time.perf_counter() - started
+
+        timings, errors = time_rebuilds(model, args.strategies, args.repeats, after_last=redo_step)
     finally:
         model.close()
     baseline = timings.get("full-recompute")
     full_flops = recovery_flops("full-recompute", model.config, post)
+    shared = {"detection_s": detection_s, "regroup_s": post.regroup_s, "weights_s": post.weight_load_s}
     rows = []
     for name in args.strategies:
         timing, flops = timings.get(name), recovery_flops(name, model.config, post)
-        row = {"backend": factory.backend, "devices": factory.devices, "reassign": reassign, "context": context,
-               "strategy": name,
+        row = {"backend": factory.backend, "devices": factory.devices, "detector": factory.heartbeat.detector,
+               "weights": factory.weights, "reassign": reassign, "context": context, "strategy": name,
                "keeps": RECOVERY_STRATEGIES[name].keeps, "error": errors.get(name), "flops": flops,
                "flop_ratio": full_flops / flops if flops else float("inf"),
                "kept_bytes_per_token": kept_bytes(name, post) / context}
         if timing:
+            phases = {**shared, "rebuild_s": timing.median, "redo_s": redo[name]}
             row |= {"seconds": list(timing.seconds), "min_s": timing.min, "median_s": timing.median,
-                    "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None}
-            log(f"    {name:<15} median {timing.median:.4f} s")
+                    "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None,
+                    "interruption_phases": phases, "interruption_s": sum(phases.values())}
+            log(f"    {name:<15} median {timing.median:.4f} s; redo {redo[name]:.3f} s; "
+                f"whole interruption {row['interruption_s']:.3f} s")
         rows.append(row)
+    whole = next((row for row in rows if row["strategy"] == "full-recompute" and row.get("interruption_s")), None)
+    for row in rows:
+        row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"] \
+            if whole and row.get("interruption_s") else None
     plan = post.plans[-1]
     receivers = ", ".join(f"Device-{d}" for d in plan.moved_heads)
     rebuilt = sum(len(set(post.assignment.kv_heads(d)) - set(info.kv_heads)) for d, info in post.survivors.items())
-    return Trial(factory.backend, factory.devices, reassign, context, prefill_s, detection_s, post.weight_load_s, receivers,
-                 rebuilt, overhead, rows)
+    return Trial(factory.backend, factory.devices, factory.heartbeat.detector, factory.weights, reassign, context,
+                 prefill_s, detection_s, event.detection.signal, post.regroup_s, post.weight_load_s,
+                 post.weight_bytes, standby_bytes, receivers, rebuilt, overhead, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,31 +215,52 @@ def ratio(value: float | None) -> str:
     return "inf" if value == float("inf") else f"{value:.1f}x"
 
 
+TRIAL_COLUMNS = "| backend | devices | detector | weights | reassign | context |"
+TRIAL_ALIGN = "|---|---:|---|---|---|---:|"
+
+
+def trial_cells(t: Trial) -> str:
+    return f"| {t.backend} | {t.devices} | {t.detector} | {t.weights} | {t.reassign} | {t.context} |"
+
+
 def recovery_table(trials: Sequence[Trial]) -> str:
-    lines = ["| backend | devices | reassign | context | strategy | median s (min-max) | speedup | GFLOP | FLOP ratio | "
-             "kept KiB/token |",
-             "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
+    lines = [TRIAL_COLUMNS + " strategy | median s (min-max) | speedup | GFLOP | FLOP ratio | kept KiB/token |",
+             TRIAL_ALIGN + "---|---|---:|---:|---:|---:|"]
     for trial in trials:
         for row in trial.rows:
             if row.get("median_s") is None:
                 timing = f"could not run: {row['error']}"
             else:
                 timing = f"{row['median_s']:.4f} ({row['min_s']:.4f}-{row['max_s']:.4f})"
-            lines.append(f"| {trial.backend} | {trial.devices} | {trial.reassign} | {trial.context} | "
-                         f"{row['strategy']} | {timing} | "
-                         f"{ratio(row.get('speedup'))} | {row['flops'] / 1e9:.2f} | {ratio(row['flop_ratio'])} | "
+            lines.append(f"{trial_cells(trial)} {row['strategy']} | {timing} | {ratio(row.get('speedup'))} | "
+                         f"{row['flops'] / 1e9:.2f} | {ratio(row['flop_ratio'])} | "
                          f"{row['kept_bytes_per_token'] / 1024:.1f} |")
     return "\n".join(lines)
 
 
+def interruption_table(trials: Sequence[Trial]) -> str:
+    """The whole interruption of every strategy, phase by phase, and its ratio to full recompute's."""
+    lines = [TRIAL_COLUMNS + " strategy | detect s | regroup s | weights s | rebuild s | redo s | **total s** | "
+             "full / this |", TRIAL_ALIGN + "---|---:|---:|---:|---:|---:|---:|---:|"]
+    for trial in trials:
+        for row in trial.rows:
+            phases = row.get("interruption_phases")
+            if not phases:
+                continue
+            cells = " | ".join(f"{phases[k]:.3f}" for k in ("detection_s", "regroup_s", "weights_s", "rebuild_s",
+                                                             "redo_s"))
+            lines.append(f"{trial_cells(trial)} {row['strategy']} | {cells} | **{row['interruption_s']:.3f}** | "
+                         f"{ratio(row['interruption_ratio'])} |")
+    return "\n".join(lines)
+
+
 def trial_table(trials: Sequence[Trial]) -> str:
-    lines = ["| backend | devices | reassign | context | lost heads go to | KV heads rebuilt | prefill s | "
-             "detection s | weight load s |",
-             "|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    lines = [TRIAL_COLUMNS + " lost heads go to | KV heads rebuilt | prefill s | declared by | weights MB | MB/s | "
+             "standby MB held |", TRIAL_ALIGN + "---|---:|---:|---|---:|---:|---:|"]
     for t in trials:
-        lines.append(f"| {t.backend} | {t.devices} | {t.reassign} | {t.context} | {t.receivers} | "
-                     f"{t.rebuilt_kv_heads} | "
-                     f"{t.prefill_s:.2f} | {t.detection_s:.2f} | {t.weight_load_s:.2f} |")
+        rate = f"{t.weight_bytes / 1e6 / t.weight_load_s:.0f}" if t.weight_load_s > 0 else "-"
+        lines.append(f"{trial_cells(t)} {t.receivers} | {t.rebuilt_kv_heads} | {t.prefill_s:.2f} | {t.declared_by} | "
+                     f"{t.weight_bytes / 1e6:.0f} | {rate} | {t.standby_bytes / 1e6:.0f} |")
     return "\n".join(lines)
 
 
@@ -227,6 +285,12 @@ def overhead_table(trials: Sequence[Trial]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def copy_bandwidth_text(stored: torch.dtype, dtype: torch.dtype) -> str:
+    c = measure_copy_bandwidth(stored, dtype)
+    return (f"{c['fresh_bytes_per_s'] / 1e9:.2f} GB/s into new memory, {c['warm_bytes_per_s'] / 1e9:.2f} GB/s into "
+            f"memory already touched")
+
+
 def int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
@@ -249,8 +313,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="device backends, one after the other (default threads)")
     add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
     add("--seed", type=int, default=0, help="seed of the random reassignment (default 0)")
-    add("--heartbeat-interval", type=float, default=0.2, help="seconds between heartbeats (default 0.2)")
-    add("--heartbeat-timeout", type=float, default=1.0, help="silence before a device is dead (default 1.0)")
+    add("--detector", nargs="+", choices=DETECTORS, default=["timeout"],
+        help="failure detectors, one after the other (default timeout; phi: phi accrual)")
+    add("--phi-threshold", type=float, default=8.0, help="phi accrual's threshold (default 8)")
+    add("--weights", nargs="+", choices=("read", "standby"), default=["read"],
+        help="where the new owners' slices come from: read from the checkpoint at the failure (default), or "
+             "standby (read in advance by every device)")
+    add("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1, the seed's)")
+    add("--heartbeat-timeout", type=float, default=5.0,
+        help="silence before a device is dead, fixed detector (default 5, the seed's)")
     add("--plot", type=Path, help=f"recovery-vs-context PNG (default {DEFAULT_PLOT.relative_to(REPO)}; "
                                   f"with --quick {QUICK_PLOT})")
     add("--json", type=Path, help="also write every measurement as JSON here")
@@ -270,26 +341,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     folder = model_folder(args.model_dir)
-    heartbeat = HeartbeatConfig(args.heartbeat_interval, args.heartbeat_timeout)
     dtype = DTYPES[args.dtype]
     started = time.perf_counter()
     trials: list[Trial] = []
-    for backend, devices in ((b, d) for b in args.backend for d in args.devices):
-        factory = ClusterFactory(folder, devices, dtype, heartbeat, backend)
+    for backend, devices, detector, weights in itertools.product(args.backend, args.devices, args.detector,
+                                                                 args.weights):
+        heartbeat = HeartbeatConfig(args.heartbeat_interval, args.heartbeat_timeout, detector, args.phi_threshold)
+        factory = ClusterFactory(folder, devices, dtype, heartbeat, backend, weights)
+        first = (detector, weights) == (args.detector[0], args.weights[0])
         for r, reassign in enumerate(args.reassign):
             for context in args.lengths:
-                log(f"{backend}: {devices} devices, {reassign} reassignment, {context}-token context "
-                    f"({time.perf_counter() - started:.0f} s so far)")
-                trials.append(run_trial(factory, context, reassign, args, with_overhead=r == 0))
+                log(f"{backend}: {devices} devices, {detector} detector, weights {weights}, {reassign} "
+                    f"reassignment, {context}-token context ({time.perf_counter() - started:.0f} s so far)")
+                trials.append(run_trial(factory, context, reassign, args, with_overhead=first and r == 0))
                 gc.collect()
         del factory
         gc.collect()
 
-    print("## KV-cache rebuild after a device failure, by context length\n")
+    print("## The whole interruption after a device failure, by context length\n")
     print(f"Checkpoint {folder}; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
-          f"per strategy per trial; heartbeats {args.heartbeat_interval}/{args.heartbeat_timeout} s; "
-          f"{machine()}; total {time.perf_counter() - started:.0f} s; "
-          f"peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
+          f"per strategy per trial; heartbeats every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s, "
+          f"phi threshold {args.phi_threshold}); {machine()}; copy bandwidth (the checkpoint's dtype to {args.dtype}, "
+          f"one thread) {copy_bandwidth_text(Checkpoint(folder).embedding_dtype, dtype)}; "
+          f"total {time.perf_counter() - started:.0f} s; peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
+    print(interruption_table(trials))
+    print("\ndetect: the fault to its declaration; regroup: fencing, the survivors' first call on the new group, "
+          "cutting them to the leader's record; weights: the new owners' slices; rebuild: the KV cache (median); redo: the abandoned step, which gives "
+          "the next token; full / this: full recompute's whole interruption over this strategy's.\n")
+    print("## KV-cache rebuild alone\n")
     print(recovery_table(trials))
     print("\nspeedup = full-recompute median / strategy median (same trial); FLOP ratio likewise from FLOPs "
           "counted from shapes; kept = state the survivors keep during normal running for the strategy.\n")
@@ -297,13 +376,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nPer decode step, same position, alternating (median ms; change against nothing kept):\n")
     print(overhead_table(trials))
 
-    plotted = args.backend[0]  # one backend's lines (the tables give every backend's)
+    plotted = args.backend[0]  # one backend's lines, first detector and weights (the tables give every one)
     rows = [row for trial in trials for row in trial.rows if row.get("median_s") is not None
-            and row["backend"] == plotted]
+            and (row["backend"], row["detector"], row["weights"]) == (plotted, args.detector[0], args.weights[0])]
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot = plot_recovery_vs_context(rows, args.plot,
                                     f"KV rebuild after a device failure ({args.dtype}, {plotted}, median of {args.repeats})")
-    print(f"\nplot: {plot}")
+    whole = plot_recovery_vs_context(rows, args.plot.with_name(args.plot.stem + "_interruption.png"),
+                                     f"The whole interruption, failure to next token ({args.dtype}, {plotted}, "
+                                     f"{args.detector[0]} detector, weights {args.weights[0]})",
+                                     measure="interruption_s", ylabel="failure to next token")
+    print(f"\nplots: {plot}, {whole}")
     if args.json:
         args.json.write_text(json.dumps([{**vars(t), "overhead": {m: list(x.seconds) for m, x in
                                                                   (t.overhead or {}).items()}} for t in trials],

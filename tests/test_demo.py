@@ -22,7 +22,8 @@ FAST = ["--heartbeat-interval", "0.05", "--heartbeat-timeout", "0.25", "--contex
         "--new-tokens", "6", "--fail-after", "3", "--repeats", "1"]
 OPTIONS = ["--model-dir", "--devices", "--fail-device", "--fail-after", "--prompt", "--context-tokens",
            "--new-tokens", "--reassign", "--recovery", "--heartbeat-interval", "--heartbeat-timeout", "--dtype",
-           "--repeats", "--report", "--seed", "--quiet"]
+           "--repeats", "--report", "--seed", "--quiet", "--backend", "--detector", "--phi-threshold",
+           "--standby-weights"]
 
 
 def args(checkpoint: Path, report: Path, *extra: str) -> list[str]:
@@ -77,23 +78,25 @@ def test_main_end_to_end_writes_both_files_and_every_strategy_is_lossless(full_r
     assert str(report) in stdout.splitlines()[-1]
 
 
-def test_quiet_prints_only_the_table_and_the_report_path(tiny_checkpoint, tmp_path, capsys):
+def test_quiet_prints_only_the_interruption_the_rebuild_table_and_the_report_path(tiny_checkpoint, tmp_path, capsys):
     report = tmp_path / "quiet.txt"
     assert demo.main(args(tiny_checkpoint, report, "--quiet")) == 0
     out, err = capsys.readouterr()
     assert err == ""
     lines = [line for line in out.splitlines() if line.strip()]
-    assert "KV-cache rebuild" in lines[0]
+    assert "What losing Device-1 cost" in lines[0]
     assert lines[-1].startswith("report: ") and str(report) in lines[-1] and str(demo.json_path(report)) in lines[-1]
-    rows = [line for line in lines if line.split(" ")[0] in STRATEGIES]
-    assert [r.split()[0] for r in rows] == list(STRATEGIES)
     for absent in ("Model loading", "System initialisation", "Failure detection", "Environment", "Generated text"):
         assert absent not in out
-    # nothing but the comparison section of the full report, then the path line
+    # the full report's first screen and its rebuild section, as they are there, then the path line
     rendered = [line for line in render(load_json(report)).splitlines() if line.strip()]
-    first = next(i for i, line in enumerate(rendered) if "KV-cache rebuild" in line)
-    assert lines[:-1] == rendered[first:first + len(lines) - 1]
-    following = rendered[first + len(lines) - 1]
+    first = next(i for i, line in enumerate(rendered) if "What losing" in line)
+    rebuild = next(i for i, line in enumerate(rendered) if "KV-cache rebuild" in line)
+    model = next(i for i, line in enumerate(rendered) if "Model loading" in line)
+    rows = [line for line in lines if line.split(" ")[0] in STRATEGIES]
+    assert [r.split()[0] for r in rows] == list(STRATEGIES) * 2
+    assert lines[:-1] == rendered[first:model] + rendered[rebuild:rebuild + len(lines) - 1 - (model - first)]
+    following = rendered[rebuild + len(lines) - 1 - (model - first)]
     assert following[0].isdigit() and "Device-level" in following  # the table section ended there
 
 

@@ -223,3 +223,84 @@ def test_declaring_on_another_signal_opens_an_epoch_at_once_and_only_once():
     monitor.beat(0, epoch=1)
     assert monitor.check() == []  # not declared a second time by its silence
     assert monitor.epoch == 1
+
+
+# --- phi accrual: suspicion from the observed gaps ---------------------------------------------------
+
+PHI = HeartbeatConfig(interval_s=1.0, timeout_s=5.0, detector="phi", phi_threshold=8.0)
+
+
+def beat_with_gaps(monitor: HeartbeatMonitor, clock: FakeClock, gaps: list[float]) -> None:
+    for gap in gaps:
+        clock.advance(gap)
+        monitor.beat(0)
+        assert monitor.check() == []
+
+
+def declared_after(monitor: HeartbeatMonitor, clock: FakeClock, step: float = 0.01) -> float:
+    """Seconds of silence, in `step`s, until the monitor declares device 0 dead."""
+    silence = 0.0
+    while not monitor.check():
+        clock.advance(step)
+        silence += step
+    return silence
+
+
+@pytest.mark.parametrize("bad", [{"detector": "gossip"}, {"phi_threshold": 0.0}, {"phi_threshold": float("nan")}])
+def test_config_rejects_an_unknown_detector_or_a_threshold_that_is_not_positive(bad):
+    with pytest.raises(ValueError, match="detector|phi threshold"):
+        HeartbeatConfig(**bad)
+
+
+def test_phi_declares_a_steady_device_in_under_half_the_fixed_timeout():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], PHI, clock)
+    beat_with_gaps(monitor, clock, [1.0] * 50)
+    silence = declared_after(monitor, clock)
+    # mean gap 1 s + half an interval acceptable + 5.6 deviations of the 0.1 s floor (phi 8: 1e-8)
+    assert 2.0 < silence < 2.1 < PHI.timeout_s / 2
+
+
+def test_phi_gives_a_device_with_irregular_beats_more_time_than_a_steady_one():
+    clock = FakeClock()
+    steady, irregular = HeartbeatMonitor([0], PHI, clock), HeartbeatMonitor([0], PHI, clock)
+    beat_with_gaps(steady, clock, [1.0] * 50)
+    steady_silence = declared_after(steady, clock)
+    beat_with_gaps(irregular, clock, [0.6, 1.4] * 25)  # the same mean, a deviation of 0.4 s
+    irregular_silence = declared_after(irregular, clock)
+    assert irregular_silence > steady_silence + 1.5
+
+
+def test_phi_suspicion_grows_with_the_silence_and_a_beat_clears_it():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], PHI, clock)
+    beat_with_gaps(monitor, clock, [1.0] * 10)
+    levels = []
+    for _ in range(6):
+        clock.advance(0.4)
+        levels.append(monitor.suspicion(0))
+    assert levels == sorted(levels) and levels[0] < 1.0 < PHI.phi_threshold < levels[-1]
+    monitor.beat(0)
+    assert monitor.suspicion(0) < 1.0
+
+
+def test_phi_counts_no_gap_the_watcher_did_not_see_whole():
+    """Beats queued while the watcher stalled arrive together: their gaps say nothing of the device."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], PHI, clock)
+    beat_with_gaps(monitor, clock, [1.0] * 10)
+    clock.advance(3.0)
+    monitor.excuse(2.5)
+    monitor.beat(0)
+    monitor.beat(0)  # the queued beats, a moment apart
+    beat_with_gaps(monitor, clock, [1.0] * 3)
+    assert 2.0 < declared_after(monitor, clock) < 2.1  # as steady as before: neither 3 s nor 0 s was counted
+
+
+def test_phi_never_tolerates_more_silence_than_the_fixed_timeout():
+    """Very irregular beats would let phi wait long; the fixed timeout stays the bound (the leader's
+    other waits are sized by it)."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([0], HeartbeatConfig(interval_s=1.0, timeout_s=3.0, detector="phi"), clock)
+    beat_with_gaps(monitor, clock, [0.5, 2.5] * 20)
+    assert 3.0 < declared_after(monitor, clock) < 3.02

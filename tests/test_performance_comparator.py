@@ -115,10 +115,13 @@ def outcome(name: str, seconds: tuple[float, ...] | None, flops: float, redo_s: 
                            tokens_identical=True, redo_s=redo_s)
 
 
+SHARED = {"detection_s": 5.0, "regroup_s": 0.02, "weights_s": 1.0}  # phases every strategy shares
+
+
 def test_comparison_rows_speedup_is_the_ratio_of_medians():
     rows = demo.comparison_rows([outcome("full-recompute", (3.0, 1.0, 2.0), 100.0),
                                  outcome("reuse-replay", (1.0, 0.5, 0.25), 97.0),
-                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0)], detection_s=5.0, weights_s=1.0)
+                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0)], SHARED)
     by_name = {r["name"]: r for r in rows}
     assert by_name["full-recompute"]["speedup"] == pytest.approx(1.0)
     assert by_name["reuse-replay"]["speedup"] == pytest.approx(2.0 / 0.5)
@@ -129,19 +132,20 @@ def test_comparison_rows_speedup_is_the_ratio_of_medians():
 
 
 def test_comparison_rows_without_the_baseline_give_no_ratio():
-    (row,) = demo.comparison_rows([outcome("reuse-hidden", (0.1,), 5.0)], detection_s=5.0, weights_s=1.0)
+    (row,) = demo.comparison_rows([outcome("reuse-hidden", (0.1,), 5.0)], SHARED)
     assert row["speedup"] is None and row["flop_ratio"] is None and row["interruption_ratio"] is None
-    assert row["interruption_s"] == pytest.approx(5.0 + 1.0 + 0.1 + 0.5)
+    assert row["interruption_s"] == pytest.approx(5.0 + 0.02 + 1.0 + 0.1 + 0.5)
 
 
-def test_the_whole_interruption_is_detection_weights_rebuild_and_redo():
+def test_the_whole_interruption_is_detection_regroup_weights_rebuild_and_redo():
+    shared = {"detection_s": 4.0, "regroup_s": 0.05, "weights_s": 1.5}
     rows = demo.comparison_rows([outcome("full-recompute", (3.0, 1.0, 2.0), 100.0, redo_s=0.25),
-                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0, redo_s=0.5)], detection_s=4.0,
-                                weights_s=1.5)
+                                 outcome("replicate", (0.1, 0.2, 0.4), 0.0, redo_s=0.5)], shared)
     by_name = {r["name"]: r for r in rows}
-    assert by_name["full-recompute"]["interruption_s"] == pytest.approx(4.0 + 1.5 + 2.0 + 0.25)
-    assert by_name["replicate"]["interruption_s"] == pytest.approx(4.0 + 1.5 + 0.2 + 0.5)
-    assert by_name["replicate"]["interruption_ratio"] == pytest.approx(7.75 / 6.2)
+    assert by_name["replicate"]["interruption_phases"] == {**shared, "rebuild_s": 0.2, "redo_s": 0.5}
+    assert by_name["full-recompute"]["interruption_s"] == pytest.approx(4.0 + 0.05 + 1.5 + 2.0 + 0.25)
+    assert by_name["replicate"]["interruption_s"] == pytest.approx(4.0 + 0.05 + 1.5 + 0.2 + 0.5)
+    assert by_name["replicate"]["interruption_ratio"] == pytest.approx(7.8 / 6.25)
     assert by_name["replicate"]["speedup"] == pytest.approx(10.0)  # the rebuild alone: 10x; the whole: 1.25x
 
 

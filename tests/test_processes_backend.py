@@ -200,3 +200,15 @@ def test_the_report_names_the_backend_the_signal_and_every_process(tiny_checkpoi
     assert [row["lossless"] for row in data["comparison"]] == [True] * 4
     text = report.read_text()
     assert "4 OS processes" in text and "a real SIGKILL" in text
+
+
+def test_an_uneven_vocabulary_split_gathers_every_devices_logits(tiny_checkpoint):
+    """384 vocabulary rows over 5 device processes (77, 77, 77, 77, 76): the logits' gather takes
+    members of different widths, as 128256 rows over 7 survivors do."""
+    with FaultTolerantLlama.load(tiny_checkpoint, devices=5, log=lambda message: None, heartbeat=HEARTBEAT,
+                                  backend="processes") as model:
+        processes = model.generate(PROMPT, max_new_tokens=4)
+        logits = model.prefill(PROMPT)
+    with FaultTolerantLlama.load(tiny_checkpoint, devices=5, log=lambda message: None, heartbeat=HEARTBEAT) as model:
+        assert model.generate(PROMPT, max_new_tokens=4) == processes
+        assert torch.equal(model.prefill(PROMPT), logits)
