@@ -30,9 +30,9 @@ from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
 from task_reassign import make_strategy
-from tensor_parallel_model import (DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
+from tensor_parallel_model import (CPU, DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
                                    extend_shard, load_device_state, load_standby, load_vocab_slice, missing_ranges,
-                                   replicate_step)
+                                   replicate_step, settle)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -47,6 +47,12 @@ class DeviceSetup:
     assignment: Assignment
     heartbeat: HeartbeatConfig
     policy: RecoveryPolicy
+    accelerator: str = "cpu"  # "cuda": the device process computes on the one GPU it is given
+
+    @property
+    def placement(self) -> torch.device:
+        """Where the device's tensors live: the CPU, or the only GPU its process sees."""
+        return torch.device("cuda", 0) if self.accelerator == "cuda" else CPU
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class DeviceActor:
     def __init__(self, setup: DeviceSetup, transport):
         self.device = setup.device
         self._setup, self._transport = setup, transport
-        self._checkpoint = Checkpoint(setup.checkpoint)
+        self._checkpoint = Checkpoint(setup.checkpoint).onto(setup.placement)
         self._config, self._dtype = self._checkpoint.config, DTYPES[setup.dtype]
         self._state: DeviceState | None = None
         self._cached_ids: list[int] = []
@@ -239,7 +245,7 @@ class DeviceActor:
         self._telemetry("compute", began)
         stale, self._stale = self._stale, []
         release_in_background(stale)
-        return logits if self.device == self._members[0] else None
+        return logits.cpu() if logits is not None and self.device == self._members[0] else None
 
     def _resumed(self, command: Forward, chunk) -> StepProgress | None:
         """Where an abandoned step resumes (the leader asks only when every member recorded it)."""
@@ -258,7 +264,7 @@ class DeviceActor:
         state = self._state
         if command.hidden_states and state.hidden_states is None:
             state.hidden_states = self._parked_hidden or HiddenStateStore(
-                self._config.num_hidden_layers, self._config.hidden_size, self._dtype)
+                self._config.num_hidden_layers, self._config.hidden_size, self._dtype, device=self._setup.placement)
             self._parked_hidden = None
         elif not command.hidden_states and state.hidden_states is not None:
             self._parked_hidden, state.hidden_states = state.hidden_states, None
@@ -269,7 +275,7 @@ class DeviceActor:
     def _on_Regroup(self, command: Regroup) -> None:
         began = self.clock()
         group = self._used_group = self._transport.collective(self._epoch, self._members)
-        group.all_reduce(self.device, torch.zeros(1))
+        group.all_reduce(self.device, torch.zeros(1, device=self._setup.placement))
         self._telemetry("regroup", began)
 
     def _on_Inherit(self, command: Inherit) -> Inherited:
@@ -289,6 +295,7 @@ class DeviceActor:
             state.vocab = load_vocab_slice(self._checkpoint, rows, self._dtype, held=state.vocab,
                                            standby=standby.vocab if standby else ())
         self._assignment = assignment
+        settle(self._setup.placement)
         seconds = self.clock() - began
         if heads or columns:
             self._telemetry("load weights", began)
@@ -324,7 +331,7 @@ class DeviceActor:
         began = self.clock()
         kv_cache_reused.rebuild(self._state, command.order, self._endpoint())
         self._cached_ids = list(command.order.context_ids)
-        self._telemetry(f"rebuild KV: {command.order.strategy}", began)
+        self._telemetry(f"rebuild KV: {command.order.strategy}", began)  # settles the accelerator first
         return self.clock() - began
 
     def _on_Reprotect(self, command: Reprotect) -> None:
@@ -333,7 +340,7 @@ class DeviceActor:
 
     def _on_ReportKV(self, command: ReportKV) -> dict:
         cache = self._state.cache
-        return {(self.device, layer, g): tuple(t.clone() for t in cache.head(layer, g))
+        return {(self.device, layer, g): tuple(t.to(CPU, copy=True) for t in cache.head(layer, g))
                 for layer in range(cache.num_layers) for g in cache.kv_heads}
 
     def _on_Describe(self, command: Describe) -> DeviceInfo:
@@ -359,6 +366,7 @@ class DeviceActor:
         missing = tuple(g for g in wanted if g not in kept)
         began = time.perf_counter()
         kv_cache_reused.rebuild_from_hidden_states(trial, missing)
+        settle(self._setup.placement)
         return time.perf_counter() - began
 
     def _on_Arm(self, command: Arm) -> None:
@@ -509,6 +517,9 @@ class DeviceActor:
         self._transport.send(to, Envelope(self.device, self._epoch, request, body))
 
     def _telemetry(self, kind: str, began: float | None = None) -> None:
+        """An event (`began` given: a span of work, which ends once the accelerator has done it)."""
+        if began is not None:
+            settle(self._setup.placement)
         now = self.clock()
         at, duration = (now, 0.0) if began is None else (began, now - began)
         self._send(Address("driver", DRIVER), Telemetry(((at, self.device, kind, duration),)))

@@ -8,10 +8,11 @@ thread backend (device_actor.py); only its transport differs:
 - Inboxes: a process listens on a TCP port of its own; a message is a pickled (Address, Envelope)
   frame on a connection kept per destination. A message to a process that is gone is lost, as on
   a network (the leader's bounded waits and the heartbeats take care of it).
-- Collectives: one gloo group per epoch (`GlooCollective`), formed in the background under the
+- Collectives: one group per epoch (`DistributedCollective`), formed in the background under the
   epoch's own key prefix, so that the survivors form the next group without the dead device and
-  without touching the old group's keys. (NCCL is not wired: the engine keeps every tensor on the
-  CPU. On GPUs the group would be a ProcessGroupNCCL formed the same way, with the same calls.)
+  without touching the old group's keys: gloo between CPU devices, NCCL between GPU devices
+  (`--accelerator cuda`: every device process is given one GPU; the same calls, see
+  `new_process_group`; written to torch's API but not run here, since no GPU was at hand).
 - Faults are real: an injected crash is the device's own SIGKILL, a hang its own SIGSTOP (continued
   by SIGCONT from the launcher), a slow device a real stall.
 - Detection has three signals: silence (heartbeats; the only one for a hung process), a failed
@@ -50,11 +51,13 @@ import torch.distributed as dist  # noqa: E402
 
 from device_protocol import DRIVER, Address, Declare, DeviceExited, Envelope
 from device_threads import POLL_S, StaleEpoch, StepAbandoned, ThreadTransport, row_split, sum_in_order
+from tensor_parallel_model import CPU
 
 SEND_TAG = 7  # point-to-point messages of the Collective (KV copies), apart from any other traffic
 FRAME = struct.Struct("!Q")  # the length of each message on an inbox connection
 ESTIMATED_PROCESS_OVERHEAD = 400 * 2**20  # an interpreter with torch loaded (an estimate, for the memory check)
 _LEFT_BEHIND: list = []  # groups abandoned with a call in flight: destroying one would wait for that call
+GPU_POLL_S = 1e-4  # how often a call on a GPU is looked at (a GPU collective takes tens of microseconds)
 STARTED_PIDS: list[int] = []  # every device process this process started (the tests check none is left)
 
 
@@ -77,21 +80,48 @@ def connect_store(address: tuple[str, int], timeout_s: float = 60.0) -> dist.TCP
 # The collective of one epoch
 
 
-class GlooCollective:
+def collective_backend(placement: torch.device) -> str:
+    """The torch.distributed backend between devices placed there: NCCL between GPUs, else gloo."""
+    return "nccl" if placement.type == "cuda" else "gloo"
+
+
+def new_process_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta,
+                      placement: torch.device) -> dist.ProcessGroup:
+    """One epoch's group (formed once every member has joined through `store`).
+
+    NCCL's communicator is made non-blocking and formed at once (not at the first call): a member
+    that never comes then fails the forming, and `abort()` can end a call that waits for a dead peer
+    (a killed GPU peer closes no connection the survivors see: NCCL waits, and it is the heartbeats
+    or the launcher that tell)."""
+    if collective_backend(placement) == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    options.config.blocking = False
+    group = dist.ProcessGroupNCCL(store, rank, size, options)
+    group.eager_connect_single_device(placement)
+    return group
+
+
+class DistributedCollective:
     """The Collective (tensor_parallel_model.py) between the processes of one epoch's group.
 
     The group is formed in the background from the moment the epoch is known (forming waits for
     every member), and each call waits in short slices, so that aborting the epoch (a member was
-    declared dead, or a later epoch began) releases a waiting device at once instead of at gloo's
-    timeout. A failed call (a peer's connection closed, a timeout) raises StepAbandoned and the
-    device leaves the group: gloo tells only the members connected to a dead peer, and leaving
-    closes this device's connections, so the failure reaches every member within tens of
+    declared dead, or a later epoch began) releases a waiting device at once instead of at the
+    backend's timeout. A failed call (a peer's connection closed, a timeout) raises StepAbandoned
+    and the device leaves the group: gloo tells only the members connected to a dead peer, and
+    leaving closes this device's connections, so the failure reaches every member within tens of
     milliseconds (measured: 51-64 ms for a SIGKILLed member of four).
+
+    Tensors cross on `placement`: the CPU (gloo) or the device's GPU (NCCL). On a GPU each call is
+    polled until the GPU has done it, so that a call waiting for a dead peer can be abandoned (its
+    communicator aborted) instead of stalling the device's stream behind it.
     """
 
     def __init__(self, store: dist.Store | Callable[[], dist.Store], epoch: int, members: Sequence[int], device: int,
-                 timeout_s: float, on_broken: Callable[[], None] = lambda: None):
-        self.devices, self.epoch = tuple(members), epoch
+                 timeout_s: float, on_broken: Callable[[], None] = lambda: None, placement: torch.device = CPU):
+        self.devices, self.epoch, self.placement = tuple(members), epoch, placement
         self.ended_by: int | None = None  # the epoch that ended this one
         self._rank = self.devices.index(device)
         self._timeout = datetime.timedelta(seconds=timeout_s)
@@ -105,7 +135,7 @@ class GlooCollective:
     def _form(self, connect: Callable[[], dist.Store]) -> None:
         try:
             prefix = dist.PrefixStore(f"epoch-{self.epoch}/", connect())
-            self._group = dist.ProcessGroupGloo(prefix, self._rank, len(self.devices), self._timeout)
+            self._group = new_process_group(prefix, self._rank, len(self.devices), self._timeout, self.placement)
         except RuntimeError:
             pass  # a member never came: every call on this group fails
         finally:
@@ -137,7 +167,7 @@ class GlooCollective:
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every member's tensor, whatever its shape (the logits' vocabulary rows split unevenly:
         128256 over 7 devices): the shapes first, then the values padded to the longest."""
-        shape = torch.tensor(tensor.shape, dtype=torch.int64)
+        shape = torch.tensor(tensor.shape, dtype=torch.int64, device=self.placement)
         shapes = [torch.empty_like(shape) for _ in self.devices]
         self._call(lambda group: group.allgather([shapes], [shape]))
         sizes = [int(s.prod()) for s in shapes]
@@ -152,17 +182,17 @@ class GlooCollective:
         once the receiver takes it, and every member may send before it receives (replication's ring)."""
         group = self._joined()
         self._sending = [(work, buffer) for work, buffer in self._sending if not work.is_completed()]
-        data = _as_bytes(payload)
-        size = torch.tensor([data.numel()], dtype=torch.int64)
+        data = _as_bytes(payload).to(self.placement)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=self.placement)
         rank = self.devices.index(to)
         self._sending += [(group.send([size], rank, SEND_TAG), size), (group.send([data], rank, SEND_TAG), data)]
 
     def recv(self, device: int, source: int) -> Any:
-        rank, size = self.devices.index(source), torch.empty(1, dtype=torch.int64)
+        rank, size = self.devices.index(source), torch.empty(1, dtype=torch.int64, device=self.placement)
         self._point_to_point(lambda group: group.recv([size], rank, SEND_TAG))
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.placement)
         self._point_to_point(lambda group: group.recv([data], rank, SEND_TAG))
-        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+        return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location=self.placement, weights_only=False)
 
     def flush(self) -> None:
         """Wait until every send started here was taken by its receiver (before this device reports a
@@ -202,23 +232,34 @@ class GlooCollective:
     def _call(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> None:
         """A collective call, waited for in slices (an aborted epoch releases it at once)."""
         work = self._start(start)
-        while True:
-            try:
-                work.wait(datetime.timedelta(seconds=POLL_S))
-                return
-            except RuntimeError:  # a slice of waiting ended (the call may have completed just after), or it failed
-                if work.is_completed():
-                    self._outcome(work)
-                    return
-                if self.aborted:
-                    self._leave(keep_alive=True)
-                    self._refuse_if_closed()
+        while not self._waited_slice(work):
+            if self.aborted:
+                self._leave(keep_alive=True)
+                self._refuse_if_closed()
+        self._outcome(work)
+
+    def _waited_slice(self, work: dist.Work) -> bool:
+        """Wait a slice of time for `work`: has it completed (well or not)?"""
+        if self.placement.type == "cuda":
+            deadline = time.monotonic() + POLL_S
+            while not work.is_completed() and time.monotonic() < deadline:
+                time.sleep(GPU_POLL_S)
+            return work.is_completed()
+        try:
+            work.wait(datetime.timedelta(seconds=POLL_S))
+            return True
+        except RuntimeError:  # the slice ended (the call may have completed just after), or it failed
+            return work.is_completed()
 
     def _point_to_point(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> None:
-        """A send or receive, waited for whole: gloo closes the connection when a point-to-point wait
-        times out, so it cannot be waited for in slices. A dead peer fails it at once; a hung one is
-        fenced by SIGKILL (which fails it too), else gloo's timeout ends it."""
-        self._outcome(self._start(start))
+        """A send or receive. On gloo it is waited for whole: gloo closes the connection when a
+        point-to-point wait times out, so it cannot be waited for in slices. A dead peer fails it at
+        once; a hung one is fenced by SIGKILL (which fails it too), else gloo's timeout ends it. On
+        NCCL it is polled as any call (an aborted epoch aborts the communicator under it)."""
+        if self.placement.type == "cuda":
+            self._call(start)
+        else:
+            self._outcome(self._start(start))
 
     def _start(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> dist.Work:
         group = self._joined()
@@ -243,10 +284,13 @@ class GlooCollective:
     def _leave(self, keep_alive: bool) -> None:
         """Drop the group: its connections close, which tells the other members. Destroying a gloo
         group waits for a call still in flight, so that happens on a thread of its own (or never,
-        while such a call may still be waiting for a hung peer)."""
+        while such a call may still be waiting for a hung peer). An NCCL communicator is aborted,
+        which ends the calls still in flight on the GPU."""
         group, self._group = self._group, None
         self._sending = []
-        if group is not None and keep_alive:
+        if group is not None and collective_backend(self.placement) == "nccl":
+            threading.Thread(target=group.abort, name="aborting-group", daemon=True).start()
+        elif group is not None and keep_alive:
             _LEFT_BEHIND.append(group)
         elif group is not None:
             holder = [group]
@@ -280,10 +324,12 @@ class ProcessTransport(ThreadTransport):
 
     real_signals = True  # an injected crash is a SIGKILL, a hang a SIGSTOP
 
-    def __init__(self, master: tuple[str, int], me: int, collective_timeout: float, host: str = "127.0.0.1"):
+    def __init__(self, master: tuple[str, int], me: int, collective_timeout: float, host: str = "127.0.0.1",
+                 placement: torch.device = CPU):
         super().__init__()
         self.name = "processes"
         self.master, self.me, self._collective_timeout = master, me, collective_timeout
+        self.placement = placement  # where this process's device computes (its collectives' tensors cross there)
         self._store = connect_store(master)  # lookups only (never a blocking wait): shared by this process's threads
         self._store_lock = threading.Lock()
         self._server = socket.create_server((host, 0))
@@ -369,7 +415,7 @@ class ProcessTransport(ThreadTransport):
 
     # Groups
 
-    def collective(self, epoch: int, members: Sequence[int]) -> GlooCollective:
+    def collective(self, epoch: int, members: Sequence[int]) -> DistributedCollective:
         """The collective of `epoch`'s group (formed in the background from now; earlier epochs' groups
         end). The members are claimed in the store: a different claim means this view is stale."""
         members = tuple(members)
@@ -377,9 +423,9 @@ class ProcessTransport(ThreadTransport):
             group = self._groups.get(epoch)
             if group is None:
                 self._claim(epoch, members)
-                group = self._groups[epoch] = GlooCollective(lambda: connect_store(self.master), epoch, members,
-                                                             self.me, self._collective_timeout,
-                                                             on_broken=lambda: self._declare_unreachable(members))
+                group = self._groups[epoch] = DistributedCollective(
+                    lambda: connect_store(self.master), epoch, members, self.me, self._collective_timeout,
+                    on_broken=lambda: self._declare_unreachable(members), placement=self.placement)
                 for older, old_group in self._groups.items():
                     if older < epoch and old_group.ended_by is None:
                         old_group.end(epoch)
@@ -527,18 +573,21 @@ class ProcessLauncher(ProcessTransport):
 
     def launch(self, setups: Sequence[Any], per_process_bytes: int) -> None:
         """Publish every device's setup; start this node's devices (other nodes start theirs)."""
-        devices = [setup.device for setup in setups]
+        devices, accelerator = [setup.device for setup in setups], setups[0].accelerator
         here = self.rendezvous.devices_here(devices)
-        check_memory_for(len(here), per_process_bytes)
+        check_memory_for(len(here), 0 if accelerator == "cuda" else per_process_bytes)
         for setup in setups:
             self._store_set(f"setup/{setup.device}", pickle.dumps(setup))
+        self._store_set("accelerator", accelerator)
         self._store_set("devices", ",".join(map(str, devices)))
-        self.start_here(here)
+        self.start_here(here, accelerator)
 
-    def start_here(self, devices: Sequence[int]) -> None:
-        """Start this node's device processes, and watch them."""
+    def start_here(self, devices: Sequence[int], accelerator: str = "cpu") -> None:
+        """Start this node's device processes (with `accelerator` "cuda": one GPU each), and watch them."""
+        if accelerator == "cuda":
+            check_gpus_for(len(devices))
         self._network_threads.append(self._network_thread("exits", self._watch_exits))
-        start_device_processes(self.master, devices, self.rendezvous.node_addr, self._processes)
+        start_device_processes(self.master, devices, self.rendezvous.node_addr, self._processes, accelerator)
 
     def processes(self) -> list[dict[str, int]]:
         """Every live device process of this node: device, PID, resident and peak memory (bytes)."""
@@ -645,6 +694,7 @@ def serve_node(rendezvous: Rendezvous, wait_for_master_s: float) -> int:
     waiting = connect_store(launcher.master, timeout_s=wait_for_master_s)  # blocks until node 0 publishes
     try:
         devices = [int(d) for d in waiting.get("devices").decode().split(",")]
+        accelerator = waiting.get("accelerator").decode()
     except (RuntimeError, OSError):
         raise LaunchError(f"node 0 published no devices within {wait_for_master_s:g} s") from None
     here = rendezvous.devices_here(devices)
@@ -654,7 +704,7 @@ def serve_node(rendezvous: Rendezvous, wait_for_master_s: float) -> int:
     print(f"node {rendezvous.node_rank}: devices {', '.join(map(str, here))}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        launcher.start_here(here)
+        launcher.start_here(here, accelerator)
         while not launcher.await_exits(1.0):
             waiting.check(["devices"])  # raises once node 0's store is gone: its driver died
     except (RuntimeError, OSError):
@@ -681,19 +731,48 @@ def check_memory_for(processes: int, per_process_bytes: int) -> None:
 
 
 def start_device_processes(master: tuple[str, int], devices: Sequence[int], node_addr: str,
-                           processes: dict[int, subprocess.Popen]) -> None:
+                           processes: dict[int, subprocess.Popen], accelerator: str = "cpu") -> None:
     """Start one process per device into `processes` (each entered as soon as it starts, so that a
     failure half-way still leaves every started process known, to be stopped). A device process
     runs this module, which imports only what a device needs."""
     here = str(Path(__file__).resolve().parent)
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    for device in devices:
+    for local_index, device in enumerate(devices):
         command = [sys.executable, "-m", "device_processes", "--device", str(device),
                    "--master", f"{master[0]}:{master[1]}", "--node-addr", node_addr]
+        own = gpu_environment(environment, local_index) if accelerator == "cuda" else environment
         # a session of its own: a terminal's Ctrl-C reaches the launcher only, which stops every device
-        processes[device] = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+        processes[device] = subprocess.Popen(command, env=own, stdin=subprocess.DEVNULL, start_new_session=True)
         STARTED_PIDS.append(processes[device].pid)
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The GPUs this node may use: those CUDA_VISIBLE_DEVICES names, else every GPU torch sees."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu for gpu in listed.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def check_gpus_for(processes: int) -> None:
+    """Refuse `--accelerator cuda` where this node has no GPU for every one of its device processes."""
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise LaunchError(f"--accelerator cuda needs a GPU per device process; torch {torch.__version__} here is "
+                          f"{build}")
+    gpus = visible_gpus()
+    if len(gpus) < processes:
+        raise LaunchError(f"{processes} device processes on this node need {processes} GPUs (NCCL takes one GPU per "
+                          f"process); it has {len(gpus)}")
+
+
+def gpu_environment(environment: Mapping[str, str], local_index: int) -> dict[str, str]:
+    """A device process's environment with one GPU of its own (the `local_index`-th visible one; it
+    is that process's cuda:0), and NCCL's watchdog told not to end the process on a failed call:
+    the devices' heartbeats declare the dead peer and the survivors abort that epoch's communicator."""
+    own = dict(environment, CUDA_VISIBLE_DEVICES=visible_gpus(environment)[local_index])
+    own.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    return own
 
 
 def process_exists(pid: int) -> bool:
@@ -738,7 +817,8 @@ def run_device(master: tuple[str, int], device: int, node_addr: str) -> None:
     launcher = os.getppid()
     store = connect_store(master)
     setup = pickle.loads(store.get(f"setup/{device}"))
-    transport = ProcessTransport(master, device, collective_timeout_s(setup.heartbeat.timeout_s), node_addr)
+    transport = ProcessTransport(master, device, collective_timeout_s(setup.heartbeat.timeout_s), node_addr,
+                                 setup.placement)
     store.set(f"pid/{device}", f"{socket.gethostname()}:{os.getpid()}")
     DeviceActor(setup, transport).start()
     while transport.join(timeout_s=0.5):

@@ -36,8 +36,8 @@ from llama_model_loader import CheckpointError, LlamaConfig
 from performance_comparator import (StrategyOutcome, Timing, compare_device_level, compare_recoveries,
                                     failure_free_run, measure_copy_bandwidth, measure_keeping_cost)
 from recovery_plots import plot_timeline
-from recovery_report import (Report, check_writable, json_path, render, render_comparison, render_interruption,
-                             write_report)
+from recovery_report import (Report, add_interruption_ratios, check_writable, interruption, json_path, render,
+                             render_comparison, render_interruption, write_report)
 from synthetic_checkpoint import is_synthetic_checkpoint
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import open_checkpoint
@@ -75,6 +75,7 @@ class Options:
     detector: str = "timeout"
     phi_threshold: float = 8.0
     standby_weights: bool = False
+    accelerator: str = "cpu"
 
     @property
     def heartbeat(self) -> HeartbeatConfig:
@@ -99,6 +100,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--backend", choices=("threads", "processes"), default="threads",
         help="threads: every device a thread of this process (default); processes: every device an OS process, "
              "collectives on torch.distributed (gloo), the crash a real SIGKILL (see README for two hosts)")
+    add("--accelerator", choices=("cpu", "cuda"), default="cpu",
+        help="cpu (default), or cuda with --backend processes: every device process computes on a GPU of its "
+             "own, collectives on NCCL (see README: written for GPUs, not yet run on one)")
     add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
     add("--fail-after", type=int, default=4, help="generated tokens before the crash (default 4)")
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt text")
@@ -134,7 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                       args.context_tokens or None, args.new_tokens, args.reassign,
                       tuple(RECOVERY_STRATEGIES) if args.recovery == "all" else (args.recovery,),
                       args.heartbeat_interval, args.heartbeat_timeout, args.dtype, args.repeats, args.report,
-                      args.seed, args.quiet, args.backend, args.detector, args.phi_threshold, args.standby_weights)
+                      args.seed, args.quiet, args.backend, args.detector, args.phi_threshold, args.standby_weights,
+                      args.accelerator)
     check_options(options)
     return options
 
@@ -151,6 +156,8 @@ def check_options(o: Options) -> None:
         raise UsageError(f"--fail-after must be between 1 and --new-tokens - 1 ({o.new_tokens - 1}), got {o.fail_after}")
     if o.context_tokens is not None and o.context_tokens < 0:
         raise UsageError(f"--context-tokens must not be negative, got {o.context_tokens}")
+    if o.accelerator == "cuda" and o.backend != "processes":
+        raise UsageError("--accelerator cuda needs --backend processes (one GPU per device process)")
     if o.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {o.repeats}")
     try:
@@ -198,7 +205,7 @@ def run_scenario(o: Options, log: Callable[[str], None]) -> Report:
         heartbeat=o.heartbeat,
         policy=RecoveryPolicy(o.reassign, o.seed, hold=True, standby_weights=o.standby_weights),  # the comparison
         # drives every recovery
-        backend=o.backend)
+        backend=o.backend, accelerator=o.accelerator)
     kind = "synthetic" if is_synthetic_checkpoint(checkpoint.folder) else "real"
     log(f"model: {checkpoint.folder} ({kind}: {location.reason})")
     try:
@@ -246,7 +253,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                   f"Device-{event.device} crashes after {o.fail_after} tokens; {o.reassign} reassignment; "
                   f"{len(post.context_ids)}-token context; {len(o.recovery)} strategies x {o.repeats}")
     return {
-        "run": {"started": started_at, "backend": o.backend, "options": {k: str(v) for k, v in vars(o).items()}},
+        "run": {"started": started_at, "backend": o.backend, "accelerator": o.accelerator, "options": {k: str(v) for k, v in vars(o).items()}},
         "model": describe_model(model, o.dtype),
         "system": system,
         "failure": {"device": event.device, "mode": "crash", "after_tokens": o.fail_after,
@@ -350,16 +357,12 @@ def comparison_rows(outcomes: Sequence[StrategyOutcome], shared_phases: dict[str
         if o.timing:
             row |= timing_row(o.timing)
             if kv:
-                row["interruption_phases"] = {**shared_phases, "rebuild_s": o.timing.median, "redo_s": o.redo_s}
-                row["interruption_s"] = sum(row["interruption_phases"].values())
+                row |= interruption(shared_phases, o.timing.median, o.redo_s)
         if baseline and o.timing:
             row["speedup"] = baseline.timing.median / o.timing.median
             row["flop_ratio"] = baseline.flops / o.flops if o.flops else float("inf")
         rows.append(row)
-    whole = next((r for r in rows if r["name"] == "full-recompute" and r["interruption_s"]), None)
-    for row in rows:
-        if whole and row["interruption_s"]:
-            row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"]
+    add_interruption_ratios(rows, "name")
     return rows
 
 

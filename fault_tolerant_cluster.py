@@ -8,6 +8,8 @@ post-failure state, as the comparison does). Every call is a message to the lead
 """
 from __future__ import annotations
 
+import multiprocessing
+import time
 from typing import Callable, Sequence
 
 from cluster_leader import FailureEvent, PostFailure, Recovery, StepFailed
@@ -136,3 +138,32 @@ def generate_with_failures(model: FaultTolerantLlama, prompt_ids: Sequence[int],
 
 def _recover_with_the_policys_strategy(model: FaultTolerantLlama, failure: StepFailed) -> None:
     model.recover(model.policy.strategy)
+
+
+def prefill_under_load(model: FaultTolerantLlama, ids: Sequence[int], seconds: float, burners: int = 2
+                       ) -> tuple[int, int]:
+    """Prefill `ids` again and again while `burners` extra processes keep cores busy for `seconds`
+    (a loaded machine, for a detector's false alarms): (devices declared dead, each a false alarm
+    since nothing failed; prefills done). The model must hold (`RecoveryPolicy(hold=True)`)."""
+    load = [multiprocessing.get_context("spawn").Process(target=burn, args=(seconds,)) for _ in range(burners)]
+    for process in load:
+        process.start()
+    prefills = 0
+    try:
+        while any(process.is_alive() for process in load):
+            try:
+                model.prefill(ids)
+            except StepFailed as failure:
+                return len(failure.events), prefills
+            prefills += 1
+    finally:
+        for process in load:
+            process.join()
+    return 0, prefills
+
+
+def burn(seconds: float) -> None:
+    """Keep one core busy."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass

@@ -13,7 +13,6 @@ so detection and its latency are testable without real waiting.
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 from collections import Counter, deque

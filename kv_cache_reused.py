@@ -142,7 +142,7 @@ def rebuild(state: DeviceState, order: RebuildOrder, collective: Collective) -> 
     if set(heads) != set(order.kv_heads):
         raise ValueError(f"Device-{state.device} holds weights for KV heads {heads}, the order asks {order.kv_heads}")
     cache = KVCache(state.config.num_hidden_layers, heads, state.config.head_dim, state.cache.dtype,
-                    capacity=max(state.cache.capacity, len(order.context_ids), 1)) \
+                    capacity=max(state.cache.capacity, len(order.context_ids), 1), device=state.cache.device) \
         if order.strategy == "full-recompute" else state.cache.regrouped(heads)
     trial = replace(state, cache=cache)
     if not order.context_ids:
@@ -171,7 +171,7 @@ def rebuild_from_hidden_states(state: DeviceState, kv_heads: Sequence[int]) -> N
         return
     check_store_covers(store, cache.length)
     rows = kv_weight_rows(state.shard, kv_heads, config.head_dim)
-    rope = Rotary(config, cache.dtype).factors(0, cache.length)
+    rope = Rotary(config, cache.dtype, cache.device).factors(0, cache.length)
     for i, layer in enumerate(state.shard.layers):
         k, v = project_kv_heads(layer, rows, store.layer_inputs(i, cache.length), rope, config.head_dim)
         cache.put_heads(i, kv_heads, 0, k, v)

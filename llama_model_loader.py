@@ -6,6 +6,7 @@ against the config before any compute, and every problem is one line naming the 
 """
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import os
@@ -276,6 +277,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike, config: LlamaConfig | None = None):
         self.folder = Path(folder)
+        self.device = torch.device("cpu")  # where reads put their results (see `onto`)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: no such model folder")
         self.config = config or LlamaConfig.from_json(self.folder / "config.json")
@@ -286,6 +288,13 @@ class Checkpoint:
         for file, names in self._names_by_file().items():
             self._read_header(file, names)
         self._check_against_config()
+
+    def onto(self, device: torch.device) -> "Checkpoint":
+        """The same checkpoint, read onto `device` (an accelerator): each slice goes from the file's
+        memory map straight into memory there, chunk by chunk, never whole through this host."""
+        placed = copy.copy(self)
+        placed.device = torch.device(device)
+        return placed
 
     @property
     def tensor_count(self) -> int:
@@ -372,7 +381,7 @@ class Checkpoint:
         height = sum(b - a for a, b in rows)
         width = sum(b - a for a, b in cols) if cols is not None else _numel(shape[1:])
         if out is None:
-            out = torch.empty((height, width) if len(shape) > 1 else (height,), dtype=dtype)
+            out = torch.empty((height, width) if len(shape) > 1 else (height,), dtype=dtype, device=self.device)
         at = 0
         for start, stop in rows:
             self._read_rows_into(name, start, stop, cols, out[at:at + stop - start])

@@ -17,6 +17,21 @@ PHASES = (("detection_s", "detect"), ("regroup_s", "regroup"), ("weights_s", "we
           ("redo_s", "redo"))
 
 
+def interruption(shared_phases: dict[str, float], rebuild_s: float, redo_s: float) -> dict:
+    """A strategy's whole interruption (JSON fields): the phases every strategy shares (detection,
+    regroup, weights), its own rebuild and redo, and their sum."""
+    phases = {**shared_phases, "rebuild_s": rebuild_s, "redo_s": redo_s}
+    return {"interruption_phases": phases, "interruption_s": sum(phases.values())}
+
+
+def add_interruption_ratios(rows: list[dict], strategy_key: str) -> None:
+    """Each row's `interruption_ratio`: full recompute's whole interruption over the row's own."""
+    whole = next((r for r in rows if r[strategy_key] == "full-recompute" and r.get("interruption_s")), None)
+    for row in rows:
+        row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"] \
+            if whole and row.get("interruption_s") else None
+
+
 def inheritance_rate(failure: dict) -> str:
     """' (N MB, X MB/s)' for the inherited slices, when the run says how much was read."""
     read, seconds = failure.get("weight_bytes_inherited"), failure["weight_load_seconds"]
@@ -140,8 +155,9 @@ def _model(r: Report) -> str:
 
 def _system(r: Report) -> str:
     s = r["system"]
-    backend = r["run"].get("backend", "threads")
-    kind = "OS processes (torch.distributed, gloo)" if backend == "processes" else "threads of one process"
+    backend, accelerator = r["run"].get("backend", "threads"), r["run"].get("accelerator", "cpu")
+    collectives = "nccl, one GPU each" if accelerator == "cuda" else "gloo"
+    kind = f"OS processes (torch.distributed, {collectives})" if backend == "processes" else "threads of one process"
     lines = [_heading("2. System initialisation"),
              f"devices           {s['devices']} {kind}; leader Device-{s['leader']}",
              f"context           {s['context_tokens']} tokens; {s['new_tokens']} new tokens to generate"]
@@ -240,7 +256,7 @@ def _device_level(r: Report) -> str:
         _heading("5. Device-level comparison (the seed's): the new owner's rebuild from hidden states"),
         f"Device-{d['device']} now holds {d['all_query_heads']} query heads ({d['all_kv_heads']} KV heads), "
         f"of which {d['inherited_query_heads']} inherited ({d['inherited_kv_heads']} KV heads)",
-        f"both project K and V from the stored layer inputs, every layer, every cached position:",
+        "both project K and V from the stored layer inputs, every layer, every cached position:",
         f"rebuild all {d['all_kv_heads']} KV heads it now holds, as if it kept nothing ('traditional')  "
         f"median {d['rebuild_all_median_s']:.4f} s",
         f"rebuild only the {d['inherited_kv_heads']} inherited KV heads, keeping its own ('optimized')  "

@@ -67,12 +67,15 @@ class TensorParallelLlama:
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
                  progress: bool = False, heartbeat: HeartbeatConfig = HeartbeatConfig(),
                  policy: RecoveryPolicy = RecoveryPolicy(), backend: str = "threads",
-                 rendezvous: Rendezvous | None = None):
+                 rendezvous: Rendezvous | None = None, accelerator: str = "cpu"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if accelerator not in ("cpu", "cuda") or (accelerator == "cuda" and backend != "processes"):
+            raise ValueError(f"accelerator {accelerator!r}: choose cpu, or cuda with backend='processes' "
+                             f"(one GPU per device process)")
         self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
         self.assignment, self.heartbeat, self.policy = assignment, heartbeat, policy
-        self.backend = backend
+        self.backend, self.accelerator = backend, accelerator
         self.leader, self.epoch = min(assignment.devices), 0
         self.cached_ids: list[int] = []  # the tokens whose KV the devices hold, in order
         self.recoveries: list[Recovery] = []
@@ -87,7 +90,7 @@ class TensorParallelLlama:
         self._closed = False
         self._progress = progress
         dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy)
+        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy, accelerator)
                   for d in assignment.devices]
         if backend == "processes":  # made first: a launch that cannot start has nothing to close
             self.transport = driver_launcher(rendezvous or Rendezvous.from_environment(),
@@ -110,7 +113,8 @@ class TensorParallelLlama:
     def load(cls, model_dir: str | Path | None = None, devices: int = 4, dtype: torch.dtype = torch.float32,
              progress: bool = False, log=print, **options) -> "TensorParallelLlama":
         """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it
-        evenly over `devices`. `options` go to the constructor (heartbeat, policy, backend)."""
+        evenly over `devices`. `options` go to the constructor (heartbeat, policy, backend, rendezvous,
+        accelerator)."""
         location, checkpoint, seconds = open_checkpoint(model_dir, log)
         assignment = even_assignment(checkpoint.config, devices)
         return cls.from_checkpoint(location, checkpoint, assignment, dtype, progress, seconds, **options)

@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from head_assignment import Assignment, Range
 from llama_model_loader import Checkpoint, LlamaConfig
 
+CPU = torch.device("cpu")
+
+
+def settle(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs it asynchronously: a clock read before it
+    finishes would time the queueing, not the compute). Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 class Collective(Protocol):
     """What crosses the device boundary during a forward pass. Results may be shared between
@@ -74,10 +83,10 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
 class Rotary:
     """cos/sin tables for positions, grown on demand (shared read-only by a device's layers)."""
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype):
-        self.inv_freq = rope_inverse_frequencies(config)
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype, device: torch.device = CPU):
+        self.inv_freq = rope_inverse_frequencies(config).to(device)
         self.dtype = dtype
-        self.cos = self.sin = self.signed_sin = torch.empty(0, config.head_dim, dtype=dtype)
+        self.cos = self.sin = self.signed_sin = torch.empty(0, config.head_dim, dtype=dtype, device=device)
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for positions start..start+length: [length, head_dim] each (HF's tables)."""
@@ -93,7 +102,7 @@ class Rotary:
         if positions <= self.cos.shape[0]:
             return
         positions = max(positions, 2 * self.cos.shape[0], 256)
-        freqs = torch.outer(torch.arange(positions, dtype=torch.float32), self.inv_freq)
+        freqs = torch.outer(torch.arange(positions, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
         sign = torch.cat([-torch.ones_like(freqs[0]), torch.ones_like(freqs[0])])
         self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
@@ -208,7 +217,7 @@ class DeviceShard:
 
     def __post_init__(self) -> None:
         slots = [self.kv_heads.index(h // self.group_size) for h in self.query_heads]
-        self.kv_slot_of_query = torch.tensor(slots, dtype=torch.long)
+        self.kv_slot_of_query = torch.tensor(slots, dtype=torch.long, device=self.layers[0].wqkv.device)
         nq, nkv = len(slots), len(self.kv_heads)
         self.grouped_in_order = nq % nkv == 0 and slots == [i // (nq // nkv) for i in range(nq)]
 
@@ -237,11 +246,12 @@ def load_layer_shard(checkpoint: Checkpoint, layer: int, query_heads: Sequence[i
     q_rows, kv_rows = head_rows(query_heads, hd), head_rows(kv_heads, hd)
     read = checkpoint.read
     nq, nkv, width = (sum(b - a for a, b in r) for r in (q_rows, kv_rows, mlp))
-    wqkv = torch.empty(nq + 2 * nkv, checkpoint.config.hidden_size, dtype=dtype)  # read in place: no cat copy
+    wqkv = torch.empty(nq + 2 * nkv, checkpoint.config.hidden_size, dtype=dtype,
+                       device=checkpoint.device)  # read in place: no cat copy
     read(p + "self_attn.q_proj.weight", dtype, rows=q_rows, out=wqkv[:nq])
     read(p + "self_attn.k_proj.weight", dtype, rows=kv_rows, out=wqkv[nq:nq + nkv])
     read(p + "self_attn.v_proj.weight", dtype, rows=kv_rows, out=wqkv[nq + nkv:])
-    w_gate_up = torch.empty(2 * width, checkpoint.config.hidden_size, dtype=dtype)
+    w_gate_up = torch.empty(2 * width, checkpoint.config.hidden_size, dtype=dtype, device=checkpoint.device)
     read(p + "mlp.gate_proj.weight", dtype, rows=mlp, out=w_gate_up[:width])
     read(p + "mlp.up_proj.weight", dtype, rows=mlp, out=w_gate_up[width:])
     return LayerShard(
@@ -363,10 +373,11 @@ def embed_partial(token_ids: torch.Tensor, vocab: VocabSlice) -> torch.Tensor:
     """This device's share of the embedding of `token_ids`: the rows of its own tokens, zeros for the
     others ([T, hidden]); the sum over devices is the embedding (each token has exactly one owner)."""
     out = vocab.blocks[0].embed.new_zeros((token_ids.shape[0], vocab.blocks[0].embed.shape[1]))
-    for block in vocab.blocks:
+    token_ids = token_ids.to(out.device)
+    for block in vocab.blocks:  # gather every token's row (clamped), keep its own: no data-dependent shape to wait for
         local = token_ids - block.start
         own = (local >= 0) & (local < block.embed.shape[0])
-        out[own] = block.embed[local[own]]
+        out = torch.where(own[:, None], block.embed[local.clamp(0, block.embed.shape[0] - 1)], out)
     return out
 
 
@@ -388,12 +399,12 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, kv_heads: Sequence[int], head_dim: int, dtype: torch.dtype,
-                 capacity: int = 256):
+                 capacity: int = 256, device: torch.device = CPU):
         self.kv_heads = tuple(kv_heads)
-        self.num_layers, self.head_dim, self.dtype = num_layers, head_dim, dtype
+        self.num_layers, self.head_dim, self.dtype, self.device = num_layers, head_dim, dtype, device
         shape = (len(self.kv_heads), capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
 
     @property
@@ -412,7 +423,7 @@ class KVCache:
         capacity = max(length, 2 * self.capacity)
         for store in (self.k, self.v):
             for i, old in enumerate(store):
-                store[i] = torch.zeros((old.shape[0], capacity, self.head_dim), dtype=self.dtype)
+                store[i] = old.new_zeros((old.shape[0], capacity, self.head_dim))
                 store[i][:, :old.shape[1]] = old
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -455,7 +466,7 @@ class KVCache:
 
         Heads new to this device start empty and must be filled by a recovery strategy.
         """
-        cache = KVCache(self.num_layers, kv_heads, self.head_dim, self.dtype, max(self.capacity, 1))
+        cache = KVCache(self.num_layers, kv_heads, self.head_dim, self.dtype, max(self.capacity, 1), self.device)
         cache.length = self.length
         for g in set(kv_heads) & set(self.kv_heads):
             for layer in range(self.num_layers):
@@ -478,8 +489,9 @@ class HiddenStateStore:
     after a prefill, or one that missed a step, never claims positions it does not hold.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, capacity: int = 256):
-        self.x = torch.zeros((num_layers, capacity, hidden_size), dtype=dtype)
+    def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, capacity: int = 256,
+                 device: torch.device = CPU):
+        self.x = torch.zeros((num_layers, capacity, hidden_size), dtype=dtype, device=device)
         self.length = 0
         self._recorded = [0] * num_layers  # per layer: positions 0.._recorded[l] are held
 
@@ -489,8 +501,7 @@ class HiddenStateStore:
 
     def record(self, layer: int, start: int, x: torch.Tensor) -> None:
         if start + x.shape[0] > self.x.shape[1]:
-            grown = torch.zeros((self.x.shape[0], max(start + x.shape[0], 2 * self.x.shape[1]), self.x.shape[2]),
-                                dtype=self.x.dtype)
+            grown = self.x.new_zeros((self.x.shape[0], max(start + x.shape[0], 2 * self.x.shape[1]), self.x.shape[2]))
             grown[:, :self.x.shape[1]] = self.x
             self.x = grown
         self.x[layer, start:start + x.shape[0]] = x
@@ -552,6 +563,11 @@ class DeviceState:
     def device(self) -> int:
         return self.shard.device
 
+    @property
+    def placement(self) -> torch.device:
+        """Where this device's tensors live (the CPU, or its accelerator)."""
+        return self.vocab.final_norm.device
+
     def commit(self, length: int) -> None:
         """A step finished on every device: its positions now count as cached."""
         self.cache.length = length
@@ -565,8 +581,8 @@ def load_device_state(checkpoint: Checkpoint, assignment: Assignment, device: in
     config = checkpoint.config
     shard = load_device_shard(checkpoint, assignment, device, dtype, on_layer)
     vocab = load_vocab_slice(checkpoint, assignment.vocab_range(device, config.vocab_size), dtype)
-    cache = KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, dtype)
-    return DeviceState(config, shard, vocab, Rotary(config, dtype), cache)
+    cache = KVCache(config.num_hidden_layers, shard.kv_heads, config.head_dim, dtype, device=checkpoint.device)
+    return DeviceState(config, shard, vocab, Rotary(config, dtype, checkpoint.device), cache)
 
 
 def project_qkv(layer: LayerShard, num_q: int, num_kv: int, head_dim: int, h: torch.Tensor,
@@ -647,7 +663,7 @@ def block_kv_rows(block: LayerShard, slots: Sequence[int], head_dim: int) -> tup
         first, last = slots[0] * head_dim, (slots[-1] + 1) * head_dim
         return slice(nq * head_dim + first, nq * head_dim + last), slice((nq + nkv) * head_dim + first,
                                                                           (nq + nkv) * head_dim + last)
-    within = (torch.tensor(slots)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    within = (torch.tensor(slots)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1).to(block.wqkv.device)
     return nq * head_dim + within, (nq + nkv) * head_dim + within
 
 
@@ -699,15 +715,15 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         block_q = q[:, first:last].reshape(kv_heads, group * rows, head_dim)
         scores = torch.bmm(block_q, keys[:, :visible].transpose(1, 2)).view(kv_heads, group, rows, visible)
         if rows > 1:
-            scores[..., start + first:] += _future_mask(rows)
+            scores[..., start + first:] += _future_mask(rows, scores.device)
         block_out = torch.bmm(torch.softmax(scores, dim=-1).view(kv_heads, group * rows, visible), values[:, :visible])
         blocks.append(block_out.view(heads, rows, head_dim))
     return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).to(dtype)
 
 
-def _future_mask(rows: int) -> torch.Tensor:
+def _future_mask(rows: int, device: torch.device) -> torch.Tensor:
     """-inf above the diagonal of a rows x rows block: query row r may not see keys after r."""
-    return torch.full((rows, rows), float("-inf")).triu(1)
+    return torch.full((rows, rows), float("-inf"), device=device).triu(1)
 
 
 def mlp_partial(layer: LayerShard, h: torch.Tensor) -> torch.Tensor:
@@ -833,7 +849,8 @@ def replicate_step(state: DeviceState, start: int, length: int, collective: Coll
     source, kv_heads, at, keys, values = collective.recv(state.device, predecessor)
     replica = state.replica
     if replica is None or state.replica_of != source or replica.kv_heads != kv_heads:
-        replica = KVCache(cache.num_layers, kv_heads, cache.head_dim, cache.dtype, max(at + keys[0].shape[1], 1))
+        replica = KVCache(cache.num_layers, kv_heads, cache.head_dim, cache.dtype, max(at + keys[0].shape[1], 1),
+                          cache.device)
         state.replica_of, state.replica = source, replica
     for layer, (k, v) in enumerate(zip(keys, values)):
         replica.write(layer, at, k, v)

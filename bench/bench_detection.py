@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import multiprocessing
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from cluster_leader import StepFailed
 from device_protocol import RecoveryPolicy
 from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt
 from fault_injection import FailurePlan
-from fault_tolerant_cluster import FaultTolerantLlama
+from fault_tolerant_cluster import FaultTolerantLlama, prefill_under_load
 from heartbeat_detection import DETECTORS, HeartbeatConfig
 
 
@@ -61,35 +60,13 @@ def hang_detection_s(folder: Path, devices: int, heartbeat: HeartbeatConfig, bac
     raise RuntimeError("the hung device was never declared dead")
 
 
-def burn(seconds: float) -> None:
-    """Keep one core busy."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pass
-
-
 def false_alarms_under_load(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend: str, windows: int,
                             context: int) -> tuple[int, int]:
     """(declarations, prefills) while the devices prefill `context` tokens again and again and two
     extra processes burn both cores for `windows` heartbeat intervals."""
     with new_cluster(folder, devices, heartbeat, backend) as model:
         ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context)[:context]
-        load = [multiprocessing.get_context("spawn").Process(target=burn, args=(windows * heartbeat.interval_s,))
-                for _ in range(2)]
-        for process in load:
-            process.start()
-        prefills = 0
-        try:
-            while any(process.is_alive() for process in load):
-                try:
-                    model.prefill(ids)
-                except StepFailed as failure:
-                    return len(failure.events), prefills  # a live device declared dead: a false alarm
-                prefills += 1
-        finally:
-            for process in load:
-                process.join()
-        return 0, prefills
+        return prefill_under_load(model, ids, windows * heartbeat.interval_s)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

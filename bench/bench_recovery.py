@@ -65,6 +65,7 @@ from llama_model_loader import Checkpoint
 from performance_comparator import (Timing, kept_bytes, measure_copy_bandwidth, measure_keeping_cost, recovery_flops,
                                     time_rebuilds)
 from recovery_plots import plot_recovery_vs_context
+from recovery_report import PHASES, add_interruption_ratios, interruption
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import open_checkpoint
 
@@ -186,17 +187,13 @@ def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argpar
                "flop_ratio": full_flops / flops if flops else float("inf"),
                "kept_bytes_per_token": kept_bytes(name, post) / context}
         if timing:
-            phases = {**shared, "rebuild_s": timing.median, "redo_s": redo[name]}
             row |= {"seconds": list(timing.seconds), "min_s": timing.min, "median_s": timing.median,
                     "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None,
-                    "interruption_phases": phases, "interruption_s": sum(phases.values())}
+                    **interruption(shared, timing.median, redo[name])}
             log(f"    {name:<15} median {timing.median:.4f} s; redo {redo[name]:.3f} s; "
                 f"whole interruption {row['interruption_s']:.3f} s")
         rows.append(row)
-    whole = next((row for row in rows if row["strategy"] == "full-recompute" and row.get("interruption_s")), None)
-    for row in rows:
-        row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"] \
-            if whole and row.get("interruption_s") else None
+    add_interruption_ratios(rows, "strategy")
     plan = post.plans[-1]
     receivers = ", ".join(f"Device-{d}" for d in plan.moved_heads)
     rebuilt = sum(len(set(post.assignment.kv_heads(d)) - set(info.kv_heads)) for d, info in post.survivors.items())
@@ -247,8 +244,7 @@ def interruption_table(trials: Sequence[Trial]) -> str:
             phases = row.get("interruption_phases")
             if not phases:
                 continue
-            cells = " | ".join(f"{phases[k]:.3f}" for k in ("detection_s", "regroup_s", "weights_s", "rebuild_s",
-                                                             "redo_s"))
+            cells = " | ".join(f"{phases[key]:.3f}" for key, _ in PHASES)
             lines.append(f"{trial_cells(trial)} {row['strategy']} | {cells} | **{row['interruption_s']:.3f}** | "
                          f"{ratio(row['interruption_ratio'])} |")
     return "\n".join(lines)

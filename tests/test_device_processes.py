@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from device_processes import GlooCollective
+from device_processes import DistributedCollective
 from device_threads import StepAbandoned, ThreadCollective
 
 ROWS, WIDTH = 10, 6  # 10 rows split over 3 or 4 members: uneven
@@ -49,7 +49,7 @@ def as_bytes(value: Any) -> bytes:
 def in_process(port: int, device: int, members: tuple[int, ...], epoch: int, work: Callable, results) -> None:
     faulthandler.dump_traceback_later(90, exit=True)  # a member stuck past the test's patience says where
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    collective = GlooCollective(store, epoch, members, device, timeout_s=60.0)
+    collective = DistributedCollective(store, epoch, members, device, timeout_s=60.0)
     results.put((device, as_bytes(work(collective, device, members, store))))  # bytes: the process may end first
 
 
@@ -115,7 +115,7 @@ def lose_the_last_member(collective, device: int, members: tuple[int, ...], stor
     failed_after = time.perf_counter() - started
     started = time.perf_counter()
     survivors = members[:-1]
-    regrouped = GlooCollective(store, 1, survivors, device, timeout_s=60.0)
+    regrouped = DistributedCollective(store, 1, survivors, device, timeout_s=60.0)
     formed_in = time.perf_counter() - started
     return {"error": error, "failed_after_s": failed_after, "formed_in_s": formed_in,
             "sum": regrouped.all_reduce(device, x)}

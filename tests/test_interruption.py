@@ -4,20 +4,17 @@ phases."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import execution_optimization_algorithm_demo as demo
 from cluster_leader import StepFailed
 from device_protocol import RecoveryPolicy
 from fault_injection import FailurePlan
-from fault_tolerant_cluster import FaultTolerantLlama
+from fault_tolerant_cluster import FaultTolerantLlama, prefill_under_load
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from llama_model_loader import Checkpoint
@@ -172,13 +169,6 @@ def test_phi_declares_a_hung_device_in_well_under_half_the_fixed_timeout(tiny_ch
         model.release_hung()
 
 
-def burn(seconds: float) -> None:
-    """Keep one core busy."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pass
-
-
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_phi_raises_no_false_alarm_while_every_core_is_busy(tiny_checkpoint, backend):
     """Ten heartbeat windows of the default interval with both cores burnt by two extra processes and
@@ -187,19 +177,9 @@ def test_phi_raises_no_false_alarm_while_every_core_is_busy(tiny_checkpoint, bac
     context = list(range(5, 5 + 300))
     with FaultTolerantLlama.load(tiny_checkpoint, devices=4, log=lambda message: None, heartbeat=heartbeat,
                                  policy=RecoveryPolicy(hold=True), backend=backend) as model:
-        load = [multiprocessing.get_context("spawn").Process(target=burn, args=(10 * heartbeat.interval_s,))
-                for _ in range(2)]
-        for process in load:
-            process.start()
-        try:
-            prefills = 0
-            while any(process.is_alive() for process in load):
-                model.prefill(context)  # a false declaration would raise StepFailed here
-                prefills += 1
-        finally:
-            for process in load:
-                process.join()
+        declared, prefills = prefill_under_load(model, context, 10 * heartbeat.interval_s)
         assert prefills > 1
+        assert declared == 0
         assert not [event for event in model.events if event[2] == "declared dead"]
 
 
