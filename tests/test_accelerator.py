@@ -176,17 +176,19 @@ def test_the_python_api_refuses_cuda_on_threads(tiny):
 def test_on_gpus_a_sigkilled_device_is_recovered_losslessly_over_nccl(tiny):
     """Four device processes on four GPUs; Device-2 is SIGKILLed after two tokens; the survivors
     abort the broken communicator, form a new one and recover from the KV copies: the tokens are the
-    failure-free GPU run's, and greedy decoding agrees with the CPU."""
+    failure-free GPU run's, whose logits agree with the CPU's (to fp32 rounding: other kernels)."""
     assignment, heartbeat = even_assignment(tiny.config, 4), HeartbeatConfig(interval_s=0.05, timeout_s=0.5)
     with FaultTolerantLlama(tiny, assignment, torch.float32, heartbeat=heartbeat) as model:
-        on_cpu = model.generate(PROMPT, 6)
+        on_cpu = model.prefill(PROMPT)
     options = dict(heartbeat=heartbeat, backend="processes", accelerator="cuda")
     with FaultTolerantLlama(tiny, assignment, torch.float32, **options) as model:
+        on_gpus = model.prefill(PROMPT)
         failure_free = model.generate(PROMPT, 6)
     with FaultTolerantLlama(tiny, assignment, torch.float32, policy=RecoveryPolicy(strategy="replicate"),
                             **options) as model:
         model.keep(False, True)
         recovered = generate_with_failures(model, PROMPT, 6, [FailurePlan(2, after_tokens=2)])
         (recovery,) = model.recoveries
-    assert recovered == failure_free == on_cpu
+    torch.testing.assert_close(on_gpus, on_cpu, rtol=1e-4, atol=1e-4)
+    assert recovered == failure_free
     assert [e.device for e in recovery.events] == [2]
