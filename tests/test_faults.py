@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import execution_optimization_algorithm_demo as demo
 from cluster_leader import Recovery, StepFailed
-from device_protocol import RecoveryPolicy
+from device_protocol import RecoveryPolicy, Regroup
 from device_threads import StepAbandoned
 from device_processes import process_exists
 from fault_injection import FailurePlan
@@ -64,11 +64,19 @@ def project_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(PROJECT_THREADS)]
 
 
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` until it holds (True) or `timeout_s` has passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def assert_no_project_threads(grace_s: float = 2.0) -> None:
     """No device thread is left (explicitly, beside the conftest guard)."""
-    deadline = time.monotonic() + grace_s
-    while project_threads() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not project_threads(), grace_s)
     assert project_threads() == [], f"threads left running: {project_threads()}"
 
 
@@ -375,10 +383,7 @@ def test_hung_device_that_wakes_is_fenced_out_by_its_epoch(tiny, backend, wakes)
 
     def wake(model: FaultTolerantLlama) -> None:
         model.release_hung()
-        deadline = time.monotonic() + 5
-        while device_running(model, hung) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen["stopped"] = not device_running(model, hung)
+        seen["stopped"] = wait_until(lambda: not device_running(model, hung), timeout_s=5)
 
     def before_recover(model, failure):
         assert [e.device for e in failure.events] == [hung]
@@ -410,9 +415,7 @@ def test_a_hung_process_declared_dead_is_killed_by_the_leader(tiny):
     exit_codes = {}
 
     def after_recover(model, failure, recovery):
-        deadline = time.monotonic() + 5
-        while device_running(model, hung) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not device_running(model, hung), timeout_s=5)
         exit_codes.update({d: code for d, (_, code) in model.transport.exits.items()})
 
     outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
@@ -454,9 +457,7 @@ def test_close_stops_every_device_at_once_even_while_the_leader_waits_for_a_dete
 
     stepping = threading.Thread(target=step, name="stepping", daemon=True)
     stepping.start()
-    deadline = time.monotonic() + 10
-    while not model.strikes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: bool(model.strikes), timeout_s=10)
     started = time.monotonic()
     model.close()
     stepping.join(timeout=2.0)
@@ -564,11 +565,11 @@ def test_replicate_crash_during_prefill_needs_no_fallback(tiny_4kv, backend):
 
 def test_a_death_declared_after_the_recovery_began_restarts_it_and_leaves_nothing_queued(tiny, backend):
     """Device-1 and Device-3 die in the same step. Device-1 is declared (on another signal, by hand:
-    the heartbeat timeout is too long to strike) and its recovery begins; only once the survivors
-    are inheriting Device-1's weights is Device-3, whose threads have already ended, declared. The
-    recovery must not wait for Device-3: it is started again on what is left, takes Device-3's
-    declaration with it, and leaves none behind to come back as a stale failure (the next steps
-    need no second recovery)."""
+    the heartbeat timeout is too long to strike) and its recovery begins; only once the leader has
+    asked the survivors to regroup (Device-3 among them, its threads already ended) is Device-3
+    declared. The recovery must not wait for Device-3: it is started again on what is left, takes
+    Device-3's declaration with it, and leaves none behind to come back as a stale failure (the next
+    steps need no second recovery)."""
     if backend == "processes":
         pytest.skip("a SIGKILLed process is declared at once by its exit: a late declaration cannot be forced")
     assignment = even_assignment(tiny.config, 4)
@@ -576,24 +577,27 @@ def test_a_death_declared_after_the_recovery_began_restarts_it_and_leaves_nothin
     slow_beats = HeartbeatConfig(interval_s=0.05, timeout_s=60.0)
     with new_model(tiny, assignment, backend, heartbeat=slow_beats) as model:
         declared_when_recovery_began: list[tuple[int, ...]] = []
+        regrouping = threading.Event()
+        send = model.transport.send
+
+        def watching_for_regroup(to, envelope) -> None:
+            if isinstance(envelope.body, Regroup):
+                regrouping.set()
+            send(to, envelope)
+
+        model.transport.send = watching_for_regroup
 
         def declare_once(device: int, after: Callable[[], bool]) -> threading.Thread:
             def run():
-                deadline = time.monotonic() + 30
-                while not after() and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                model.declare_dead(device, "test")
+                if wait_until(after, timeout_s=60):
+                    model.declare_dead(device, "test")
             thread = threading.Thread(target=run, name=f"declare-{device}", daemon=True)
             thread.start()
             return thread
 
-        def inheriting() -> bool:
-            struck = max((s.at for s in model.strikes), default=float("inf"))
-            return any(kind == "load weights" and at > struck for at, _, kind, _ in list(model.events))
-
         def recover(m, failure):
             declared_when_recovery_began.append(tuple(e.device for e in failure.events))
-            declarers.append(declare_once(3, inheriting))
+            declarers.append(declare_once(3, regrouping.is_set))
             m.recover("full-recompute")
 
         declarers = [declare_once(1, lambda: {s.device for s in model.strikes} == {1, 3})]
