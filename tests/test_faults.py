@@ -41,6 +41,7 @@ from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import Checkpoint
 from lossless_checks import REBUILT_KV_TOLERANCE, KVCheck, check_kv, reference_head, relative_error
+from polling import wait_until
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import ClusterClosed
 from tensor_parallel_model import SEQUENCE_PARALLEL_MIN_TOKENS
@@ -62,16 +63,6 @@ PROJECT_THREADS = ("Device-",)
 
 def project_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(PROJECT_THREADS)]
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll `condition` until it holds (True) or `timeout_s` has passed (False)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def assert_no_project_threads(grace_s: float = 2.0) -> None:

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
+from polling import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.5)
@@ -35,9 +35,8 @@ def free_port() -> int:
 
 
 def wait_until_gone(pids, within_s: float) -> list[int]:
-    deadline = time.monotonic() + within_s
-    while any(process_exists(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """The processes of `pids` still there once they are all gone or `within_s` has passed."""
+    wait_until(lambda: not any(process_exists(p) for p in pids), within_s, every_s=0.05)
     return [p for p in pids if process_exists(p)]
 
 
