@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 import kv_cache_reused
-from device_protocol import (DRIVER, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
+from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
                              Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
 from device_threads import POLL_S, StaleEpoch, StepAbandoned, ThreadCollective
@@ -34,7 +34,7 @@ from tensor_parallel_model import (CPU, DeviceState, HiddenStateStore, StandbySl
                                    extend_shard, load_device_state, load_standby, load_vocab_slice, missing_ranges,
                                    replicate_step, settle)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)

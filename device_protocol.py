@@ -246,6 +246,12 @@ class Step:
     logits: str = "last"
 
 
+# The vocabulary a policy and a device setup are written in (the engine's tables are keyed by them;
+# plain names here so that a command line can offer them without importing torch).
+STRATEGY_NAMES = ("full-recompute", "reuse-replay", "reuse-hidden", "replicate")
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class RecoveryPolicy:
     """How the leader recovers: who takes the lost heads, how the KV is rebuilt, and whether it

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from device_protocol import DeviceInfo
+from device_protocol import STRATEGY_NAMES, DeviceInfo
 from head_assignment import Assignment
 from tensor_parallel_model import (Collective, DeviceState, HiddenStateStore, KVCache, Rotary, device_forward,
                                    kv_weight_rows, project_kv_heads)
@@ -42,6 +42,7 @@ STRATEGIES: dict[str, StrategyInfo] = {s.name: s for s in (
     StrategyInfo("reuse-hidden", "hidden states", True),
     StrategyInfo("replicate", "KV replica", True),
 )}
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "the protocol's names and the strategies must agree"
 FALLBACKS = ("reuse-hidden", "full-recompute")  # tried in order when the asked strategy is impossible
 
 

@@ -134,11 +134,15 @@ def span_colour(span: Span, spare: dict[str, str]) -> str:
 # The timeline
 
 
-def plot_timeline(events: Iterable[Event], path: str | Path, title: str) -> Path:
+def plot_timeline(events: Iterable[Event], path: str | Path, title: str,
+                  rebuild_medians: Mapping[str, float] | None = None) -> Path:
     """One row per device (Device-0 on top): spans as bars, heartbeats as ticks, failures marked.
 
     When the recovery is a small part of a long run, a second panel zooms on it: from the failure
     to the resumed generation. The detection window is shaded and its latency written on it.
+    A device's rebuild bar is its own part of the rebuild; the legend gives beside it the whole
+    rebuild's median as the report times it (`rebuild_medians`, from the leader's order to the
+    last device's answer), so that the two are not mistaken for each other.
     """
     timeline = read_events(events)
     window = recovery_window(timeline)
@@ -153,8 +157,8 @@ def plot_timeline(events: Iterable[Event], path: str | Path, title: str) -> Path
         mark_window(axes[0], window)
     axes[-1].set_xlabel("seconds since the first event")
     figure.suptitle(title, fontsize=13)
-    handles = legend_handles(timeline, spare)
-    figure.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=9,
+    handles = legend_handles(timeline, spare, rebuild_medians or {})
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=9,
                   frameon=False)
     return save(figure, path)
 
@@ -254,14 +258,17 @@ def mark_window(ax, window: tuple[float, float]) -> None:
     ax.axvspan(*window, facecolor="none", edgecolor="0.3", linestyle=":", linewidth=1.0)
 
 
-def legend_handles(timeline: Timeline, spare: dict[str, str]) -> list:
-    """Legend entries for what the picture holds; a rebuild's entry gives its median duration."""
+def legend_handles(timeline: Timeline, spare: dict[str, str], whole: Mapping[str, float]) -> list:
+    """Legend entries for what the picture holds; a rebuild's entry gives the median of one
+    device's own part and, where known, of the whole rebuild (`whole`, by strategy)."""
     seen: dict[str, str] = {}
     for span in timeline.spans:
         name = span.label if span.kind == REBUILD else span.kind
         if span.kind == REBUILD:
+            runs, own = rebuild_median(timeline, span.label)
             name = f"rebuild KV: {name}" if name != REBUILD else name
-            name += f" (median {seconds(rebuild_median(timeline, span.label))})"
+            name += f" (x{runs}; a device's part: median {seconds(own)}"
+            name += f"; whole rebuild: {seconds(whole[span.label])})" if span.label in whole else ")"
         seen.setdefault(name, span_colour(span, spare))
     order = ["compute", "regroup", "load weights", "stalled"]
     handles: list = [Patch(color=seen[k], label=k) for k in order if k in seen]
@@ -279,15 +286,59 @@ def legend_handles(timeline: Timeline, spare: dict[str, str]) -> list:
     return handles
 
 
-def rebuild_median(timeline: Timeline, label: str) -> float:
-    """Median duration of one strategy's rebuild runs, on the first device that ran them."""
+def rebuild_median(timeline: Timeline, label: str) -> tuple[int, float]:
+    """How many times one strategy's rebuild ran, and the median of its spans on the first device
+    that ran it (a device's own part: the whole rebuild also waits for the slowest device)."""
     runs = [s for s in timeline.spans if s.kind == REBUILD and s.label == label]
     first = min(s.device for s in runs)
-    return statistics.median(s.duration for s in runs if s.device == first)
+    own = [s.duration for s in runs if s.device == first]
+    return len(own), statistics.median(own)
 
 
 def seconds(value: float) -> str:
     return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+# --------------------------------------------------------------------------------------------
+# The whole interruption per strategy
+
+
+PHASE_COLOURS = {"detection_s": DETECTION_COLOUR, "regroup_s": SPAN_COLOURS["regroup"],
+                 "weights_s": SPAN_COLOURS["load weights"], "rebuild_s": SPAN_COLOURS[REBUILD],
+                 "redo_s": SPAN_COLOURS["compute"]}
+PHASE_LABELS = {"detection_s": "detect", "regroup_s": "regroup", "weights_s": "weights", "rebuild_s": "rebuild KV",
+                "redo_s": "redo the step"}
+
+
+def plot_phases(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """One horizontal bar per strategy, its whole interruption stacked phase by phase (the report's
+    first screen as a picture): where a user's wait goes, and what each strategy cuts of it.
+
+    Each row needs 'name', 'interruption_s' and 'interruption_phases' (rows without them, a
+    strategy that could not run, are left out).
+    """
+    rows = [r for r in rows if r.get("interruption_phases")]
+    if not rows:
+        raise ValueError("no interruption to plot")
+    figure = new_figure((11, 1.6 + 0.7 * len(rows)))
+    ax = figure.subplots()
+    for y, row in enumerate(rows):
+        left = 0.0
+        for key, colour in PHASE_COLOURS.items():
+            width = row["interruption_phases"].get(key, 0.0)
+            ax.barh(y, width, left=left, color=colour, edgecolor="white", linewidth=0.6, height=0.6)
+            left += width
+        ax.text(left, y, f"  {row['interruption_s']:.2f} s", va="center", ha="left", fontsize=9)
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
+    ax.set_ylim(len(rows) - 0.4, -0.6)  # the first strategy on top, as in the report
+    ax.set_xlim(0, max(r["interruption_s"] for r in rows) * 1.15)
+    ax.set_xlabel("seconds from the crash to the next token (each phase measured in the run)")
+    ax.grid(axis="x", color="0.88", linewidth=0.6)
+    ax.set_axisbelow(True)
+    figure.suptitle(title, fontsize=11)
+    figure.legend(handles=[Patch(color=c, label=PHASE_LABELS[k]) for k, c in PHASE_COLOURS.items()],
+                  loc="outside lower center", ncol=len(PHASE_COLOURS), fontsize=9, frameon=False)
+    return save(figure, path)
 
 
 # --------------------------------------------------------------------------------------------

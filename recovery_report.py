@@ -5,10 +5,12 @@ files are written atomically: an interrupted run leaves the previous report or n
 """
 from __future__ import annotations
 
-import json
 import os
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from provenance import strict_json
 
 Report = dict[str, Any]
 
@@ -17,19 +19,25 @@ PHASES = (("detection_s", "detect"), ("regroup_s", "regroup"), ("weights_s", "we
           ("redo_s", "redo"))
 
 
-def interruption(shared_phases: dict[str, float], rebuild_s: float, redo_s: float) -> dict:
+def interruption(shared_phases: dict[str, float], rebuild: float | Sequence[float], redo_s: float) -> dict:
     """A strategy's whole interruption (JSON fields): the phases every strategy shares (detection,
-    regroup, weights), its own rebuild and redo, and their sum."""
-    phases = {**shared_phases, "rebuild_s": rebuild_s, "redo_s": redo_s}
-    return {"interruption_phases": phases, "interruption_s": sum(phases.values())}
+    regroup, weights: one sample each), its own rebuild (the median of its timed runs, when given
+    them all) and redo (one sample), their sum, and how many samples stand behind each phase."""
+    rebuilds = [rebuild] if isinstance(rebuild, (int, float)) else list(rebuild)
+    phases = {**shared_phases, "rebuild_s": statistics.median(rebuilds), "redo_s": redo_s}
+    samples = {key: {"samples": 1, "min_s": value, "max_s": value} for key, value in phases.items()}
+    samples["rebuild_s"] = {"samples": len(rebuilds), "min_s": min(rebuilds), "max_s": max(rebuilds)}
+    return {"interruption_phases": phases, "interruption_s": sum(phases.values()), "interruption_samples": samples}
 
 
 def add_interruption_ratios(rows: list[dict], strategy_key: str) -> None:
-    """Each row's `interruption_ratio`: full recompute's whole interruption over the row's own."""
+    """Each row's `interruption_ratio` (full recompute's whole interruption over the row's own) and
+    `interruption_saved_fraction` (the share of full recompute's interruption the row saves)."""
     whole = next((r for r in rows if r[strategy_key] == "full-recompute" and r.get("interruption_s")), None)
     for row in rows:
-        row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"] \
-            if whole and row.get("interruption_s") else None
+        measured = bool(whole and row.get("interruption_s"))
+        row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"] if measured else None
+        row["interruption_saved_fraction"] = 1 - row["interruption_s"] / whole["interruption_s"] if measured else None
 
 
 def inheritance_rate(failure: dict) -> str:
@@ -55,9 +63,15 @@ def json_path(report_path: Path) -> Path:
     return report_path.with_suffix(".json")
 
 
+def picture_path(report_path: Path, picture: str) -> Path:
+    """A picture named after its report: /tmp/run.txt gives /tmp/run.timeline.png (two reports
+    written to different paths never overwrite each other's pictures)."""
+    return report_path.with_suffix("").with_name(f"{report_path.with_suffix('').name}.{picture}.png")
+
+
 def write_report(report_path: Path, report: Report) -> None:
-    """Write the text report and its JSON twin (same name, .json), each atomically."""
-    text, data = render(report), json.dumps(report, indent=2)  # both complete before either file is replaced
+    """Write the text report and its JSON twin (same name, .json, strict JSON), each atomically."""
+    text, data = render(report), strict_json(report, indent=2)  # both complete before either file is replaced
     _write_atomically(report_path, text)
     _write_atomically(json_path(report_path), data)
 
@@ -101,38 +115,66 @@ def _heading(title: str) -> str:
 
 
 def _title(r: Report) -> str:
-    return (f"KV-cache reuse after a device failure: performance report\n{'=' * 57}\n"
+    title = "Losing a device mid-generation: the whole interruption, phase by phase, and the KV-cache rebuild"
+    return (f"{title}\n{'=' * len(title)}\n"
             f"Every figure below was measured in this run ({r['run']['started']}), "
             f"unless it is marked as counted from shapes.")
 
 
+def measured_on(r: Report) -> str:
+    """One line that says what the figures were measured on, to be quoted with them."""
+    m, s, e = r["model"], r["system"], r["environment"]
+    kind = "synthetic: random weights, real shapes" if m["synthetic"] else "real weights"
+    cpu = e["cpu"] + (f" with {e['cpu_features']}" if e.get("cpu_features") else "")
+    return (f"Measured on: {m.get('name', Path(m['path']).name)} ({kind}), {r['run']['backend']} backend, "
+            f"{s['devices']} devices, {r['failure'].get('detector', 'timeout')} detector, {m['compute_dtype']}, "
+            f"{r['comparison_meta']['context_tokens']}-token context at the failure; {cpu}, {e['cores']} cores; commit {r['run'].get('commit', 'unknown')}; "
+            f"{r['run']['started'][:10]}")
+
+
 def render_interruption(r: Report) -> str:
     """The first screen: what losing the device cost this run, end to end, phase by phase, and what
-    each strategy saved of it against full recomputation."""
+    each strategy saved of it against full recomputation; it says what it was measured on and how
+    many samples each figure is, so that it can be quoted on its own."""
     f, rows = r["failure"], [row for row in r["comparison"] if row.get("interruption_phases")]
     if not rows:
         return ""
     full = next((row for row in rows if row["name"] == "full-recompute"), None)
-    lines = [_heading(f"What losing Device-{f['device']} cost: from the crash to the next token"),
+    lines = [_heading(f"What losing Device-{f['device']} cost: from the crash to the next token"), measured_on(r),
              f"{'strategy':<16}" + "".join(f"{label:>9}" for _, label in PHASES) + f"{'total s':>10}"
              + ("   saved against full recompute" if full else "")]
     for row in rows:
         phases = row["interruption_phases"]
         saved = ""
         if full and row is not full:
-            saved = f"   {full['interruption_s'] - row['interruption_s']:.3f} s"
-            if row["interruption_ratio"] >= 1:
-                saved += f" ({_ratio(row['interruption_ratio'])} shorter)"
-            else:
-                saved += f" ({_ratio(1 / row['interruption_ratio'])} longer)"
+            saved = f"   {full['interruption_s'] - row['interruption_s']:.3f} s ({_percent(row)})"
         lines.append(f"{row['name']:<16}" + "".join(f"{phases[key]:>9.3f}" for key, _ in PHASES)
                      + f"{row['interruption_s']:>10.3f}{saved}")
     lines.append(f"detect: crash to declared dead ({f.get('detector', 'timeout')} detector; declared by "
                  f"{f['declared_by']}); regroup: fencing, the survivors' first call on the new group and their "
-                 f"agreeing on the context; "
-                 f"weights: the new owners' slices; rebuild: the KV cache (median of the runs); redo: the "
+                 f"agreeing on the context; weights: the new owners' slices; rebuild: the KV cache; redo: the "
                  f"abandoned step, redone, which gives the next token. Seconds, each measured in this run.")
+    lines.append(_samples(rows))
     return "\n".join(lines)
+
+
+def _percent(row: dict) -> str:
+    saved = row.get("interruption_saved_fraction")
+    if saved is None:
+        return "-"
+    return f"{saved:.0%} shorter" if saved >= 0 else f"{-saved:.0%} longer"
+
+
+def _samples(rows: list[dict]) -> str:
+    """How many samples stand behind each phase, and the rebuild's range where it has several."""
+    counts = rows[0].get("interruption_samples") or {}
+    rebuild = counts.get("rebuild_s", {}).get("samples", 1)
+    ranges = ", ".join(f"{row['name']} {row['interruption_samples']['rebuild_s']['min_s']:.3f}-"
+                       f"{row['interruption_samples']['rebuild_s']['max_s']:.3f}"
+                       for row in rows if row.get("interruption_samples"))
+    text = ("Samples: detect, regroup and weights are one each, shared by every strategy; redo is one per "
+            f"strategy; rebuild is the median of {rebuild} alternating run{'s' if rebuild != 1 else ''}")
+    return text + (f" (min-max: {ranges})." if rebuild > 1 and ranges else ".")
 
 
 def _model(r: Report) -> str:
@@ -235,7 +277,7 @@ def render_comparison(r: Report) -> str:
             lines.append(f"{row['name']:<16}  could not run: {row['error']}")
             continue
         lines.append(f"{row['name']:<16}{row['min_s']:>9.4f}{row['median_s']:>10.4f}{row['max_s']:>9.4f}"
-                     f"{_ratio(row['speedup']):>9}{row['flops'] / 1e9:>10.2f}{_ratio(row['flop_ratio']):>11}"
+                     f"{_ratio(row['speedup']):>9}{row['flops'] / 1e9:>10.2f}{_flop_ratio(row):>11}"
                      f"{row['reuse_rate']:>7.0%}{row['kept_bytes'] / 1e6:>9.1f}{'yes' if row['lossless'] else 'NO':>10}")
     lines.append("speedup = median of full-recompute / median of the strategy; FLOP ratio likewise from FLOPs; "
                  "kept MB = state kept during normal running for the strategy (all survivors)")
@@ -243,9 +285,11 @@ def render_comparison(r: Report) -> str:
 
 
 def _ratio(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "inf" if value == float("inf") else f"{value:.1f}x"
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def _flop_ratio(row: dict) -> str:
+    return "no FLOPs" if row.get("flop_ratio_note") else _ratio(row["flop_ratio"])
 
 
 def _device_level(r: Report) -> str:

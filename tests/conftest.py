@@ -128,12 +128,13 @@ TINY_DEMO_ARGS = ("--heartbeat-interval", "0.05", "--heartbeat-timeout", "0.25",
 def tiny_demo_run(tiny_checkpoint, tmp_path_factory):
     """(options, report dict, log lines) of the demo's run_scenario on the tiny checkpoint: short heartbeats,
     32-token context, 6 new tokens, Device-1 crashing after 3, every strategy once."""
+    import demo_scenario
     import execution_optimization_algorithm_demo as demo
     report_path = tmp_path_factory.mktemp("tiny-demo") / "report.txt"
     options = demo.parse_args(["--model-dir", str(tiny_checkpoint), *TINY_DEMO_ARGS, "--report", str(report_path),
                                "--quiet"])
     lines: list[str] = []
-    report = demo.run_scenario(options, lines.append)
+    report = demo_scenario.run_scenario(options, lines.append)
     return options, report, lines
 
 

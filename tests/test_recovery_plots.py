@@ -9,12 +9,12 @@ import pytest
 
 from cluster_leader import StepFailed
 from device_protocol import RecoveryPolicy
-from execution_optimization_algorithm_demo import TIMELINE_NAME, main as demo_main
+from execution_optimization_algorithm_demo import main as demo_main
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES
-from recovery_plots import plot_recovery_vs_context, plot_timeline, read_events
+from recovery_plots import plot_phases, plot_recovery_vs_context, plot_timeline, read_events
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST_BEATS = HeartbeatConfig(0.05, 0.25)
@@ -126,14 +126,32 @@ def test_plot_recovery_vs_context_writes_a_png_from_rows(tmp_path):
     assert_png(plot_recovery_vs_context(minimal, tmp_path / "minimal.png"))
 
 
-def test_demo_writes_the_timeline_beside_the_report(tiny_checkpoint, tmp_path, capsys):
-    report = tmp_path / "run" / "report.txt"
+def test_demo_writes_its_pictures_beside_the_report_named_after_it(tiny_checkpoint, tmp_path, capsys):
+    """Two runs with different --report paths never overwrite each other's pictures; the JSON twin
+    the program writes is strict JSON."""
+    report = tmp_path / "run" / "first.txt"
     report.parent.mkdir()
     code = demo_main(["--model-dir", str(tiny_checkpoint), "--heartbeat-interval", "0.05",
                       "--heartbeat-timeout", "0.25", "--context-tokens", "32", "--repeats", "1",
                       "--report", str(report), "--quiet"])
     assert code == 0, capsys.readouterr().err
-    timeline = report.parent / TIMELINE_NAME
-    assert_png(timeline)
-    assert json.loads(report.with_suffix(".json").read_text())["files"]["timeline"] == str(timeline)
+    timeline, phases = report.parent / "first.timeline.png", report.parent / "first.phases.png"
+    assert_png(timeline) and assert_png(phases)
+    saved = json.loads(report.with_suffix(".json").read_text(), parse_constant=refuse_non_finite)
+    assert saved["files"] == {"timeline": str(timeline), "phases": str(phases)}
     assert str(timeline) in report.read_text()
+    assert sorted(p.name for p in report.parent.iterdir()) == ["first.json", "first.phases.png",
+                                                                 "first.timeline.png", "first.txt"]
+
+
+def refuse_non_finite(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_the_phases_picture_stacks_each_strategys_interruption(tmp_path):
+    rows = [{"name": name, "interruption_s": 1.0 + i, "interruption_phases": {
+        "detection_s": 0.5, "regroup_s": 0.01, "weights_s": 0.2, "rebuild_s": 0.29 + i, "redo_s": 0.0}}
+        for i, name in enumerate(STRATEGIES)] + [{"name": "could-not-run", "error": "no copy"}]
+    assert_png(plot_phases(rows, tmp_path / "phases.png", "four strategies"))
+    with pytest.raises(ValueError):
+        plot_phases(rows[-1:], tmp_path / "none.png", "nothing ran")

@@ -18,6 +18,10 @@ import recovery_report
 from kv_cache_reused import STRATEGIES
 from recovery_report import check_writable, json_path, render, write_report
 
+def refuse_non_finite(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 SECTIONS = ["Model loading", "System initialisation", "Failure detection and recovery", "KV-cache rebuild",
             "Device-level comparison", "Lossless checks", "Generated text", "Environment"]
 
@@ -112,10 +116,30 @@ def test_the_first_screen_is_the_whole_interruption_phase_by_phase(text, report)
         line = next(line for line in first.splitlines() if line.startswith(row["name"]))
         assert [f"{phases[key]:.3f}" for key in ("detection_s", "regroup_s", "weights_s", "rebuild_s", "redo_s")] \
             + [f"{row['interruption_s']:.3f}"] == line.split()[1:7]
-        if row["name"] != "full-recompute" and row["interruption_ratio"] >= 1:
-            assert f"({row['interruption_ratio']:.1f}x shorter)" in line
-        elif row["name"] != "full-recompute":
-            assert f"({1 / row['interruption_ratio']:.1f}x longer)" in line
+        saved = row["interruption_saved_fraction"]
+        assert saved == pytest.approx(1 - row["interruption_s"] / report["comparison"][0]["interruption_s"])
+        if row["name"] != "full-recompute":
+            assert f"({abs(saved):.0%} {'shorter' if saved >= 0 else 'longer'})" in line
+
+
+def test_the_first_screen_says_what_it_was_measured_on_and_how_many_samples_each_phase_is(text, report):
+    """The part people quote must stand on its own: model, backend, devices, detector, dtype,
+    context, machine, commit and date on one line; the samples behind every phase below the table."""
+    first = text[:text.index("1. Model loading")]
+    header = next(line for line in first.splitlines() if line.startswith("Measured on:"))
+    m, e = report["model"], report["environment"]
+    for part in (m["name"], "synthetic", "threads backend", f"{report['system']['devices']} devices",
+                 "timeout detector", m["compute_dtype"], f"{report['comparison_meta']['context_tokens']}-token context at the failure",
+                 e["cpu"], f"{e['cores']} cores", f"commit {report['run']['commit']}", report["run"]["started"][:10]):
+        assert part in header, part
+    samples = next(line for line in first.splitlines() if line.startswith("Samples:"))
+    repeats = report["comparison_meta"]["repeats"]
+    assert "detect, regroup and weights are one each" in samples and "redo is one per strategy" in samples
+    assert f"median of {repeats} alternating run" in samples
+    for row in report["comparison"]:
+        counts = row["interruption_samples"]
+        assert counts["rebuild_s"] == {"samples": repeats, "min_s": row["min_s"], "max_s": row["max_s"]}
+        assert all(counts[k]["samples"] == 1 for k in ("detection_s", "regroup_s", "weights_s", "redo_s"))
 
 
 def test_device_level_section_says_what_each_rebuild_computes(text, report):
@@ -177,8 +201,12 @@ def test_write_report_writes_the_text_and_its_json_twin_and_nothing_else(report,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.txt"]
     assert json_path(path) == tmp_path / "report.json"
     assert path.read_text() == render(report)
-    saved = json.loads(json_path(path).read_text())
+    saved = json.loads(json_path(path).read_text(), parse_constant=refuse_non_finite)
     assert saved == json.loads(json.dumps(report))  # every figure, as it was measured
+    assert saved["schema_version"] == 2 and saved["run"]["commit"]
+    options = saved["run"]["options"]  # with their real types
+    assert options["devices"] == 4 and options["heartbeat_timeout"] == 0.25 and options["quiet"] is True
+    assert options["model_dir"] is not None and options["recovery"] == list(STRATEGIES)
     t = saved["text"]
     assert t["prompt_ids"] == report["text"]["prompt_ids"] and len(t["prompt_ids"]) >= 32
     assert t["before_ids"] == report["text"]["before_ids"] and len(t["before_ids"]) == 3
@@ -195,6 +223,14 @@ def test_writing_into_a_missing_folder_raises_and_leaves_nothing(report, tmp_pat
         write_report(missing, report)
     with pytest.raises(OSError):
         check_writable(missing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_json_twin_refuses_nan_and_infinity_instead_of_writing_them(report, tmp_path):
+    broken = copy.deepcopy(report)
+    broken["comparison"][0]["speedup"] = float("inf")
+    with pytest.raises(ValueError, match="not JSON"):
+        write_report(tmp_path / "report.txt", broken)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -247,7 +283,7 @@ def test_a_failed_json_dump_leaves_the_old_report_intact(old_report, monkeypatch
 
     def broken(*args, **kwargs):
         raise TypeError("Object of type X is not JSON serializable")
-    monkeypatch.setattr(recovery_report.json, "dumps", broken)
+    monkeypatch.setattr(recovery_report, "strict_json", broken)
     with pytest.raises(TypeError):
         write_report(path, newer)
     monkeypatch.undo()

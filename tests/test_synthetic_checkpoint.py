@@ -206,10 +206,11 @@ def test_the_default_runs_greedy_text_on_the_1b_model_is_not_one_repeated_token(
     """The demo's default prompt padded to its default 512-token context: 16 greedy tokens, at least
     half of them distinct, so that "the tokens after the recovery are identical" can fail. (With
     attention scores of std 1 the weights gave ' cam' sixteen times.)"""
+    import demo_scenario
     import execution_optimization_algorithm_demo as demo
     from llama_model_loader import load_tokenizer
     checkpoint = Checkpoint(llama_1b_checkpoint)
-    prompt = demo.build_prompt(load_tokenizer(checkpoint.folder, checkpoint.config), demo.DEFAULT_PROMPT, 512)
+    prompt = demo_scenario.build_prompt(load_tokenizer(checkpoint.folder, checkpoint.config), demo.DEFAULT_PROMPT, 512)
     assert len(prompt) == 512
     with TensorParallelLlama(checkpoint, initial_assignment(32, 8, 8192, 4)) as model:
         tokens = model.generate(prompt, 16)
