@@ -27,6 +27,7 @@ of additions depends on the group's size: processes give the thread backend's bi
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import io
 import math
@@ -43,8 +44,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+
+
+def node_arguments() -> "argparse.ArgumentParser":
+    """`python device_processes.py`'s command line (torch-free: --help and mistakes answer at once)."""
+    parser = argparse.ArgumentParser(description=(
+        "The launcher of a node other than 0 (configured by MASTER_ADDR, MASTER_PORT, NODE_RANK, NNODES, "
+        "DEVICES_PER_NODE, NODE_ADDR). With --device: one device process (what a launcher starts)."))
+    parser.add_argument("--device", type=int, help="run this one device (launchers start these)")
+    parser.add_argument("--master", help="with --device: the launcher's store, HOST:PORT")
+    parser.add_argument("--node-addr", default="127.0.0.1", help="with --device: the address it listens on")
+    parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for node 0 (default 600)")
+    return parser
+
+
 if __name__ == "__main__":  # a launcher or a device process: torch's C++ log lines would repeat its errors
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    node_arguments().parse_args()  # --help and a mistake are answered before torch is imported
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -836,13 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python device_processes.py`: the launcher of a node other than 0 (configured by MASTER_ADDR,
     MASTER_PORT, NODE_RANK, NNODES, DEVICES_PER_NODE, NODE_ADDR). With --device: one device process
     (what a launcher starts)."""
-    import argparse
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--device", type=int, help="run this one device (launchers start these)")
-    parser.add_argument("--master", help="with --device: the launcher's store, HOST:PORT")
-    parser.add_argument("--node-addr", default="127.0.0.1", help="with --device: the address it listens on")
-    parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for node 0 (default 600)")
-    args = parser.parse_args(argv)
+    args = node_arguments().parse_args(argv)
     if args.device is not None:
         host, port = args.master.rsplit(":", 1)
         run_device((host, int(port)), args.device, args.node_addr)

@@ -44,10 +44,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--devices", type=int, default=4, help="simulated devices (default 4)")
     add("--backend", choices=("threads", "processes"), default="threads",
         help="threads: every device a thread of this process (default); processes: every device an OS process, "
-             "collectives on torch.distributed (gloo), the crash a real SIGKILL (see README for two hosts)")
+             "collectives on torch.distributed (gloo), the crash a real SIGKILL (docs/backends.md: two hosts)")
     add("--accelerator", choices=("cpu", "cuda"), default="cpu",
         help="cpu (default), or cuda with --backend processes: every device process computes on a GPU of its "
-             "own, collectives on NCCL (see README: written for GPUs, not yet run on one)")
+             "own, collectives on NCCL (docs/backends.md: written for GPUs, not yet run on one)")
     add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
     add("--fail-after", type=int, default=4, help="generated tokens before the crash (default 4)")
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt text")
@@ -71,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="every device also reads, before any failure, the slices it would inherit (costs memory, "
              "reported; inheriting then reads nothing)")
     add("--dtype", choices=DTYPE_NAMES, default="float32",
-        help="compute dtype (default float32: measured faster than bf16 on CPUs without AMX; see README)")
+        help="compute dtype (default float32: measured faster than bf16 on CPUs without AMX; docs/models.md)")
     add("--repeats", type=int, default=3, help="timed runs of each strategy (default 3)")
     add("--report", type=Path, default=DEFAULT_REPORT,
         help=f"report path (default {DEFAULT_REPORT}); its JSON twin and pictures go beside it, named after it "

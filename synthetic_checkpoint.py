@@ -17,10 +17,12 @@ import sys
 import zlib
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
-from llama_model_loader import (Checkpoint, CheckpointError, LlamaConfig, cache_root, expected_tensors)
+from llama_config import CheckpointError, LlamaConfig, cache_root, expected_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 PRESETS: dict[str, dict] = {
     "llama-3.2-1b": {  # the official meta-llama/Llama-3.2-1B config.json
@@ -96,6 +98,7 @@ def synthetic_checkpoint_problem(folder: Path, preset: str, seed: int) -> str | 
             return "model.safetensors has the wrong size (damaged or truncated)"
         if _header_digest(weights) != recorded.get("header_sha256"):
             return "model.safetensors header changed (damaged)"
+        from llama_model_loader import Checkpoint  # torch, only once there is a checkpoint to open
         Checkpoint(folder)
     except (OSError, ValueError, CheckpointError) as bad:
         return f"damaged ({str(bad).splitlines()[0]})"
@@ -104,6 +107,7 @@ def synthetic_checkpoint_problem(folder: Path, preset: str, seed: int) -> str | 
 
 def write_synthetic_checkpoint(preset: str, folder: Path, seed: int = 0) -> Path:
     """Write config.json, model.safetensors (bf16) and the tokenizer, then the marker, atomically."""
+    from safetensors.torch import save_file  # torch: imported only when there is something to write
     config = preset_config(preset)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +140,7 @@ def synthetic_tensors(config: LlamaConfig, seed: int, attention_output_scale: fl
     Q and K) cures the collapse too, but makes the model amplify bf16 rounding: a full recompute on
     a new device layout then changed the greedy text. The 3-layer tiny presets keep 1.
     """
+    import torch  # only to write: finding and checking a checkpoint needs none
     tensors = {}
     for name, shape in expected_tensors(config).items():
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder to write (default: the user cache)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from llama_model_loader import Checkpoint  # torch, once the arguments are known to be right
     try:
         folder = ensure_synthetic_checkpoint(args.preset, args.seed, args.out)
         checkpoint = Checkpoint(folder)

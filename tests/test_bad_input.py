@@ -392,3 +392,54 @@ def test_synthetic_checkpoint_cli_rewrites_a_truncated_cache_entry(cache):
     assert done.returncode == 0, done.stderr
     assert "wrong size" in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert synthetic_checkpoint_problem(folder, "tiny", 0) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Fast answers: what needs no tensors is answered before torch is imported
+
+
+SCRIPTS = ["execution_optimization_algorithm_demo.py", "synthetic_checkpoint.py", "smollm2_checkpoint.py",
+           "device_processes.py"]
+# Run a script as `python SCRIPT ARGS` would, then say whether it imported torch (the cost of an answer:
+# importing torch alone takes seconds on a loaded 2-core machine; without it the answer takes milliseconds).
+RUN_AND_REPORT_TORCH = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    code = 0 if done.code is None else done.code if isinstance(done.code, int) else 1
+else:
+    code = 0
+print(code, 'torch' in sys.modules, file=sys.stderr)
+"""
+
+
+def run_watching_torch(script: str, *args: str) -> tuple[int, bool, str, str]:
+    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_TORCH, str(REPO / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    *err, verdict = done.stderr.splitlines()
+    code, torch_seen = verdict.split()
+    return int(code), torch_seen == "True", done.stdout, "\n".join(err)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_answered_without_importing_torch(script):
+    code, torch_seen, out, err = run_watching_torch(script, "--help")
+    assert code == 0 and "usage:" in out and not torch_seen, err
+
+
+@pytest.mark.parametrize("case", ["devices-1", "more-devices-than-heads", "broken-config", "missing-folder"])
+def test_mistakes_in_arguments_and_config_are_answered_without_importing_torch(case, good_dir, tmp_path, report_dir):
+    model = good_dir
+    extra = {"devices-1": ["--devices", "1"], "more-devices-than-heads": ["--devices", "9"]}.get(case, [])
+    if case == "broken-config":
+        model = tmp_path / "broken"
+        shutil.copytree(good_dir, model)
+        (model / "config.json").write_text("{not json")
+    elif case == "missing-folder":
+        model = tmp_path / "nowhere"
+    code, torch_seen, out, err = run_watching_torch("execution_optimization_algorithm_demo.py", "--model-dir",
+                                                    str(model), *QUICK, *extra, "--report", str(report_dir / "r.txt"))
+    assert_refused(code, out, err, report_dir)
+    assert not torch_seen
