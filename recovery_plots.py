@@ -6,6 +6,7 @@ Drawn with matplotlib's Agg canvas (no display, no pyplot state); files are writ
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -17,7 +18,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import blended_transform_factory
 
 Event = tuple[float, int, str, float]  # (time, device, kind, duration): fault_tolerant_cluster.EventLog
@@ -350,13 +350,15 @@ DEVICE_MARKERS = ("o", "s", "^", "D", "v")
 
 
 def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None,
-                             measure: str = "median_s", ylabel: str = "KV rebuild time, median") -> Path:
+                             measure: str = "median_s", ylabel: str = "KV rebuild time, median",
+                             caption: str | None = None) -> Path:
     """Recovery seconds (log scale) against context length, one line per strategy: the rebuild's
     median, or another `measure` of the rows (e.g. 'interruption_s', the whole interruption).
 
     Each row needs 'strategy', 'context' and `measure`; 'reassign' and 'devices' (if present)
     give separate lines (line style and marker); with the median, 'min_s' and 'max_s' (if
-    present) give bars.
+    present) give bars. `caption`, written under the plot, says what was run and when. Both log
+    axes carry labelled ticks to read values from (the y axis at least three, see readable_log_ticks).
     """
     if not rows:
         raise ValueError("no rows to plot")
@@ -392,12 +394,16 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(contexts, [str(c) for c in contexts])
+    yticks, ylimits = readable_log_ticks(*ax.get_ylim())
+    ax.set_ylim(*ylimits)
+    ax.set_yticks(yticks, [f"{t:g}" for t in yticks])
     ax.minorticks_off()
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel("context length (tokens); variants drawn slightly apart")
     ax.set_ylabel(f"{ylabel} (s, log scale)")
     ax.grid(True, which="major", color="0.88", linewidth=0.6)
     figure.suptitle(title or "KV-cache rebuild time after a device failure", fontsize=12)
+    if caption:
+        figure.supxlabel(caption, fontsize=8, color="0.35", wrap=True)
 
     handles: list = [Line2D([], [], color=colours[s], linewidth=2.5, label=s) for s in strategies]
     if len(reassigns) > 1 or reassigns != [""]:
@@ -411,6 +417,24 @@ def plot_recovery_vs_context(rows: Sequence[Mapping[str, Any]], path: str | Path
                               label="bar: min to max"))
     figure.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False)
     return save(figure, path)
+
+
+# the labelled ticks of a decade, coarse to fine: 1; 1 2 5; 1..9; then steps of 0.5, 0.2, 0.1 (times 10^k)
+LOG_TICK_MANTISSAS = ((1,), (1, 2, 5), tuple(range(1, 10)), *(tuple(i / n for i in range(n, 10 * n)) for n in (2, 5, 10)))
+
+
+def readable_log_ticks(low: float, high: float) -> tuple[list[float], tuple[float, float]]:
+    """Ticks to label on a log axis from `low` to `high` (> 0), and the limits to draw: the coarsest
+    mantissas that put three ticks in the range (a range within one decade would otherwise show a
+    single '10', or none); a range too narrow even for steps of 0.1 is widened to the ticks around it."""
+    decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+    for mantissas in LOG_TICK_MANTISSAS:
+        candidates = sorted(m * 10.0 ** e for e in decades for m in mantissas)
+        inside = [t for t in candidates if low <= t <= high]
+        if len(inside) >= 3:
+            return inside, (low, high)
+    below, above = max(t for t in candidates if t <= low), min(t for t in candidates if t >= high)
+    return [t for t in candidates if below <= t <= above], (below, above)
 
 
 # --------------------------------------------------------------------------------------------
