@@ -11,8 +11,11 @@ For each `--backend` and `--detector` (fixed timeout, phi accrual):
 Heartbeats are the seed's (every 1 s, fixed timeout 5 s) unless given. The target of issue 12: a
 hang declared in at most half the fixed timeout with phi accrual, and no false alarm under load.
 
+The table is printed and written to docs/results/detection.md (`--results`).
+
     python bench/bench_detection.py                       # the synthetic 1B, 5 hangs each, 20 windows
     python bench/bench_detection.py --model-dir /tmp/tiny --repeats 3 --load-windows 10
+    python bench/bench_detection.py --quick               # smoke run (see --help), writes no results file
 """
 from __future__ import annotations
 
@@ -23,29 +26,33 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from common import machine, model_folder
-
-from cluster_leader import StepFailed
+from common import Parser, check_model_dir, heartbeat_configs, log, machine, model_folder, parse_with_quick
+from demo_options import DEFAULT_PROMPT
 from device_protocol import RecoveryPolicy
-from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt
 from fault_injection import FailurePlan
-from fault_tolerant_cluster import FaultTolerantLlama, prefill_under_load
 from heartbeat_detection import DETECTORS, HeartbeatConfig
+from results import add_results_options, resolve_results, save_results, script_argv
 
+if TYPE_CHECKING:
+    from fault_tolerant_cluster import FaultTolerantLlama
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+TITLE = "Detecting a hung device: latency, and false alarms under load"
+QUICK = {"backend": ["threads"], "repeats": 1, "load_windows": 2, "load_context": 32, "heartbeat_interval": 0.1,
+         "heartbeat_timeout": 0.5}
 
 
 def new_cluster(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend: str) -> FaultTolerantLlama:
+    from fault_tolerant_cluster import FaultTolerantLlama
     return FaultTolerantLlama.load(folder, devices=devices, log=lambda message: None, heartbeat=heartbeat,
                                    policy=RecoveryPolicy(hold=True), backend=backend)
 
 
 def hang_detection_s(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend: str) -> float:
     """A device hangs mid-step; seconds from the hang to its declaration."""
+    from cluster_leader import StepFailed
+    from demo_scenario import build_prompt
     with new_cluster(folder, devices, heartbeat, backend) as model:
         token = int(model.prefill(build_prompt(model.tokenizer, DEFAULT_PROMPT, 32)).argmax())
         model.arm(FailurePlan(devices - 1, after_tokens=1, mode="hang"))
@@ -64,14 +71,15 @@ def false_alarms_under_load(folder: Path, devices: int, heartbeat: HeartbeatConf
                             context: int) -> tuple[int, int]:
     """(declarations, prefills) while the devices prefill `context` tokens again and again and two
     extra processes burn both cores for `windows` heartbeat intervals."""
+    from demo_scenario import build_prompt
+    from fault_tolerant_cluster import prefill_under_load
     with new_cluster(folder, devices, heartbeat, backend) as model:
         ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context)[:context]
         return prefill_under_load(model, ids, windows * heartbeat.interval_s)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B, $KV_REUSE_CACHE)")
     add("--devices", type=int, default=4, help="devices per cluster (default 4)")
@@ -83,19 +91,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
     add("--heartbeat-timeout", type=float, default=5.0, help="the fixed detector's timeout (default 5)")
     add("--phi-threshold", type=float, default=8.0, help="phi accrual's threshold (default 8)")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.load_windows < 0 or args.devices < 2:
-        parser.error("--repeats must be >= 1, --load-windows >= 0, --devices >= 2")
+    add("--quick", action="store_true", help="smoke run: threads only, 1 hang each, 2 load windows of 32-token "
+                                             "prefills, heartbeats every 0.1 s (timeout 0.5 s); options given still "
+                                             "apply")
+    add_results_options(parser, "detection")
+    args = parse_with_quick(parser, argv, QUICK)
+    if args.repeats < 1 or args.load_windows < 0 or args.devices < 2 or args.load_context < 2:
+        parser.error("--repeats must be >= 1, --load-windows >= 0, --devices >= 2, --load-context >= 2")
+    args.heartbeats = heartbeat_configs(parser, args)
+    config = check_model_dir(parser, args.model_dir)
+    if config is not None and args.devices > config.num_attention_heads:
+        parser.error(f"--devices {args.devices} is more than the model's {config.num_attention_heads} query heads")
+    resolve_results(args, parser)
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    folder = model_folder(args.model_dir)
-    started = time.perf_counter()
+def measure(folder: Path, args: argparse.Namespace) -> list[tuple[str, str, list[float], int, int]]:
+    """(backend, detector, hang latencies, false declarations, prefills under load) for each pair."""
     rows = []
     for backend, detector in itertools.product(args.backend, args.detector):
-        heartbeat = HeartbeatConfig(args.heartbeat_interval, args.heartbeat_timeout, detector, args.phi_threshold)
+        heartbeat = args.heartbeats[detector]
         latencies = []
         for repeat in range(args.repeats):
             latencies.append(hang_detection_s(folder, args.devices, heartbeat, backend))
@@ -106,19 +121,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         log(f"{backend}, {detector}: {alarms} false declarations in {args.load_windows} windows ({prefills} prefills)")
         rows.append((backend, detector, latencies, alarms, prefills))
+    return rows
 
-    print("## Detecting a hung device: latency, and false alarms under load\n")
-    print(f"Checkpoint {folder}; {args.devices} devices; heartbeats every {args.heartbeat_interval} s; fixed timeout "
-          f"{args.heartbeat_timeout} s; phi threshold {args.phi_threshold}; {args.repeats} hangs each; load: "
-          f"{args.load_context}-token prefills again and again plus two processes burning the cores for "
-          f"{args.load_windows} intervals; {machine()}; total {time.perf_counter() - started:.0f} s.\n")
-    print("| backend | detector | hang declared after: min s | median s | max s | / fixed timeout (median) | "
-          "false declarations under load | prefills under load |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+
+def table(folder: Path, args: argparse.Namespace, rows: Sequence[tuple[str, str, list[float], int, int]],
+          seconds: float) -> str:
+    lines = [f"Checkpoint `{folder}`; {args.devices} devices; heartbeats every {args.heartbeat_interval} s; fixed "
+             f"timeout {args.heartbeat_timeout} s; phi threshold {args.phi_threshold}; {args.repeats} hangs each; "
+             f"load: {args.load_context}-token prefills again and again plus two processes burning the cores for "
+             f"{args.load_windows} intervals; {machine()}; total {seconds:.0f} s.\n",
+             "| backend | detector | hang declared after: min s | median s | max s | / fixed timeout (median) | "
+             "false declarations under load | prefills under load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for backend, detector, latencies, alarms, prefills in rows:
         median = statistics.median(latencies)
-        print(f"| {backend} | {detector} | {min(latencies):.3f} | {median:.3f} | {max(latencies):.3f} | "
-              f"{median / args.heartbeat_timeout:.2f} | {alarms} in {args.load_windows} windows | {prefills} |")
+        lines.append(f"| {backend} | {detector} | {min(latencies):.3f} | {median:.3f} | {max(latencies):.3f} | "
+                     f"{median / args.heartbeat_timeout:.2f} | {alarms} in {args.load_windows} windows | {prefills} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    folder = model_folder(args.model_dir)
+    started = time.perf_counter()
+    rows = measure(folder, args)
+    seconds = time.perf_counter() - started
+    body = table(folder, args, rows, seconds)
+    print(f"## {TITLE}\n\n{body}")
+    save_results(args, TITLE, body, script_argv(__file__, argv), seconds)
     return 0
 
 

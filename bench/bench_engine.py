@@ -22,32 +22,48 @@ cannot compare different models.
 How to read it: medians (min in brackets); ratio = reference median / engine median, so >1 means
 the engine is faster. On a shared or small machine the numbers are noisy: rerun before quoting.
 
+The tables are printed and written to docs/results/engine.md (`--results`), with the command,
+the machine and the commit.
+
     python bench/bench_engine.py                  # both dtypes, lengths 128 512, 3 repeats
-    python bench/bench_engine.py --quick          # smoke run: lengths 32, 1 repeat
+    python bench/bench_engine.py --quick          # smoke run: lengths 32, 1 repeat, writes no results file
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from common import (DTYPES, gemv_bandwidth, machine, matmul_peak, min_median, model_folder, parameter_count,
-                    prefill_flops)
+from common import (Parser, check_model_dir, gemv_bandwidth, machine, matmul_peak, min_median,
+                    model_folder, parameter_count, parse_with_quick, prefill_flops, torch_dtype)
+from device_protocol import DTYPE_NAMES
+from results import add_results_options, resolve_results, save_results, script_argv
 
-import torch
-from transformers import LlamaForCausalLM
-from transformers.utils import logging as hf_logging
+if TYPE_CHECKING:
+    import torch
 
-from llama_model_loader import Checkpoint
-from device_threads import ThreadCollective
-from tensor_parallel_cluster import TensorParallelLlama
-from head_assignment import even_assignment
-from tensor_parallel_model import device_forward, load_device_state
+    from engine_runners import EngineRunner, ReferenceRunner
+    from llama_model_loader import Checkpoint
+
+TITLE = "Engine speed against transformers' LlamaForCausalLM"
+
+
+@dataclass(frozen=True)
+class Probes:
+    """The sizes of the machine's two yardsticks (a quick run shrinks them: seconds, not tens)."""
+    matmul_n: int = 2048
+    matmul_tries: int = 10
+    gemv_bytes: int = 1 << 30
+    gemv_tries: int = 5
+
+
+QUICK = {"lengths": [32], "repeats": 1, "decode_after": 32, "decode_steps": 4,
+         "probes": Probes(matmul_n=256, matmul_tries=3, gemv_bytes=16 << 20, gemv_tries=3)}
 
 
 @dataclass
@@ -62,76 +78,6 @@ class Row:
     unit: str
     engine: list[float]
     reference: list[float]
-
-
-class EngineRunner:
-    def __init__(self, folder: Path, devices: int, dtype: torch.dtype, backend: str):
-        self.model = TensorParallelLlama.load(folder, devices=devices, dtype=dtype, log=lambda m: None,
-                                              backend=backend)
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.prefill(ids.tolist())
-
-    def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        self.model.prefill(prompt.tolist())
-        times = []
-        for token in tokens.tolist():
-            started = time.perf_counter()
-            self.model.decode(token)
-            times.append(time.perf_counter() - started)
-        return times
-
-    def close(self) -> None:
-        self.model.close()
-
-
-class OneDeviceInMainThread:
-    """The same device code for a single device, called in the main thread with its default threads
-    (decode only): the split and the device threads taken apart from the arithmetic. It is a model of
-    its own (no actor), so nothing reaches into a device."""
-
-    def __init__(self, folder: Path, dtype: torch.dtype):
-        checkpoint = Checkpoint(folder)
-        self.state = load_device_state(checkpoint, even_assignment(checkpoint.config, 1), 0, dtype)
-        self.collective = ThreadCollective([0], epoch=0)
-
-    def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        device_forward(self.state, prompt, 0, self.collective)
-        times = []
-        for position, token in enumerate(tokens.tolist(), start=len(prompt)):
-            started = time.perf_counter()
-            device_forward(self.state, torch.tensor([token]), position, self.collective)
-            times.append(time.perf_counter() - started)
-        return times
-
-    def close(self) -> None:
-        del self.state
-
-
-class ReferenceRunner:
-    def __init__(self, folder: Path, dtype: torch.dtype):
-        self.model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
-        # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
-        self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, cache: bool = False):
-        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
-        return out if cache else out.logits[0, -1].float()
-
-    @torch.inference_mode()
-    def decode_times(self, prompt: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        past = getattr(self.prefill(prompt, cache=True), self.cache_name)
-        times = []
-        for token in tokens:
-            started = time.perf_counter()
-            out = self.model(input_ids=token.view(1, 1), use_cache=True, logits_to_keep=1, **{self.cache_name: past})
-            past = getattr(out, self.cache_name)
-            times.append(time.perf_counter() - started)
-        return times
-
-    def close(self) -> None:
-        del self.model
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -152,10 +98,18 @@ def alternate(engine_case: Callable[[], float], reference_case: Callable[[], flo
     return engine, reference
 
 
-def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: torch.Tensor) -> None:
-    """For each backend in turn: its engine against the reference, alternating; then one device."""
-    dtype = DTYPES[dtype_name]
-    limits = MachineLimits(matmul_peak(dtype), gemv_bandwidth(dtype))
+def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: torch.Tensor) -> str:
+    """For each backend in turn: its engine against the reference, alternating; then one device.
+    Returns the dtype's section of the results (Markdown)."""
+    import torch
+
+    from engine_runners import EngineRunner, ReferenceRunner
+    from llama_model_loader import Checkpoint
+
+    dtype = torch_dtype(dtype_name)
+    probes = args.probes
+    limits = MachineLimits(matmul_peak(dtype, probes.matmul_n, probes.matmul_tries),
+                           gemv_bandwidth(dtype, probes.gemv_bytes, probes.gemv_tries))
     started = time.perf_counter()
     reference = ReferenceRunner(folder, dtype)
     reference_load = time.perf_counter() - started
@@ -182,7 +136,8 @@ def bench_dtype(folder: Path, dtype_name: str, args: argparse.Namespace, ids: to
         reference.close()
         reference = None  # drop the weights before the next dtype
         gc.collect()
-    print_table(dtype_name, args, rows, limits, Checkpoint(folder), loads, reference_load, checks)
+    return dtype_section(dtype_name, args, rows, limits, Checkpoint(folder), loads, reference_load, checks,
+                         torch.get_num_threads())
 
 
 def engine_rows(engine: EngineRunner, reference: ReferenceRunner, backend: str, args: argparse.Namespace,
@@ -204,6 +159,8 @@ def engine_rows(engine: EngineRunner, reference: ReferenceRunner, backend: str, 
 
 def single_device_decode(folder: Path, dtype: torch.dtype, reference: ReferenceRunner, prompt: torch.Tensor,
                          steps: torch.Tensor, repeats: int) -> Row:
+    from engine_runners import OneDeviceInMainThread
+
     single = OneDeviceInMainThread(folder, dtype)
     try:
         e, r = alternate(lambda: statistics.median(single.decode_times(prompt, steps)) * 1e3,
@@ -213,51 +170,63 @@ def single_device_decode(folder: Path, dtype: torch.dtype, reference: ReferenceR
     return Row("decode, the device code as 1 device in the main thread (no device threads)", "ms/token", e, r)
 
 
-def print_table(dtype_name: str, args: argparse.Namespace, rows: list[Row], limits: MachineLimits,
-                checkpoint: Checkpoint, engine_loads: dict[str, float], reference_load: float,
-                checks: dict[str, tuple[float, bool]]) -> None:
-    config = checkpoint.config
+def dtype_section(dtype_name: str, args: argparse.Namespace, rows: list[Row], limits: MachineLimits,
+                  checkpoint: Checkpoint, engine_loads: dict[str, float], reference_load: float,
+                  checks: dict[str, tuple[float, bool]], main_threads: int) -> str:
+    """One dtype's table and what bounds it, in Markdown."""
     stored = {"BF16": "bfloat16", "F32": "float32"}.get(checkpoint.stored_dtype)
     lazy_note = (" (the stored dtype: transformers memory-maps the file and pages weights in during the warm-up)"
                  if stored == dtype_name else "")
-    print(f"\n### {dtype_name}\n")
-    print(f"Machine: {machine()}; main thread {torch.get_num_threads()} torch threads (reference, matmul peak); "
-          f"engine: {args.devices} devices (threads of this process, or processes) x 1 intra-op thread. "
-          f"{args.repeats} repeats after 1 warm-up each, alternating. Load: "
-          + ", ".join(f"engine on {b} {s:.1f} s" for b, s in engine_loads.items())
-          + f", reference {reference_load:.1f} s{lazy_note}. Last-token logits, engine vs reference: "
-          + "; ".join(f"{b} max |diff| / max |ref| = {d:.1e}, same argmax: {same}" for b, (d, same) in checks.items())
-          + ".\n")
-    print("| what | engine median (min) | reference median (min) | ratio ref/engine |")
-    print("|---|---|---|---|")
+    lines = [f"### {dtype_name}\n",
+             f"Machine: {machine()}; main thread {main_threads} torch threads (reference, matmul peak); "
+             f"engine: {args.devices} devices (threads of this process, or processes) x 1 intra-op thread. "
+             f"{args.repeats} repeats after 1 warm-up each, alternating. Load: "
+             + ", ".join(f"engine on {b} {s:.1f} s" for b, s in engine_loads.items())
+             + f", reference {reference_load:.1f} s{lazy_note}. Last-token logits, engine vs reference: "
+             + "; ".join(f"{b} max |diff| / max |ref| = {d:.1e}, same argmax: {same}"
+                         for b, (d, same) in checks.items()) + ".\n",
+             "| what | engine median (min) | reference median (min) | ratio ref/engine |",
+             "|---|---|---|---|"]
     for row in rows:
         (e_min, e_med), (r_min, r_med) = min_median(row.engine), min_median(row.reference)
         fmt = "{:.3f}" if row.unit == "s" else "{:.1f}"
-        print(f"| {row.what} ({row.unit}) | {fmt.format(e_med)} ({fmt.format(e_min)}) | "
-              f"{fmt.format(r_med)} ({fmt.format(r_min)}) | {r_med / e_med:.2f} |")
+        lines.append(f"| {row.what} ({row.unit}) | {fmt.format(e_med)} ({fmt.format(e_min)}) | "
+                     f"{fmt.format(r_med)} ({fmt.format(r_min)}) | {r_med / e_med:.2f} |")
+    lines += ["", *bounds_lines(dtype_name, args, rows, limits, checkpoint)]
+    return "\n".join(lines) + "\n"
+
+
+def bounds_lines(dtype_name: str, args: argparse.Namespace, rows: list[Row], limits: MachineLimits,
+                 checkpoint: Checkpoint) -> list[str]:
+    """Prefill against the matmul peak, decode against the floor of streaming every weight once."""
+    probes = args.probes
     longest = max(args.lengths)
-    flops = prefill_flops(config, longest)
+    flops = prefill_flops(checkpoint.config, longest)
     peak = limits.matmul_flops
-    print(f"\nMatmul peak (torch.mm 2048x2048 {dtype_name}, main thread, best of 10): {peak / 1e9:.0f} GFLOP/s. "
-          f"Prefill {longest} = {flops / 1e9:.0f} GFLOP (counted from shapes).")
+    lines = [f"Matmul peak (torch.mm {probes.matmul_n}x{probes.matmul_n} {dtype_name}, main thread, best of "
+             f"{probes.matmul_tries}): {peak / 1e9:.0f} GFLOP/s. Prefill {longest} = {flops / 1e9:.0f} GFLOP "
+             f"(counted from shapes)."]
     for row in (r for r in rows if r.what.startswith(f"prefill {longest} tokens")):
         e_rate, r_rate = flops / statistics.median(row.engine), flops / statistics.median(row.reference)
-        print(f"- {row.what}: engine {e_rate / 1e9:.0f} GFLOP/s = {e_rate / peak:.0%} of peak, reference beside "
-              f"it {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
-    streamed = parameter_count(checkpoint) * DTYPES[dtype_name].itemsize
+        lines.append(f"- {row.what}: engine {e_rate / 1e9:.0f} GFLOP/s = {e_rate / peak:.0%} of peak, reference "
+                     f"beside it {r_rate / 1e9:.0f} GFLOP/s = {r_rate / peak:.0%} of peak.")
+    streamed = parameter_count(checkpoint) * torch_dtype(dtype_name).itemsize
     floor_ms = streamed / limits.gemv_bytes_per_s * 1e3
-    print(f"\nDecode floor: a token streams every weight ({streamed / 1e9:.2f} GB; the tied embedding once, as "
-          f"the LM head); at the measured matrix-vector bandwidth ({limits.gemv_bytes_per_s / 1e9:.1f} GB/s, "
-          f"main thread, 1 GB weight, best of 5) that is {floor_ms:.0f} ms.")
+    lines += ["", f"Decode floor: a token streams every weight ({streamed / 1e9:.2f} GB; the tied embedding once, "
+                  f"as the LM head); at the measured matrix-vector bandwidth ({limits.gemv_bytes_per_s / 1e9:.1f} "
+                  f"GB/s, main thread, {probes.gemv_bytes / 2 ** 20:.0f} MiB weight, best of {probes.gemv_tries}) "
+                  f"that is {floor_ms:.0f} ms."]
     for decode in (r for r in rows if r.what.startswith("decode after")):
         e_ms, r_ms = statistics.median(decode.engine), statistics.median(decode.reference)
-        print(f"- {decode.what}: engine {e_ms / floor_ms - 1:+.0%}, reference {r_ms / floor_ms - 1:+.0%} above it.")
+        lines.append(f"- {decode.what}: engine {e_ms / floor_ms - 1:+.0%}, reference {r_ms / floor_ms - 1:+.0%} "
+                     f"above it.")
+    return lines
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B)")
-    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    parser.add_argument("--dtype", choices=[*DTYPE_NAMES, "both"], default="both")
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--backend", choices=["threads", "processes", "both"], default="threads",
                         help="the engine's devices: threads, processes, or both one after the other (default threads)")
@@ -266,28 +235,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-after", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: lengths 32, 1 repeat, 4 decode steps")
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: lengths 32, 1 repeat, 4 decode steps after 32 tokens, small matmul and "
+                             "bandwidth probes (options given still apply)")
+    add_results_options(parser, "engine")
+    parser.set_defaults(probes=Probes())
+    args = parse_with_quick(parser, argv, QUICK)
     args.backends = ["threads", "processes"] if args.backend == "both" else [args.backend]
-    if args.quick:
-        args.lengths, args.repeats, args.decode_after, args.decode_steps = [32], 1, 32, 4
+    if args.repeats < 1 or min(args.lengths) < 1 or args.decode_after < 1 or args.decode_steps < 1:
+        parser.error("--repeats, --lengths, --decode-after and --decode-steps must be at least 1")
+    if args.devices < 1:
+        parser.error(f"--devices must be at least 1, got {args.devices}")
+    config = check_model_dir(parser, args.model_dir)
+    if config is not None:
+        check_against_config(parser, args, config.num_attention_heads, config.max_position_embeddings)
+    resolve_results(args, parser)
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_against_config(parser: Parser, args: argparse.Namespace, heads: int, positions: int) -> None:
+    """What the checkpoint's config.json refuses, before loading it."""
+    if args.devices > heads:
+        parser.error(f"--devices {args.devices} is more than the model's {heads} query heads")
+    if total_tokens(args) > positions:
+        parser.error(f"{total_tokens(args)} tokens exceed the model's {positions} positions")
+
+
+def total_tokens(args: argparse.Namespace) -> int:
+    return max(max(args.lengths), args.decode_after + args.decode_steps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.disable_progress_bar()
+    import torch
+
+    from llama_model_loader import Checkpoint
+
     folder = model_folder(args.model_dir)
     config = Checkpoint(folder).config
-    total = max(max(args.lengths), args.decode_after + args.decode_steps)
-    ids = torch.randint(0, config.vocab_size, (total,), generator=torch.Generator().manual_seed(args.seed))
+    ids = torch.randint(0, config.vocab_size, (total_tokens(args),),
+                        generator=torch.Generator().manual_seed(args.seed))
     print(f"checkpoint: {folder}")
     started = time.perf_counter()
-    for dtype_name in (list(DTYPES) if args.dtype == "both" else [args.dtype]):
-        bench_dtype(folder, dtype_name, args, ids)
+    sections = []
+    for dtype_name in (list(DTYPE_NAMES) if args.dtype == "both" else [args.dtype]):
+        sections.append(bench_dtype(folder, dtype_name, args, ids))
+        print("\n" + sections[-1], flush=True)
         gc.collect()
-    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+    seconds = time.perf_counter() - started
+    print(f"\n(benchmark took {seconds:.0f} s)")
+    save_results(args, TITLE, f"Checkpoint `{folder}`.\n\n" + "\n".join(sections),
+                 script_argv(__file__, argv), seconds)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,8 +10,11 @@ A sampler thread also reads RssAnon / RssFile every few milliseconds during the 
 whether the peak is anonymous memory (tensors, copies, malloc caching) or file pages of the
 memory-mapped checkpoint; sampling can miss a short spike, so VmHWM remains the measured peak.
 
+The table is printed and written to docs/results/load_memory.md (`--results`).
+
     python bench/bench_load_memory.py                   # float32 and bfloat16, 4 devices
     python bench/bench_load_memory.py --dtype bfloat16
+    python bench/bench_load_memory.py --quick           # float32 only, writes no results file
 """
 from __future__ import annotations
 
@@ -22,10 +25,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
-from common import DTYPES, GB, memory_status, model_folder, parameter_count
+from common import (GB, Parser, check_model_dir, memory_status, model_folder, parameter_count,
+                    parse_with_quick, torch_dtype)
+from device_protocol import DTYPE_NAMES
+from provenance import strict_json
+from results import add_results_options, resolve_results, save_results, script_argv
 
 TARGET = 1.2
+TITLE = "Peak memory and time of loading the model split over devices"
 
 
 def measure_load(folder: Path, dtype_name: str, devices: int) -> dict:
@@ -33,7 +42,7 @@ def measure_load(folder: Path, dtype_name: str, devices: int) -> dict:
     from llama_model_loader import Checkpoint
     from tensor_parallel_cluster import TensorParallelLlama
 
-    dtype = DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     parameters = parameter_count(Checkpoint(folder))
     before = memory_status()
     peaks = {"RssAnon": 0, "RssFile": 0}
@@ -62,8 +71,9 @@ def measure_load(folder: Path, dtype_name: str, devices: int) -> dict:
 
 
 def run_child(folder: Path, dtype_name: str, devices: int) -> dict:
+    """measure_load in a fresh process (its VmHWM is this load's peak alone), read back as JSON."""
     command = [sys.executable, __file__, "--child", "--dtype", dtype_name, "--devices", str(devices),
-               "--model-dir", str(folder)]
+               "--model-dir", str(folder), "--results", "none"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"the {dtype_name} child failed:\n{done.stderr}")
@@ -83,27 +93,50 @@ def report(result: dict) -> str:
             f" | {result['seconds']:.1f} s |")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+TABLE_HEAD = ("| dtype | parameters | model size in dtype | weights held | RSS / HWM before | HWM after | "
+              "peak increase | peak / model size | RSS increase after load | sampled peak increase anon / file | "
+              "load time |\n|---|---|---|---|---|---|---|---|---|---|---|")
+NOTE = ("Weights held: the tensors the engine keeps (each device's weight slices, norms and vocabulary rows, as the "
+        "devices describe them). Load time includes reading the file: after the page cache was emptied it comes "
+        "from disk (slower).")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B)")
-    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    parser.add_argument("--dtype", choices=[*DTYPE_NAMES, "both"], default="both")
     parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="smoke run: float32 only (unless --dtype is given)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    add_results_options(parser, "load_memory")
+    args = parse_with_quick(parser, argv, {"dtype": "float32"})
+    if args.devices < 1:
+        parser.error(f"--devices must be at least 1, got {args.devices}")
+    config = check_model_dir(parser, args.model_dir)
+    if config is not None and args.devices > config.num_attention_heads:
+        parser.error(f"--devices {args.devices} is more than the model's {config.num_attention_heads} query heads")
+    resolve_results(args, parser)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     folder = model_folder(args.model_dir)
     if args.child:
-        print(json.dumps(measure_load(folder, args.dtype, args.devices)))
-        return
-    print(f"checkpoint: {folder}; {args.devices} devices; one fresh process per dtype\n")
-    print("| dtype | parameters | model size in dtype | weights held | RSS / HWM before | HWM after | "
-          "peak increase | peak / model size | RSS increase after load | sampled peak increase anon / file | "
-          "load time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype_name in (list(DTYPES) if args.dtype == "both" else [args.dtype]):
-        print(report(run_child(folder, dtype_name, args.devices)), flush=True)
-    print("\nWeights held: the tensors the engine keeps (each device's weight slices, norms and vocabulary rows, as the devices describe them). "
-          "Load time includes reading the file: after the page cache was emptied it comes from disk (slower).")
+        print(strict_json(measure_load(folder, args.dtype, args.devices)))
+        return 0
+    started = time.perf_counter()
+    heading = f"Checkpoint `{folder}`; {args.devices} devices; one fresh process per dtype.\n"
+    print(heading + "\n" + TABLE_HEAD)
+    rows = []
+    for dtype_name in (list(DTYPE_NAMES) if args.dtype == "both" else [args.dtype]):
+        rows.append(report(run_child(folder, dtype_name, args.devices)))
+        print(rows[-1], flush=True)
+    print("\n" + NOTE)
+    save_results(args, TITLE, "\n".join([heading, TABLE_HEAD, *rows, "", NOTE]), script_argv(__file__, argv),
+                 time.perf_counter() - started)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

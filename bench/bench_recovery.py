@@ -32,7 +32,11 @@ of its KV for the snapshot; plan --lengths by memory.
 How to read it: median (min-max) seconds; speedup = full-recompute median / strategy median from
 the same trial; FLOP ratio likewise from FLOPs. On a shared 2-core machine numbers are noisy.
 
-    KV_REUSE_CACHE=/tmp/kvcache python bench/bench_recovery.py --quick
+The tables are printed and written to docs/results/recovery.md (`--results`), the pictures to
+docs/recovery_vs_context.png and docs/interruption_vs_context.png (`--plot`), each saying what was
+run and when.
+
+    KV_REUSE_CACHE=/tmp/kvcache python bench/bench_recovery.py --quick    # writes no results file
     python bench/bench_recovery.py                   # lengths 128 512 2048, 4 and 8 devices, 3 repeats
     python bench/bench_recovery.py --lengths 512 --devices 4 --backend processes --weights standby \
         --reassign random --strategies replicate    # the issue's target: kill to next token
@@ -42,164 +46,27 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
+import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from common import DTYPES, GB, REPO, machine, memory_status, model_folder
-
-import torch
-
-from cluster_leader import FailureEvent, PostFailure, StepFailed
-from device_protocol import RecoveryPolicy
-from execution_optimization_algorithm_demo import DEFAULT_PROMPT, build_prompt, keep_state_for
-from fault_injection import FailurePlan
-from fault_tolerant_cluster import FaultTolerantLlama
-from head_assignment import even_assignment
-from heartbeat_detection import DETECTORS, HeartbeatConfig
-from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
-from llama_model_loader import Checkpoint
-from performance_comparator import (Timing, kept_bytes, measure_copy_bandwidth, measure_keeping_cost, recovery_flops,
-                                    time_rebuilds)
-from recovery_plots import plot_recovery_vs_context
-from recovery_report import PHASES, add_interruption_ratios, interruption
+from common import (GB, REPO, Parser, check_model_dir, heartbeat_configs, log, machine, memory_status,
+                    model_folder, parse_with_quick, torch_dtype)
+from device_protocol import DTYPE_NAMES, STRATEGY_NAMES
+from heartbeat_detection import DETECTORS
+from recovery_report import PHASES
+from results import (Provenance, add_results_options, provenance, resolve_results, save_results, script_argv,
+                     write_json)
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
-from tensor_parallel_cluster import open_checkpoint
 
+if TYPE_CHECKING:
+    from recovery_trials import Trial
+
+TITLE = "The whole interruption after a device failure, and the KV rebuild, by context length"
 DEFAULT_PLOT = REPO / "docs" / "recovery_vs_context.png"
-QUICK_PLOT = Path("/tmp/recovery_vs_context_quick.png")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Clusters
-
-
-@dataclass
-class ClusterFactory:
-    """New clusters of `devices` devices on one checkpoint (each device reads its own slices)."""
-
-    folder: Path
-    devices: int
-    dtype: torch.dtype
-    heartbeat: HeartbeatConfig
-    backend: str = "threads"
-    weights: str = "read"  # or "standby": every device holds in advance what it would inherit
-
-    def __post_init__(self) -> None:
-        self.location, self.checkpoint, _ = open_checkpoint(self.folder, log)
-        self.assignment = even_assignment(self.checkpoint.config, self.devices)
-
-    def new(self, reassign: str, seed: int) -> FaultTolerantLlama:
-        """A cluster whose leader holds after a failure, so that every strategy runs from one state."""
-        policy = RecoveryPolicy(reassign=reassign, seed=seed, hold=True, standby_weights=self.weights == "standby")
-        return FaultTolerantLlama.from_checkpoint(self.location, self.checkpoint, self.assignment, self.dtype,
-                                                  heartbeat=self.heartbeat, policy=policy, backend=self.backend)
-
-
-# --------------------------------------------------------------------------------------------
-# One trial: a cluster at context L, a crash, and the post-failure state
-
-
-@dataclass
-class Trial:
-    backend: str
-    devices: int
-    detector: str
-    weights: str
-    reassign: str
-    context: int
-    prefill_s: float
-    detection_s: float
-    declared_by: str
-    regroup_s: float
-    weight_load_s: float
-    weight_bytes: int
-    standby_bytes: int
-    receivers: str
-    rebuilt_kv_heads: int
-    overhead: dict[str, Timing] | None
-    rows: list[dict]
-
-
-def post_failure_at(model: FaultTolerantLlama, context: int, fail_device: int, strategies: Sequence[str],
-                    overhead_repeats: int) -> tuple[PostFailure, FailureEvent, float, dict[str, Timing] | None, int]:
-    """Fill the cache to `context` tokens keeping what `strategies` need, crash a device mid-step,
-    let the leader declare it, reassign and inherit weights. Returns the post-failure state, the
-    failure, the prefill seconds, the per-step overhead (when `overhead_repeats`) and the token of
-    the abandoned step."""
-    prompt_ids = build_prompt(model.tokenizer, DEFAULT_PROMPT, context - 1)[:context - 1]
-    keep_state_for(model, strategies)
-    started = time.perf_counter()
-    token = int(model.prefill(prompt_ids).argmax())
-    prefill_s = time.perf_counter() - started
-    model.decode(token)  # the context is now L tokens
-    # decode steps that recompute position L-1 (the cache does not grow)
-    overhead = measure_keeping_cost(model, overhead_repeats, prefill_repeats=0).decode if overhead_repeats else None
-    model.arm(FailurePlan(fail_device, after_tokens=1))
-    try:
-        model.decode(token)
-        raise RuntimeError("the injected failure did not abandon the step")
-    except StepFailed as failure:
-        (event,) = failure.events
-    post = model.prepare_recovery()
-    if len(post.context_ids) != context:
-        raise RuntimeError(f"context at the failure is {len(post.context_ids)} tokens, not {context}")
-    return post, event, prefill_s, overhead, token
-
-
-def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argparse.Namespace,
-              with_overhead: bool) -> Trial:
-    model = factory.new(reassign, args.seed)
-    redo: dict[str, float] = {}
-    try:
-        standby_bytes = sum(info.standby_bytes for info in model.describe().values())
-        post, event, prefill_s, overhead, token = post_failure_at(
-            model, context, args.fail_device, args.strategies, max(3, args.repeats) if with_overhead else 0)
-        detection_s = model.detection_latency_s(event)
-        log(f"  prefill {prefill_s:.2f} s; Device-{event.device} declared dead after {detection_s:.3f} s "
-            f"({event.detection.signal}); regroup {post.regroup_s:.3f} s; weights {post.weight_load_s:.3f} s; "
-            f"timing {len(args.strategies)} strategies x {args.repeats}")
-
-        def redo_step(name: str) -> None:
-            started = time.perf_counter()
-            model.decode(token)
-            redo[name] = time.perf_counter() - started
-
-        timings, errors = time_rebuilds(model, args.strategies, args.repeats, after_last=redo_step)
-    finally:
-        model.close()
-    baseline = timings.get("full-recompute")
-    full_flops = recovery_flops("full-recompute", model.config, post)
-    shared = {"detection_s": detection_s, "regroup_s": post.regroup_s, "weights_s": post.weight_load_s}
-    rows = []
-    for name in args.strategies:
-        timing, flops = timings.get(name), recovery_flops(name, model.config, post)
-        row = {"backend": factory.backend, "devices": factory.devices, "detector": factory.heartbeat.detector,
-               "weights": factory.weights, "reassign": reassign, "context": context, "strategy": name,
-               "keeps": RECOVERY_STRATEGIES[name].keeps, "error": errors.get(name), "flops": flops,
-               "flop_ratio": full_flops / flops if flops else float("inf"),
-               "kept_bytes_per_token": kept_bytes(name, post) / context}
-        if timing:
-            row |= {"seconds": list(timing.seconds), "min_s": timing.min, "median_s": timing.median,
-                    "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None,
-                    **interruption(shared, timing.median, redo[name])}
-            log(f"    {name:<15} median {timing.median:.4f} s; redo {redo[name]:.3f} s; "
-                f"whole interruption {row['interruption_s']:.3f} s")
-        rows.append(row)
-    add_interruption_ratios(rows, "strategy")
-    plan = post.plans[-1]
-    receivers = ", ".join(f"Device-{d}" for d in plan.moved_heads)
-    rebuilt = sum(len(set(post.assignment.kv_heads(d)) - set(info.kv_heads)) for d, info in post.survivors.items())
-    return Trial(factory.backend, factory.devices, factory.heartbeat.detector, factory.weights, reassign, context,
-                 prefill_s, detection_s, event.detection.signal, post.regroup_s, post.weight_load_s,
-                 post.weight_bytes, standby_bytes, receivers, rebuilt, overhead, rows)
+QUICK = {"lengths": [[64, 128]], "devices": [[4]], "repeats": 1, "plot": Path("/tmp/recovery_vs_context_quick.png")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +74,8 @@ def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argpar
 
 
 def ratio(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "inf" if value == float("inf") else f"{value:.1f}x"
+    """'12.3x', or '-' where there is no ratio (no baseline, or a strategy that does no FLOPs)."""
+    return "-" if value is None else f"{value:.1f}x"
 
 
 TRIAL_COLUMNS = "| backend | devices | detector | weights | reassign | context |"
@@ -281,19 +147,12 @@ def overhead_table(trials: Sequence[Trial]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def copy_bandwidth_text(stored: torch.dtype, dtype: torch.dtype) -> str:
-    c = measure_copy_bandwidth(stored, dtype)
-    return (f"{c['fresh_bytes_per_s'] / 1e9:.2f} GB/s into new memory, {c['warm_bytes_per_s'] / 1e9:.2f} GB/s into "
-            f"memory already touched")
-
-
 def int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B, $KV_REUSE_CACHE)")
     add("--lengths", type=int_list, nargs="+", default=[[128, 512, 2048]],
@@ -301,10 +160,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--devices", type=int_list, nargs="+", default=[[4, 8]], help="device counts (default 4 8)")
     add("--reassign", nargs="+", choices=REASSIGN_STRATEGIES, default=list(REASSIGN_STRATEGIES),
         help="reassignment strategies (default random balanced)")
-    add("--strategies", nargs="+", choices=tuple(RECOVERY_STRATEGIES), default=list(RECOVERY_STRATEGIES),
+    add("--strategies", nargs="+", choices=STRATEGY_NAMES, default=list(STRATEGY_NAMES),
         help="recovery strategies (default all)")
     add("--repeats", type=int, default=3, help="timed runs of each strategy per trial (default 3)")
-    add("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default float32)")
+    add("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype (default float32)")
     add("--backend", nargs="+", choices=("threads", "processes"), default=["threads"],
         help="device backends, one after the other (default threads)")
     add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
@@ -318,32 +177,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1, the seed's)")
     add("--heartbeat-timeout", type=float, default=5.0,
         help="silence before a device is dead, fixed detector (default 5, the seed's)")
-    add("--plot", type=Path, help=f"recovery-vs-context PNG (default {DEFAULT_PLOT.relative_to(REPO)}; "
-                                  f"with --quick {QUICK_PLOT})")
-    add("--json", type=Path, help="also write every measurement as JSON here")
-    add("--quick", action="store_true", help="smoke run: lengths 64 128, 4 devices, 1 repeat")
-    args = parser.parse_args(argv)
+    add("--plot", type=Path, default=DEFAULT_PLOT,
+        help=f"recovery-vs-context PNG (default {DEFAULT_PLOT.relative_to(REPO)}; with --quick {QUICK['plot']}); "
+             f"the whole interruption's goes beside it, 'recovery' in its name replaced by 'interruption'")
+    add("--json", type=Path, help="also write every measurement as JSON here (strict: no NaN or Infinity)")
+    add("--quick", action="store_true", help="smoke run: lengths 64 128, 4 devices, 1 repeat (options given still apply)")
+    add_results_options(parser, "recovery")
+    args = parse_with_quick(parser, argv, QUICK)
     args.lengths, args.devices = sum(args.lengths, []), sum(args.devices, [])
-    if args.quick:
-        args.lengths, args.devices, args.repeats = [64, 128], [4], 1
-    args.plot = args.plot or (QUICK_PLOT if args.quick else DEFAULT_PLOT)
     if args.repeats < 1 or min(args.lengths) < 2 or min(args.devices) < 2:
         parser.error("--repeats must be >= 1, --lengths >= 2, --devices >= 2")
     if not 0 <= args.fail_device < min(args.devices):
         parser.error(f"--fail-device {args.fail_device} does not exist with {min(args.devices)} devices")
+    for option, path in (("--plot", args.plot), ("--json", args.json)):
+        if path is not None and path.is_dir():
+            parser.error(f"{option} {path} is a folder, not a file")
+    args.heartbeats = heartbeat_configs(parser, args)
+    config = check_model_dir(parser, args.model_dir)
+    if config is not None:
+        if max(args.devices) > config.num_attention_heads:
+            parser.error(f"--devices {max(args.devices)} is more than the model's {config.num_attention_heads} "
+                         f"query heads")
+        if max(args.lengths) + 1 > config.max_position_embeddings:
+            parser.error(f"--lengths {max(args.lengths)} exceeds the model's {config.max_position_embeddings} "
+                         f"positions")
+    resolve_results(args, parser)
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    folder = model_folder(args.model_dir)
-    dtype = DTYPES[args.dtype]
+def run_trials(folder: Path, args: argparse.Namespace) -> list[Trial]:
+    """Every (backend, devices, detector, weights, reassign, context) trial, one fresh cluster each."""
+    from recovery_trials import ClusterFactory, run_trial
+
+    dtype = torch_dtype(args.dtype)
     started = time.perf_counter()
     trials: list[Trial] = []
     for backend, devices, detector, weights in itertools.product(args.backend, args.devices, args.detector,
                                                                  args.weights):
-        heartbeat = HeartbeatConfig(args.heartbeat_interval, args.heartbeat_timeout, detector, args.phi_threshold)
-        factory = ClusterFactory(folder, devices, dtype, heartbeat, backend, weights)
+        factory = ClusterFactory(folder, devices, dtype, args.heartbeats[detector], backend, weights)
         first = (detector, weights) == (args.detector[0], args.weights[0])
         for r, reassign in enumerate(args.reassign):
             for context in args.lengths:
@@ -353,41 +224,90 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gc.collect()
         del factory
         gc.collect()
+    return trials
 
-    print("## The whole interruption after a device failure, by context length\n")
-    print(f"Checkpoint {folder}; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
-          f"per strategy per trial; heartbeats every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s, "
-          f"phi threshold {args.phi_threshold}); {machine()}; copy bandwidth (the checkpoint's dtype to {args.dtype}, "
-          f"one thread) {copy_bandwidth_text(Checkpoint(folder).embedding_dtype, dtype)}; "
-          f"total {time.perf_counter() - started:.0f} s; peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n")
-    print(interruption_table(trials))
-    print("\ndetect: the fault to its declaration; regroup: fencing, the survivors' first call on the new group, "
-          "cutting them to the leader's record; weights: the new owners' slices; rebuild: the KV cache (median); redo: the abandoned step, which gives "
-          "the next token; full / this: full recompute's whole interruption over this strategy's.\n")
-    print("## KV-cache rebuild alone\n")
-    print(recovery_table(trials))
-    print("\nspeedup = full-recompute median / strategy median (same trial); FLOP ratio likewise from FLOPs "
-          "counted from shapes; kept = state the survivors keep during normal running for the strategy.\n")
-    print(trial_table(trials))
-    print("\nPer decode step, same position, alternating (median ms; change against nothing kept):\n")
-    print(overhead_table(trials))
 
-    plotted = args.backend[0]  # one backend's lines, first detector and weights (the tables give every one)
+def tables(folder: Path, args: argparse.Namespace, trials: Sequence[Trial], seconds: float) -> str:
+    """Every table of the run, in Markdown."""
+    from recovery_trials import copy_bandwidth_text
+
+    return "\n".join([
+        "## The whole interruption after a device failure, by context length\n",
+        f"Checkpoint `{folder}`; {args.dtype}; Device-{args.fail_device} crashes; {args.repeats} alternating runs "
+        f"per strategy per trial; heartbeats every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s, "
+        f"phi threshold {args.phi_threshold}); {machine()}; copy bandwidth (the checkpoint's dtype to {args.dtype}, "
+        f"one thread) {copy_bandwidth_text(folder, torch_dtype(args.dtype))}; "
+        f"total {seconds:.0f} s; peak RSS {memory_status()['VmHWM'] / GB:.1f} GB.\n",
+        interruption_table(trials),
+        "\ndetect: the fault to its declaration; regroup: fencing, the survivors' first call on the new group, "
+        "cutting them to the leader's record; weights: the new owners' slices; rebuild: the KV cache (median); redo: "
+        "the abandoned step, which gives the next token; full / this: full recompute's whole interruption over this "
+        "strategy's.\n",
+        "## KV-cache rebuild alone\n",
+        recovery_table(trials),
+        "\nspeedup = full-recompute median / strategy median (same trial); FLOP ratio likewise from FLOPs "
+        "counted from shapes ('-' for a strategy that does none); kept = state the survivors keep during normal "
+        "running for the strategy.\n",
+        trial_table(trials),
+        "\nPer decode step, same position, alternating (median ms; change against nothing kept):\n",
+        overhead_table(trials)])
+
+
+def interruption_plot_path(plot: Path) -> Path:
+    """The whole interruption's picture beside the rebuild's: docs/recovery_vs_context.png gives
+    docs/interruption_vs_context.png (the names the documentation links)."""
+    name = plot.name.replace("recovery", "interruption", 1) if "recovery" in plot.name else f"interruption_{plot.name}"
+    return plot.with_name(name)
+
+
+def draw(args: argparse.Namespace, trials: Sequence[Trial], origin: Provenance) -> tuple[Path, Path]:
+    """The rebuild and the whole interruption against context: the first backend, detector and weights
+    given (the tables give every one), each captioned with the command, the date and the machine."""
+    from recovery_plots import plot_recovery_vs_context
+
+    plotted = args.backend[0]
     rows = [row for trial in trials for row in trial.rows if row.get("median_s") is not None
             and (row["backend"], row["detector"], row["weights"]) == (plotted, args.detector[0], args.weights[0])]
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot = plot_recovery_vs_context(rows, args.plot,
-                                    f"KV rebuild after a device failure ({args.dtype}, {plotted}, median of {args.repeats})")
-    whole = plot_recovery_vs_context(rows, args.plot.with_name(args.plot.stem + "_interruption.png"),
-                                     f"The whole interruption, failure to next token ({args.dtype}, {plotted}, "
-                                     f"{args.detector[0]} detector, weights {args.weights[0]})",
-                                     measure="interruption_s", ylabel="failure to next token")
-    print(f"\nplots: {plot}, {whole}")
+    caption = origin.caption()
+    rebuild = plot_recovery_vs_context(
+        rows, args.plot, f"KV rebuild after a device failure ({args.dtype}, {plotted}, median of {args.repeats})",
+        caption=caption)
+    whole = plot_recovery_vs_context(
+        rows, interruption_plot_path(args.plot),
+        f"The whole interruption, failure to next token ({args.dtype}, {plotted}, {args.detector[0]} detector, "
+        f"weights {args.weights[0]})", measure="interruption_s", ylabel="failure to next token", caption=caption)
+    return rebuild, whole
+
+
+def picture_links(args: argparse.Namespace, pictures: Sequence[Path]) -> str:
+    """Markdown images of the pictures, relative to the results folder (they render on GitHub)."""
+    return "\n\n".join(f"![{path.stem.replace('_', ' ')}]({os.path.relpath(path.resolve(), args.results_dir.resolve())})"
+                        for path in pictures)
+
+
+def trials_json(trials: Sequence[Trial]) -> list[dict]:
+    """Every trial's fields, each overhead timing as its list of seconds."""
+    return [{**vars(t), "overhead": {mode: list(timing.seconds) for mode, timing in (t.overhead or {}).items()}}
+            for t in trials]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    folder = model_folder(args.model_dir)
+    command = script_argv(__file__, argv)
+    started = time.perf_counter()
+    trials = run_trials(folder, args)
+    seconds = time.perf_counter() - started
+    body = tables(folder, args, trials, seconds)
+    print(body)
+    origin = provenance(command, seconds)
+    pictures = draw(args, trials, origin)
+    print(f"\nplots: {', '.join(map(str, pictures))}")
     if args.json:
-        args.json.write_text(json.dumps([{**vars(t), "overhead": {m: list(x.seconds) for m, x in
-                                                                  (t.overhead or {}).items()}} for t in trials],
-                                        indent=2))
+        write_json(args.json, {"provenance": origin.as_dict(), "trials": trials_json(trials)})
         print(f"json: {args.json}")
+    save_results(args, TITLE, body + "\n\n" + picture_links(args, pictures), command, seconds)
     return 0
 
 
