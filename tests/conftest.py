@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable; the reference loads local folders
 
+import re
 import sys
 import threading
 import time
@@ -26,6 +27,21 @@ from llama_model_loader import Checkpoint  # noqa: E402
 from synthetic_checkpoint import ensure_synthetic_checkpoint, write_synthetic_checkpoint  # noqa: E402
 
 THREAD_JOIN_GRACE_S = 2.0
+# The quick tier (`python -m pytest -q -m "not slow"`) leaves out what costs most and proves the same
+# code once more: the scenarios on the processes and serialising backends (threads run every one of
+# them; tests/test_device_processes.py keeps the processes backend's own collective in the tier), the
+# processes backend's end-to-end file, and every test of the full-size 1B or the converted SmolLM2.
+SLOW_BACKENDS = re.compile(r"(^|-)(processes|serialising)(-|$)")
+SLOW_FIXTURES = {"llama_1b_checkpoint", "smollm2_dir"}
+SLOW_FILES = {"test_processes_backend.py", "test_smollm2_scenario.py", "test_smollm2_checkpoint.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        test_id = item.callspec.id if hasattr(item, "callspec") else ""
+        if (SLOW_BACKENDS.search(test_id) or SLOW_FIXTURES & set(item.fixturenames)
+                or item.path.name in SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

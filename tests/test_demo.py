@@ -91,7 +91,7 @@ def test_quiet_prints_only_the_interruption_the_rebuild_table_and_the_report_pat
     # the full report's first screen and its rebuild section, as they are there, then the path line
     rendered = [line for line in render(load_json(report)).splitlines() if line.strip()]
     first = next(i for i, line in enumerate(rendered) if "What losing" in line)
-    rebuild = next(i for i, line in enumerate(rendered) if "KV-cache rebuild" in line)
+    rebuild = next(i for i, line in enumerate(rendered) if line.startswith("4. KV-cache rebuild"))
     model = next(i for i, line in enumerate(rendered) if "Model loading" in line)
     rows = [line for line in lines if line.split(" ")[0] in STRATEGIES]
     assert [r.split()[0] for r in rows] == list(STRATEGIES) * 2

@@ -630,10 +630,24 @@ def fault_scenarios(draw):
     return devices, heads, failures, recovery, reassign, seed, hidden, replicate
 
 
-@settings(max_examples=int(os.environ.get("FAULT_EXAMPLES", "20")), deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(scenario=fault_scenarios())
-def test_property_any_failures_recover_losslessly(tiny, backend, scenario):
+# Examples per backend: a processes example launches its device processes (about 5 s on two cores), so it
+# runs fewer; FAULT_EXAMPLES sets every backend's count (FAULT_EXAMPLES=100 for a long hunt).
+PROPERTY_EXAMPLES = {"threads": 20, "serialising": 20, "processes": 8}
+
+
+def test_property_any_failures_recover_losslessly(tiny, backend):
+    examples = int(os.environ.get("FAULT_EXAMPLES", PROPERTY_EXAMPLES[backend]))
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(scenario=fault_scenarios())
+    def any_failures_recover_losslessly(scenario):
+        check_any_failures_recover_losslessly(tiny, backend, scenario)
+
+    any_failures_recover_losslessly()
+
+
+def check_any_failures_recover_losslessly(tiny, backend: str, scenario) -> None:
     devices, heads, failures, recovery, reassign, seed, hidden, replicate = scenario
     c = tiny.config
     assignment = (even_assignment(c, devices) if heads is None else
