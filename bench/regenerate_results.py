@@ -17,7 +17,7 @@ machine, other load moves the numbers):
 
   demo         the default demo (4 device threads, 512-token context, 3 repeats)          ~2.5 min
   engine       float32 only (the default compute dtype), lengths 128 512, 3 repeats      ~5 min
-  load_memory  both dtypes, one fresh process each                                      ~1 min
+  load_memory  both dtypes, one fresh process each; the first load after a fresh write   ~2 min
   detection    both backends and detectors, 3 hangs each, 10 load windows of 512 tokens ~3.5 min
   recovery     lengths 128 512 2048, 4 devices, threads and processes, timeout detector,
                random reassignment, 1 rebuild per strategy (the full matrix takes an hour) ~7 min
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,10 +41,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common import REPO, Parser
-from recovery_report import json_path
+from recovery_report import json_path, picture_path
 from results import RESULTS_DIR, Provenance, atomic_write, provenance, results_document
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 DEMO_REPORT = Path(tempfile.gettempdir()) / "kv_reuse_results" / "report.txt"
 FIRST_SCREEN, HEADLINE = "first-screen", "headline"
 GENERATED = "<!-- written by python bench/regenerate_results.py from the demo's output: never edit by hand -->"
@@ -61,9 +64,10 @@ class Step:
 
 STEPS = (
     Step("demo", ("execution_optimization_algorithm_demo.py", "--quiet", "--report", str(DEMO_REPORT)), 150,
-         f"docs/results/demo.md and README.md's blocks {FIRST_SCREEN} and {HEADLINE}"),
+         f"docs/results/demo.md, docs/timeline.png, docs/phases.png and README.md's blocks {FIRST_SCREEN} and "
+         f"{HEADLINE}"),
     Step("engine", ("bench/bench_engine.py", "--dtype", "float32"), 300, "docs/results/engine.md"),
-    Step("load_memory", ("bench/bench_load_memory.py",), 60, "docs/results/load_memory.md"),
+    Step("load_memory", ("bench/bench_load_memory.py", "--first-load"), 120, "docs/results/load_memory.md"),
     Step("detection", ("bench/bench_detection.py", "--repeats", "3", "--load-windows", "10", "--load-context", "512"),
          210, "docs/results/detection.md"),
     Step("recovery", ("bench/bench_recovery.py", "--lengths", "128", "512", "2048", "--devices", "4", "--backend",
@@ -174,6 +178,17 @@ def publish_demo(stdout: str, seconds: float) -> None:
     page, blocks = demo_documents(stdout, report, provenance([str(REPO / step.argv[0]), *step.argv[1:]], seconds))
     rewrite_readme(README, blocks)
     atomic_write(RESULTS_DIR / "demo.md", page)
+    for picture in ("timeline", "phases"):  # the README's picture and docs/benchmarks.md's
+        copy_atomically(picture_path(DEMO_REPORT, picture), DOCS / f"{picture}.png")
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
