@@ -181,7 +181,7 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
         started = time.perf_counter()
         tokens = generate_with_failures(model, prompt, new_tokens, failures, recover)
         seconds = time.perf_counter() - started
-        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE)  # several recoveries: all bounded
+        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE, model.position)  # recoveries: all bounded
         return Outcome(reference, tokens, recoveries, kv, model.assignment, model.leader, seconds,
                        list(model.events), list(model.failures))
 
@@ -228,7 +228,7 @@ def test_the_leader_crashing_mid_step_is_declared_by_the_lowest_survivor_which_l
         model.keep(True, False)
         tokens = generate_with_failures(model, PROMPT, NEW_TOKENS, [FailurePlan(0, after_tokens=2)])
         assert model.leader == 1 and model.assignment.devices == (1, 2, 3)
-        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE)
+        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE, model.position)
         events = list(model.events)
     assert tokens == reference and kv.ok, kv.describe()
     (rec,) = model.recoveries

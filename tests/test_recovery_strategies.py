@@ -143,7 +143,7 @@ class Checked:
 def check_after_recovery(model: FaultTolerantLlama, recovery: Recovery, reference_kv: dict,
                          kept: frozenset[tuple[int, int]]) -> Checked:
     """`kept`: the (device, KV head) pairs the strategy must have kept bit for bit."""
-    kv = check_kv(model.kv_snapshot(), reference_kv, kept, DTYPE)
+    kv = check_kv(model.kv_snapshot(), reference_kv, kept, DTYPE, recovery.context_tokens)
     problems = []
     infos = model.describe()
     for device, described in infos.items():
@@ -400,7 +400,7 @@ def test_hidden_states_switched_on_after_the_prefill_cover_nothing_and_reuse_hid
         assert result.strategy == "full-recompute"
         assert f"the hidden states hold 0 of the {len(PROMPT) + FAIL_AFTER - 1} cached positions" in \
             result.fallback_reason
-        assert check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE).ok
+        assert check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE, result.context_tokens).ok
 
 
 def test_replication_enabled_after_the_prefill_copies_what_is_cached_and_replicate_works(tiny_4kv, backend):
@@ -411,7 +411,7 @@ def test_replication_enabled_after_the_prefill_copies_what_is_cached_and_replica
         held = {d: model.assignment.kv_heads(d) for d in (0, 2, 3)}
         result = model.recover("replicate")
         assert (result.strategy, result.fallback_reason) == ("replicate", None)
-        kv = check_kv(model.kv_snapshot(), reference_kv, kept_heads(held, True), DTYPE)
+        kv = check_kv(model.kv_snapshot(), reference_kv, kept_heads(held, True), DTYPE, result.context_tokens)
     assert kv.ok and kv.rebuilt_max_rel_error == 0.0, kv.describe()  # the copy is the same bits
 
 
