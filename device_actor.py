@@ -347,8 +347,8 @@ class DeviceActor:
         state = self._state
         hidden, replica = state.hidden_states, state.replica
         return DeviceInfo(
-            self.device, self._epoch, state.shard.query_heads, state.cache.kv_heads, state.shard.mlp,
-            state.vocab.rows, state.shard.nbytes + state.vocab.nbytes, tuple(self._cached_ids),
+            self.device, self._epoch, state.shard.query_heads, state.cache.kv_heads, state.cache.length,
+            state.shard.mlp, state.vocab.rows, state.shard.nbytes + state.vocab.nbytes, tuple(self._cached_ids),
             None if hidden is None else hidden.length, 0 if hidden is None else hidden.nbytes, self._replication,
             state.replica_of, () if replica is None else replica.kv_heads, 0 if replica is None else replica.length,
             0 if replica is None else replica.nbytes, sum(standby.nbytes for standby in self._standby),

@@ -155,6 +155,7 @@ class DeviceInfo:
     epoch: int
     query_heads: tuple[int, ...]
     kv_heads: tuple[int, ...]        # those its cache holds
+    kv_positions: int                # positions its cache holds for each of them
     mlp: tuple[tuple[int, int], ...]
     vocab: tuple[int, int]
     weight_bytes: int

@@ -189,7 +189,7 @@ def shape_only_post(reassign: str, failed: int = 1, context: int = CONTEXT) -> P
     before = even_assignment(c, 4)
     plan = make_strategy(reassign, 0).plan(before, failed)
     after = plan.after
-    survivors = {d: DeviceInfo(d, 1, after.heads[d], before.kv_heads(d), after.mlp[d], (0, 1), 0,
+    survivors = {d: DeviceInfo(d, 1, after.heads[d], before.kv_heads(d), context, after.mlp[d], (0, 1), 0,
                                tuple(range(context)), None, 0, False, None, (), 0, 0) for d in after.devices}
     return PostFailure((), (plan,), after, tuple(range(context)), survivors, 0.0)
 
