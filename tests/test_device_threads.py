@@ -10,8 +10,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from device_protocol import DRIVER, Address, Envelope
+from device_actor import DeviceActor, DeviceSetup
+from device_protocol import DRIVER, Address, Envelope, NewEpoch, RecoveryPolicy
 from device_threads import CODECS, StaleEpoch, StepAbandoned, ThreadCollective, ThreadTransport
+from head_assignment import even_assignment
+from heartbeat_detection import HeartbeatConfig
+from llama_model_loader import LlamaConfig
 
 Body = Callable[[int, ThreadCollective], Any]
 
@@ -166,3 +170,49 @@ def test_inboxes_deliver_envelopes_in_order_and_time_out_empty(codec):
     started = time.monotonic()
     assert transport.receive(inbox, 0.05) is None and time.monotonic() - started >= 0.04
     assert transport.receive(Address("commands", 4), 0.01) is None  # another device's inbox is its own
+
+
+# --------------------------------------------------------------------------------------------
+# A device's membership: its epoch and members, read by one thread while another replaces them
+
+
+class PreemptedAtEveryWrite(DeviceActor):
+    """A device (never started) that, once `reader` is set, runs it after every attribute it writes:
+    as if the thread writing were preempted at each point and another thread read the device there.
+    The reader's own writes are not preemption points."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        reader = self.__dict__.pop("reader", None)
+        if reader is not None:
+            try:
+                reader()
+            finally:
+                object.__setattr__(self, "reader", reader)
+
+
+def test_a_step_taking_the_collective_while_a_new_epoch_is_admitted_sees_one_epoch_whole(tiny_checkpoint):
+    """Device-3 was declared dead: the leader formed epoch 1's group of (0, 1, 2) and tells Device-0,
+    whose control thread admits it while its compute thread takes the collective for a step. At any
+    point of the admission the step gets epoch 0's group or epoch 1's, never epoch 1 with epoch 0's
+    members (epoch 1's group refuses them: a ValueError the leader would take for a device error)."""
+    assignment = even_assignment(LlamaConfig.from_json(tiny_checkpoint / "config.json"), 4)
+    setup = DeviceSetup(0, tiny_checkpoint, "float32", assignment, HeartbeatConfig(), RecoveryPolicy())
+    transport = ThreadTransport()
+    device = PreemptedAtEveryWrite(setup, transport)
+    transport.collective(0, (0, 1, 2, 3))
+    transport.collective(1, (0, 1, 2))  # the leader claims the new epoch's group before telling anyone
+    seen: list = []
+
+    def step_takes_the_collective() -> None:
+        try:
+            group = device._endpoint().group
+            seen.append((group.epoch, group.devices))
+        except ValueError as refused:
+            seen.append(refused)
+
+    device.reader = step_takes_the_collective
+    device._admit(NewEpoch(1, (0, 1, 2), assignment, 0, (3,)))
+    assert seen, "the admission wrote nothing"
+    assert set(seen) <= {(0, (0, 1, 2, 3)), (1, (0, 1, 2))}, seen
+    assert seen[-1] == (1, (0, 1, 2))
