@@ -177,19 +177,26 @@ class DeviceActor:
             self._stop()
             return
         self._send(Address("driver", DRIVER), Ready(self.device))
+        try:
+            self._answer_commands()
+        except BaseException:
+            self._stop()  # the compute thread cannot go on: the device ends with it, which the leader sees
+            raise
+
+    def _answer_commands(self) -> None:
+        """Execute each command and answer it, until the device stops (or crashes, as injected)."""
         while not self._stopping.is_set():
             envelope = self._transport.receive(Address("commands", self.device), POLL_S)
             if envelope is None:
                 continue
             try:
-                value = self._execute(envelope)
+                reply = self._flushed(Reply(self._execute(envelope)))
             except DeviceCrashed:
                 self._die()
                 return
             except BaseException as error:  # noqa: BLE001 - handed back to the leader
-                self._answer(envelope, Reply(error=_with_trace(error)))
-                continue
-            self._answer(envelope, self._flushed(Reply(value)))
+                reply = Reply(error=_with_trace(error))
+            self._answer(envelope, reply)
 
     def _execute(self, envelope: Envelope) -> Any:
         if not self._await_epoch(envelope.epoch):
@@ -217,7 +224,17 @@ class DeviceActor:
         return reply
 
     def _answer(self, envelope: Envelope, reply: Reply) -> None:
-        self._send(Address("results", envelope.sender), reply, request=envelope.request)
+        """Answer a command. An answer that cannot be sent (its value or error does not cross as
+        bytes) is replaced by an error saying why, so that the leader is never left waiting for it;
+        if even that cannot be sent, the error escapes and ends the device."""
+        results = Address("results", envelope.sender)
+        try:
+            self._send(results, reply, request=envelope.request)
+        except Exception as unsendable:  # noqa: BLE001 - answered instead
+            error = RuntimeError(f"Device-{self.device} could not send its answer to {type(envelope.body).__name__}: "
+                                 f"{type(unsendable).__name__}: {unsendable}")
+            error.__cause__ = unsendable  # its trace goes with the answer
+            self._send(results, Reply(error=_with_trace(error)), request=envelope.request)
 
     def _load(self) -> None:
         started = self.clock()
