@@ -127,17 +127,20 @@ class DistributedCollective:
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._on_broken = on_broken
         self._group: dist.ProcessGroup | None = None
+        self._form_error: BaseException | None = None  # what stopped the group forming, for whoever waits for it
         self._formed, self._aborted = threading.Event(), threading.Event()
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # sends in flight, their buffers kept alive
         connect = store if callable(store) else (lambda: store)
         threading.Thread(target=self._form, args=(connect,), name=f"epoch-{epoch}-forming", daemon=True).start()
 
     def _form(self, connect: Callable[[], dist.Store]) -> None:
+        """Form the group; whatever stops it (a member that never came, a store out of reach) is kept
+        and raised by every call on the group."""
         try:
             prefix = dist.PrefixStore(f"epoch-{self.epoch}/", connect())
             self._group = new_process_group(prefix, self._rank, len(self.devices), self._timeout, self.placement)
-        except RuntimeError:
-            pass  # a member never came: every call on this group fails
+        except BaseException as error:  # noqa: BLE001 - raised to whoever waits for the group
+            self._form_error = error
         finally:
             self._formed.set()
 
@@ -225,8 +228,11 @@ class DistributedCollective:
         while not self._formed.wait(POLL_S):
             self._refuse_if_closed()
         self._refuse_if_closed()
+        if self._form_error is not None:
+            raise StepAbandoned(f"epoch {self.epoch} collective: the group could not be formed "
+                                f"({_one_line(self._form_error)})") from self._form_error
         if self._group is None:
-            raise StepAbandoned(f"epoch {self.epoch} collective: the group could not be formed (or was left)")
+            raise StepAbandoned(f"epoch {self.epoch} collective: this device has left the group")
         return self._group
 
     def _call(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> None:
@@ -302,6 +308,11 @@ class DistributedCollective:
             raise StaleEpoch(f"epoch {self.epoch}'s group has ended (epoch {self.ended_by} began): refused")
         if self.aborted:
             raise StepAbandoned(f"epoch {self.epoch} collective aborted")
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's type and the first line of its message (torch's errors run to many lines)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def _as_bytes(payload: Any) -> torch.Tensor:

@@ -130,3 +130,21 @@ def test_a_sigkilled_member_fails_the_others_next_call_and_the_survivors_form_th
         assert answer["error"] is not None and "epoch 0" in answer["error"], answer
         assert answer["failed_after_s"] < 10.0, "a dead peer is known at once by all, not at the 60 s timeout"
         assert torch.equal(answer["sum"], expected)
+
+
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError], ids=["torch-error", "any-error"])
+def test_what_stopped_a_group_forming_is_raised_by_every_call_on_it_with_its_cause(kind):
+    """Not a bare 'could not be formed': the device's answer, and the leader, say why."""
+    stop = kind("the store at 127.0.0.1:1 refused the connection\n(torch's detail)")
+
+    def store_out_of_reach() -> dist.Store:
+        raise stop
+
+    collective = DistributedCollective(store_out_of_reach, 3, (0, 1), 0, timeout_s=1.0)
+    for call in (lambda: collective.all_reduce(0, torch.ones(2)), lambda: collective.recv(0, 1)):
+        with pytest.raises(StepAbandoned) as failure:
+            call()
+        assert str(failure.value) == (f"epoch 3 collective: the group could not be formed ({kind.__name__}: "
+                                      f"the store at 127.0.0.1:1 refused the connection)")
+        assert failure.value.__cause__ is stop
+
