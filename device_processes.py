@@ -358,15 +358,22 @@ class ProcessTransport(ThreadTransport):
             self._inbox(to).put(envelope)
             return
         data = pickle.dumps((to, envelope), protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            peer = self._connection(to.owner)
-            if peer is None:
-                return  # not on the network (yet): lost, as a message to an absent host is
-            connection, lock = peer
-            with lock:
-                connection.sendall(FRAME.pack(len(data)) + data)
-        except OSError:
-            self._forget(to.owner)  # the peer is gone (or stopped past the send timeout): the message is lost
+        frame = FRAME.pack(len(data)) + data
+        for _ in range(2):  # a connection that broke while its peer lives: once more, on a fresh one
+            try:
+                peer = self._connection(to.owner)
+                if peer is None:
+                    return  # not on the network (yet): lost, as a message to an absent host is
+                connection, lock = peer
+                with lock:
+                    connection.sendall(frame)
+                return
+            except socket.timeout:
+                self._forget(to.owner)
+                return  # the peer is stopped past the send timeout: lost (the heartbeats tell it is hung)
+            except OSError:
+                self._forget(to.owner)  # a frame cut short is dropped by the reader: never delivered twice
+        # the peer refuses a fresh connection too: it is gone, and the message with it (its death is detected)
 
     def _connection(self, owner: int) -> tuple[socket.socket, threading.Lock] | None:
         with self._lock:

@@ -1,11 +1,13 @@
 """The collective between device processes (torch.distributed, gloo): the same bits as the thread
-backend's, uneven splits, and what a SIGKILLed member does to the others' next call."""
+backend's, uneven splits, and what a SIGKILLed member does to the others' next call; the inboxes
+over TCP: what a broken connection does."""
 from __future__ import annotations
 
 import faulthandler
 import io
 import os
 import signal
+import socket
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from device_processes import DistributedCollective
+from device_processes import FRAME, DistributedCollective, ProcessTransport
+from device_protocol import Address, Envelope
 from device_threads import StepAbandoned, ThreadCollective
 
 ROWS, WIDTH = 10, 6  # 10 rows split over 3 or 4 members: uneven
@@ -147,4 +150,30 @@ def test_what_stopped_a_group_forming_is_raised_by_every_call_on_it_with_its_cau
         assert str(failure.value) == (f"epoch 3 collective: the group could not be formed ({kind.__name__}: "
                                       f"the store at 127.0.0.1:1 refused the connection)")
         assert failure.value.__cause__ is stop
+
+
+# --------------------------------------------------------------------------------------------
+# The inboxes over TCP: a live peer gets what is sent
+
+
+@pytest.fixture
+def two_transports():
+    """Device-0's and Device-1's sides of the network, in this process, meeting through a store."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    transports = [ProcessTransport(("127.0.0.1", store.port), device, collective_timeout=5.0) for device in (0, 1)]
+    yield transports
+    for transport in transports:
+        transport.close_network()
+
+
+def test_a_message_to_a_live_peer_whose_connection_broke_goes_on_a_fresh_one(two_transports):
+    sender, receiver = two_transports
+    inbox = Address("control", 1)
+    sender.send(inbox, Envelope(0, 0, 1, "first"))
+    assert receiver.receive(inbox, timeout=5.0).body == "first"
+    sender._peers[1][0].shutdown(socket.SHUT_WR)  # the kept connection broke; the peer lives
+    sender.send(inbox, Envelope(0, 0, 2, "second"))
+    got = receiver.receive(inbox, timeout=5.0)
+    assert got is not None, "the message was lost although its peer lives"
+    assert got.body == "second"
 
