@@ -426,8 +426,9 @@ class ProcessTransport(ThreadTransport):
                 self._inbox(to).put(envelope)
 
     def _network_thread(self, role: str, target: Callable[[], None]) -> threading.Thread:
+        """A thread of the network (accepting, reading a peer, watching exits): its crash is kept too."""
         name = f"{'Launcher' if self.me <= DRIVER else f'Device-{self.me}'}-{role}"
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread = threading.Thread(target=self._keeping_errors(name, target), name=name, daemon=True)
         thread.start()
         return thread
 

@@ -1,11 +1,12 @@
 """The collective between device processes (torch.distributed, gloo): the same bits as the thread
 backend's, uneven splits, and what a SIGKILLed member does to the others' next call; the inboxes
-over TCP: what a broken connection does."""
+over TCP: what a broken connection or a bad frame does."""
 from __future__ import annotations
 
 import faulthandler
 import io
 import os
+import pickle
 import signal
 import socket
 import time
@@ -20,6 +21,7 @@ import torch.multiprocessing as mp
 from device_processes import FRAME, DistributedCollective, ProcessTransport
 from device_protocol import Address, Envelope
 from device_threads import StepAbandoned, ThreadCollective
+from polling import wait_until
 
 ROWS, WIDTH = 10, 6  # 10 rows split over 3 or 4 members: uneven
 
@@ -153,7 +155,7 @@ def test_what_stopped_a_group_forming_is_raised_by_every_call_on_it_with_its_cau
 
 
 # --------------------------------------------------------------------------------------------
-# The inboxes over TCP: a live peer gets what is sent
+# The inboxes over TCP: a live peer gets what is sent, and a reader's crash is kept
 
 
 @pytest.fixture
@@ -177,3 +179,13 @@ def test_a_message_to_a_live_peer_whose_connection_broke_goes_on_a_fresh_one(two
     assert got is not None, "the message was lost although its peer lives"
     assert got.body == "second"
 
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
+def test_a_reader_that_crashes_on_a_frame_is_kept_for_close(two_transports):
+    _, receiver = two_transports
+    with socket.create_connection(receiver._address(1), timeout=5.0) as connection:
+        garbage = b"not a pickled message"
+        connection.sendall(FRAME.pack(len(garbage)) + garbage)
+        assert wait_until(lambda: receiver.crashed, timeout_s=5.0), "the reader's crash was lost"
+    ((thread, error),) = receiver.crashed
+    assert thread == "Device-1-reader" and isinstance(error, pickle.UnpicklingError)
