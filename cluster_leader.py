@@ -314,8 +314,10 @@ class Leader:
 
     def _lead_after_failover(self) -> None:
         """This device leads since the old leader was declared dead: agree on the context with the
-        survivors, recover (or hold), and tell the driver."""
+        survivors, recover (or hold), and tell the driver, with the error that stopped it if one did
+        (the driver waits for this message: nothing may end the leader's thread without it)."""
         self._failover = False
+        recovery, error = None, None
         try:
             infos = self._run_group({m: Describe() for m in self.members})
             self._context = list(_common_prefix([info.cached_ids for info in infos.values()]))
@@ -324,7 +326,10 @@ class Leader:
         except StepAbandoned:
             self._failover = True  # another device died meanwhile: try again
             return
-        self._send(Address("driver", DRIVER), LeaderChanged(self.host, self.epoch, recovery, self._take_declared_view()))
+        except BaseException as failed:  # noqa: BLE001 - handed to the driver, which raises it
+            error = failed
+        self._send(Address("driver", DRIVER),
+                   LeaderChanged(self.host, self.epoch, recovery, self._take_declared_view(), error))
 
     def _take_declared_view(self) -> list[FailureEvent]:
         with self._lock:

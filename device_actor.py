@@ -56,6 +56,17 @@ class DeviceSetup:
 
 
 @dataclass(frozen=True)
+class Membership:
+    """An epoch and its members, as one value: the control thread replaces it whole (`_admit`) while
+    the compute thread reads it, so that a reader that takes it once never pairs an epoch with
+    another epoch's members (the new epoch's group would refuse them, and the leader would take
+    that for the device's error)."""
+
+    epoch: int
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Ready:
     """A device loaded its slices (or failed to: `error`)."""
 
@@ -113,8 +124,8 @@ class DeviceActor:
         self._snapshot: tuple | None = None
         self._parked_hidden: HiddenStateStore | None = None
         self._replication = False
-        self._epoch, self._members, self._assignment = 0, setup.assignment.devices, setup.assignment
-        self._leader_id = min(self._members)
+        self._membership, self._assignment = Membership(0, setup.assignment.devices), setup.assignment
+        self._leader_id = min(self._membership.members)
         self._epoch_changed = threading.Condition()
         self._stopping = threading.Event()
         self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike,
@@ -142,7 +153,7 @@ class DeviceActor:
         self.faults.close()
         if self.leader is not None:
             self.leader.stop()
-        self._transport.abort_epoch(self._epoch)
+        self._transport.abort_epoch(self._membership.epoch)
 
     def _fenced(self) -> None:
         """Declared dead by the others, or cut off from them: this device takes no further part."""
@@ -166,23 +177,30 @@ class DeviceActor:
             self._stop()
             return
         self._send(Address("driver", DRIVER), Ready(self.device))
+        try:
+            self._answer_commands()
+        except BaseException:
+            self._stop()  # the compute thread cannot go on: the device ends with it, which the leader sees
+            raise
+
+    def _answer_commands(self) -> None:
+        """Execute each command and answer it, until the device stops (or crashes, as injected)."""
         while not self._stopping.is_set():
             envelope = self._transport.receive(Address("commands", self.device), POLL_S)
             if envelope is None:
                 continue
             try:
-                value = self._execute(envelope)
+                reply = self._flushed(Reply(self._execute(envelope)))
             except DeviceCrashed:
                 self._die()
                 return
             except BaseException as error:  # noqa: BLE001 - handed back to the leader
-                self._answer(envelope, Reply(error=_with_trace(error)))
-                continue
-            self._answer(envelope, self._flushed(Reply(value)))
+                reply = Reply(error=_with_trace(error))
+            self._answer(envelope, reply)
 
     def _execute(self, envelope: Envelope) -> Any:
         if not self._await_epoch(envelope.epoch):
-            raise StaleEpoch(f"Device-{self.device} is in epoch {self._epoch}: a command of epoch "
+            raise StaleEpoch(f"Device-{self.device} is in epoch {self._membership.epoch}: a command of epoch "
                              f"{envelope.epoch} is refused")
         body = envelope.body
         handler = getattr(self, f"_on_{type(body).__name__}")
@@ -191,9 +209,9 @@ class DeviceActor:
     def _await_epoch(self, epoch: int) -> bool:
         """A command of a newer epoch may overtake the NewEpoch message: wait for it (bounded)."""
         with self._epoch_changed:
-            self._epoch_changed.wait_for(lambda: self._epoch >= epoch or self._stopping.is_set(),
+            self._epoch_changed.wait_for(lambda: self._membership.epoch >= epoch or self._stopping.is_set(),
                                          timeout=10 * self._setup.heartbeat.timeout_s)
-            return self._epoch == epoch
+            return self._membership.epoch == epoch
 
     def _flushed(self, reply: Reply) -> Reply:
         """A command is done only when the KV it sent was taken (processes: a send completes when received)."""
@@ -206,7 +224,17 @@ class DeviceActor:
         return reply
 
     def _answer(self, envelope: Envelope, reply: Reply) -> None:
-        self._send(Address("results", envelope.sender), reply, request=envelope.request)
+        """Answer a command. An answer that cannot be sent (its value or error does not cross as
+        bytes) is replaced by an error saying why, so that the leader is never left waiting for it;
+        if even that cannot be sent, the error escapes and ends the device."""
+        results = Address("results", envelope.sender)
+        try:
+            self._send(results, reply, request=envelope.request)
+        except Exception as unsendable:  # noqa: BLE001 - answered instead
+            error = RuntimeError(f"Device-{self.device} could not send its answer to {type(envelope.body).__name__}: "
+                                 f"{type(unsendable).__name__}: {unsendable}")
+            error.__cause__ = unsendable  # its trace goes with the answer
+            self._send(results, Reply(error=_with_trace(error)), request=envelope.request)
 
     def _load(self) -> None:
         started = self.clock()
@@ -245,7 +273,7 @@ class DeviceActor:
         self._telemetry("compute", began)
         stale, self._stale = self._stale, []
         release_in_background(stale)
-        return logits.cpu() if logits is not None and self.device == self._members[0] else None
+        return logits.cpu() if logits is not None and self.device == endpoint.group.devices[0] else None
 
     def _resumed(self, command: Forward, chunk) -> StepProgress | None:
         """Where an abandoned step resumes (the leader asks only when every member recorded it)."""
@@ -274,7 +302,7 @@ class DeviceActor:
 
     def _on_Regroup(self, command: Regroup) -> None:
         began = self.clock()
-        group = self._used_group = self._transport.collective(self._epoch, self._members)
+        group = self._used_group = self._collective()
         group.all_reduce(self.device, torch.zeros(1, device=self._setup.placement))
         self._telemetry("regroup", began)
 
@@ -347,8 +375,8 @@ class DeviceActor:
         state = self._state
         hidden, replica = state.hidden_states, state.replica
         return DeviceInfo(
-            self.device, self._epoch, state.shard.query_heads, state.cache.kv_heads, state.shard.mlp,
-            state.vocab.rows, state.shard.nbytes + state.vocab.nbytes, tuple(self._cached_ids),
+            self.device, self._membership.epoch, state.shard.query_heads, state.cache.kv_heads, state.cache.length,
+            state.shard.mlp, state.vocab.rows, state.shard.nbytes + state.vocab.nbytes, tuple(self._cached_ids),
             None if hidden is None else hidden.length, 0 if hidden is None else hidden.nbytes, self._replication,
             state.replica_of, () if replica is None else replica.kv_heads, 0 if replica is None else replica.length,
             0 if replica is None else replica.nbytes, sum(standby.nbytes for standby in self._standby),
@@ -378,12 +406,17 @@ class DeviceActor:
                 layer[:, :self._state.cache.length] += command.delta
 
     def _endpoint(self) -> DeviceEndpoint:
-        group = self._used_group = self._transport.collective(self._epoch, self._members)
-        return DeviceEndpoint(self.device, group, lambda: self._epoch, self.faults)
+        group = self._used_group = self._collective()
+        return DeviceEndpoint(self.device, group, lambda: self._membership.epoch, self.faults)
+
+    def _collective(self) -> ThreadCollective:
+        """The group of this device's epoch: the membership read once, epoch and members together."""
+        membership = self._membership
+        return self._transport.collective(membership.epoch, membership.members)
 
     def _replicate(self, start: int, length: int, endpoint: DeviceEndpoint) -> None:
         """The step's new KV to the next member (a real send); the previous member's into the copy."""
-        members = self._members
+        members = endpoint.group.devices
         if len(members) < 2:
             return
         began, i = self.clock(), members.index(self.device)
@@ -427,8 +460,9 @@ class DeviceActor:
             self._on_control(envelope.body)
 
     def _beat(self) -> None:
-        beat = Beat(self.device, self._epoch)
-        targets = [m for m in self._members if m != self.device] if self.leader else [self._leader_id]
+        membership = self._membership
+        beat = Beat(self.device, membership.epoch)
+        targets = [m for m in membership.members if m != self.device] if self.leader else [self._leader_id]
         for device in targets:
             self._send(Address("control", device), beat)
         self._telemetry("beat")
@@ -444,7 +478,7 @@ class DeviceActor:
             self._monitor.restart()
             self._judging = True
             if self.leader is not None:
-                for member in self._members:
+                for member in self._membership.members:
                     if member != self.device:
                         self._send(Address("control", member), Watch())
         elif isinstance(body, Declare) and (self.leader is not None or body.device == self._leader_id):
@@ -454,14 +488,14 @@ class DeviceActor:
 
     def _admit(self, epoch: NewEpoch) -> None:
         """A new epoch: abort the collective a step may wait in, join the new group, or stop if fenced out."""
-        if epoch.epoch <= self._epoch:
+        if epoch.epoch <= self._membership.epoch:
             return
-        self._transport.abort_epoch(self._epoch)
+        self._transport.abort_epoch(self._membership.epoch)
         if self.device not in epoch.members:
             self._fenced()
             return
         with self._epoch_changed:
-            self._epoch, self._members, self._assignment = epoch.epoch, epoch.members, epoch.assignment
+            self._membership, self._assignment = Membership(epoch.epoch, tuple(epoch.members)), epoch.assignment
             self._transport.collective(epoch.epoch, epoch.members)  # the new group, at once: the old one ends
             if epoch.leader != self._leader_id and self.leader is None:
                 self._leader_id = epoch.leader
@@ -475,10 +509,11 @@ class DeviceActor:
                 self._fenced()
             return
         # the leader is gone: the lowest-numbered survivor (of those this device has not declared) leads
-        self._transport.abort_epoch(self._epoch)
+        membership = self._membership
+        self._transport.abort_epoch(membership.epoch)
         self._declared_here.append(detection)
         lost = {d.device for d in self._declared_here}
-        successor = min(m for m in self._members if m not in lost)
+        successor = min(m for m in membership.members if m not in lost)
         if successor == self.device:
             self._become_leader(self._declared_here)
         else:
@@ -488,10 +523,11 @@ class DeviceActor:
     def _become_leader(self, lost: list) -> None:
         """Lead from now on: watch every other member, and open an epoch for each lost leader."""
         from cluster_leader import Leader
-        watched = [m for m in self._members if m != self.device]
-        self._monitor = self._watch(watched, epoch=self._epoch)
+        membership = self._membership
+        watched = [m for m in membership.members if m != self.device]
+        self._monitor = self._watch(watched, epoch=membership.epoch)
         self._leader_id = self.device
-        self.leader = Leader(self.device, self._transport, self._epoch, self._members, self._assignment,
+        self.leader = Leader(self.device, self._transport, membership.epoch, membership.members, self._assignment,
                              self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot)
         self.leader.start()
         for detection in lost:
@@ -505,16 +541,18 @@ class DeviceActor:
         return list(self._cached_ids)
 
     def _watched(self) -> list[int]:
-        return [m for m in self._members if m != self.device] if self.device == self._leader_id else [self._leader_id]
+        members = self._membership.members
+        return [m for m in members if m != self.device] if self.device == self._leader_id else [self._leader_id]
 
     def _watch(self, devices, epoch: int | None = None) -> HeartbeatMonitor:
-        return HeartbeatMonitor(devices, self._setup.heartbeat, epoch=self._epoch if epoch is None else epoch)
+        return HeartbeatMonitor(devices, self._setup.heartbeat,
+                                epoch=self._membership.epoch if epoch is None else epoch)
 
     # ---------------------------------------------------------------------------------------
     # Telling others
 
     def _send(self, to: Address, body: Any, request: int = 0) -> None:
-        self._transport.send(to, Envelope(self.device, self._epoch, request, body))
+        self._transport.send(to, Envelope(self.device, self._membership.epoch, request, body))
 
     def _telemetry(self, kind: str, began: float | None = None) -> None:
         """An event (`began` given: a span of work, which ends once the accelerator has done it)."""

@@ -143,17 +143,20 @@ class DistributedCollective:
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._on_broken = on_broken
         self._group: dist.ProcessGroup | None = None
+        self._form_error: BaseException | None = None  # what stopped the group forming, for whoever waits for it
         self._formed, self._aborted = threading.Event(), threading.Event()
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # sends in flight, their buffers kept alive
         connect = store if callable(store) else (lambda: store)
         threading.Thread(target=self._form, args=(connect,), name=f"epoch-{epoch}-forming", daemon=True).start()
 
     def _form(self, connect: Callable[[], dist.Store]) -> None:
+        """Form the group; whatever stops it (a member that never came, a store out of reach) is kept
+        and raised by every call on the group."""
         try:
             prefix = dist.PrefixStore(f"epoch-{self.epoch}/", connect())
             self._group = new_process_group(prefix, self._rank, len(self.devices), self._timeout, self.placement)
-        except RuntimeError:
-            pass  # a member never came: every call on this group fails
+        except BaseException as error:  # noqa: BLE001 - raised to whoever waits for the group
+            self._form_error = error
         finally:
             self._formed.set()
 
@@ -241,8 +244,11 @@ class DistributedCollective:
         while not self._formed.wait(POLL_S):
             self._refuse_if_closed()
         self._refuse_if_closed()
+        if self._form_error is not None:
+            raise StepAbandoned(f"epoch {self.epoch} collective: the group could not be formed "
+                                f"({_one_line(self._form_error)})") from self._form_error
         if self._group is None:
-            raise StepAbandoned(f"epoch {self.epoch} collective: the group could not be formed (or was left)")
+            raise StepAbandoned(f"epoch {self.epoch} collective: this device has left the group")
         return self._group
 
     def _call(self, start: Callable[[dist.ProcessGroup], dist.Work]) -> None:
@@ -320,6 +326,11 @@ class DistributedCollective:
             raise StepAbandoned(f"epoch {self.epoch} collective aborted")
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's type and the first line of its message (torch's errors run to many lines)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def _as_bytes(payload: Any) -> torch.Tensor:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -363,15 +374,22 @@ class ProcessTransport(ThreadTransport):
             self._inbox(to).put(envelope)
             return
         data = pickle.dumps((to, envelope), protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            peer = self._connection(to.owner)
-            if peer is None:
-                return  # not on the network (yet): lost, as a message to an absent host is
-            connection, lock = peer
-            with lock:
-                connection.sendall(FRAME.pack(len(data)) + data)
-        except OSError:
-            self._forget(to.owner)  # the peer is gone (or stopped past the send timeout): the message is lost
+        frame = FRAME.pack(len(data)) + data
+        for _ in range(2):  # a connection that broke while its peer lives: once more, on a fresh one
+            try:
+                peer = self._connection(to.owner)
+                if peer is None:
+                    return  # not on the network (yet): lost, as a message to an absent host is
+                connection, lock = peer
+                with lock:
+                    connection.sendall(frame)
+                return
+            except socket.timeout:
+                self._forget(to.owner)
+                return  # the peer is stopped past the send timeout: lost (the heartbeats tell it is hung)
+            except OSError:
+                self._forget(to.owner)  # a frame cut short is dropped by the reader: never delivered twice
+        # the peer refuses a fresh connection too: it is gone, and the message with it (its death is detected)
 
     def _connection(self, owner: int) -> tuple[socket.socket, threading.Lock] | None:
         with self._lock:
@@ -424,8 +442,9 @@ class ProcessTransport(ThreadTransport):
                 self._inbox(to).put(envelope)
 
     def _network_thread(self, role: str, target: Callable[[], None]) -> threading.Thread:
+        """A thread of the network (accepting, reading a peer, watching exits): its crash is kept too."""
         name = f"{'Launcher' if self.me <= DRIVER else f'Device-{self.me}'}-{role}"
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread = threading.Thread(target=self._keeping_errors(name, target), name=name, daemon=True)
         thread.start()
         return thread
 

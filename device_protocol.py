@@ -155,6 +155,7 @@ class DeviceInfo:
     epoch: int
     query_heads: tuple[int, ...]
     kv_heads: tuple[int, ...]        # those its cache holds
+    kv_positions: int                # positions its cache holds for each of them
     mlp: tuple[tuple[int, int], ...]
     vocab: tuple[int, int]
     weight_bytes: int
@@ -308,12 +309,13 @@ class Reply:
 @dataclass(frozen=True)
 class LeaderChanged:
     """The old leader was declared dead; `leader` leads `epoch`. It has recovered (`recovery`), or,
-    holding, waits for the driver to recover from `failures`."""
+    holding, waits for the driver to recover from `failures`, or its recovery failed (`error`)."""
 
     leader: int
     epoch: int
     recovery: Any
     failures: tuple = ()
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,14 @@ class ThreadTransport:
 
     def start_thread(self, name: str, target: Callable[[], None]) -> threading.Thread:
         """A device's thread; an error that escapes it is kept (`crashed`), so that it is never lost."""
+        thread = threading.Thread(target=self._keeping_errors(name, target), name=name, daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _keeping_errors(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """`target`, with an error that escapes it kept in `crashed` (close() raises it), then re-raised."""
         def run() -> None:
             try:
                 target()
@@ -356,11 +364,7 @@ class ThreadTransport:
                     self.crashed.append((name, error))
                 raise
 
-        thread = threading.Thread(target=run, name=name, daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-        return thread
+        return run
 
     def join(self, timeout_s: float) -> list[str]:
         """Wait for every thread started here to end; the names of those still running."""

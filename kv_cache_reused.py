@@ -54,12 +54,13 @@ def strategy_info(name: str) -> StrategyInfo:
 
 @dataclass(frozen=True)
 class KVTransfer:
-    """KV heads that go from one survivor to another: `peer` is the other end; a sender reads them
-    from its copy of device `replica_of`'s KV, or from its own cache when that is None."""
+    """KV heads that go from one survivor to another: `peer` is the other end. On the sender's side
+    `sources` says, head by head, where it reads each: None from its own cache, d from its copy of
+    device d's KV (one transfer may mix both); the receiver's side lists none."""
 
     kv_heads: tuple[int, ...]
     peer: int
-    replica_of: int | None = None
+    sources: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def plan_rebuild(strategy: str, after: Assignment, survivors: Mapping[int, Devic
     """One order per survivor for `strategy`, from what the survivors hold (RecoveryImpossible when
     what the strategy needs did not survive)."""
     context = tuple(context_ids)
+    if strategy_info(strategy).reuses_kv:
+        check_kv_covers(survivors, context)
     missing = {d: tuple(g for g in after.kv_heads(d) if g not in info.kv_heads) for d, info in survivors.items()}
     if strategy == "full-recompute":
         missing = {d: after.kv_heads(d) for d in survivors}
@@ -94,6 +97,17 @@ def plan_rebuild(strategy: str, after: Assignment, survivors: Mapping[int, Devic
                             tuple(t for (sender, _), t in transfers.items() if sender == d),
                             tuple(KVTransfer(t.kv_heads, sender) for (sender, to), t in transfers.items() if to == d))
             for d in survivors}
+
+
+def check_kv_covers(survivors: Mapping[int, DeviceInfo], context: tuple[int, ...]) -> None:
+    """A survivor's KV heads can be kept only if they hold exactly the context: its tokens, at every
+    position (a cache cut short, or holding positions past it, would be trusted as it is)."""
+    for device, info in sorted(survivors.items()):
+        if info.kv_positions != len(context):
+            raise RecoveryImpossible(f"Device-{device}'s KV holds {info.kv_positions} positions, the context "
+                                     f"{len(context)}")
+        if info.cached_ids != context:
+            raise RecoveryImpossible(f"Device-{device} cached other tokens than the context")
 
 
 def check_hidden_states_cover(survivors: Mapping[int, DeviceInfo], length: int) -> None:
@@ -109,13 +123,14 @@ def check_hidden_states_cover(survivors: Mapping[int, DeviceInfo], length: int) 
 def plan_transfers(survivors: Mapping[int, DeviceInfo], missing: Mapping[int, tuple[int, ...]], length: int
                    ) -> dict[tuple[int, int], KVTransfer]:
     """(sender, receiver) -> what goes between them: each missing KV head from a survivor that holds
-    it, else from a survivor's copy of a lost device's KV that covers the context."""
+    it, else from a survivor's copy of a lost device's KV that covers the context (each head with
+    its own source)."""
     transfers: dict[tuple[int, int], KVTransfer] = {}
     for receiver, heads in missing.items():
         for g in heads:
-            sender, replica_of = kv_source(survivors, g, length, receiver)
-            old = transfers.get((sender, receiver), KVTransfer((), receiver, replica_of))
-            transfers[(sender, receiver)] = KVTransfer(old.kv_heads + (g,), receiver, replica_of)
+            sender, source = kv_source(survivors, g, length, receiver)
+            old = transfers.get((sender, receiver), KVTransfer((), receiver))
+            transfers[(sender, receiver)] = KVTransfer(old.kv_heads + (g,), receiver, old.sources + (source,))
     return transfers
 
 
@@ -190,10 +205,8 @@ def exchange_kv(state: DeviceState, order: RebuildOrder, collective: Collective)
     without a transfer."""
     length, promoted = state.cache.length, []
     for transfer in order.sends:
-        if transfer.replica_of not in (None, state.replica_of):
-            raise RecoveryImpossible(f"Device-{state.device} holds no copy of Device-{transfer.replica_of}'s KV")
-        source = state.cache if transfer.replica_of is None else state.replica
-        payload = kv_heads_payload(source, transfer.kv_heads, length)
+        payload = kv_heads_payload([source_cache(state, source) for source in transfer.sources], transfer.kv_heads,
+                                   length)
         if transfer.peer == state.device:
             promoted.append(payload)
         else:
@@ -205,8 +218,22 @@ def exchange_kv(state: DeviceState, order: RebuildOrder, collective: Collective)
             state.cache.put_heads(layer, heads, 0, k, v)
 
 
-def kv_heads_payload(cache: KVCache, kv_heads: Sequence[int], length: int
+def source_cache(state: DeviceState, source: int | None) -> KVCache:
+    """The store a transfer reads a head from: the device's own cache (None), or its copy of `source`'s KV."""
+    if source is None:
+        return state.cache
+    if source != state.replica_of or state.replica is None:
+        raise RecoveryImpossible(f"Device-{state.device} holds no copy of Device-{source}'s KV")
+    return state.replica
+
+
+def kv_heads_payload(caches: Sequence[KVCache], kv_heads: Sequence[int], length: int
                      ) -> tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]]:
-    """(heads, per-layer K [heads, length, head_dim], per-layer V): copies, for sending."""
-    slots = [cache.kv_heads.index(g) for g in kv_heads]
-    return (tuple(kv_heads), [k[slots, :length].clone() for k in cache.k], [v[slots, :length].clone() for v in cache.v])
+    """(heads, per-layer K [heads, length, head_dim], per-layer V): copies, for sending; head i is
+    read from caches[i] (a transfer holds at least one head)."""
+    def layer_heads(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [cache.head(layer, g) for cache, g in zip(caches, kv_heads, strict=True)]
+        return torch.stack([k[:length] for k, _ in pairs]), torch.stack([v[:length] for _, v in pairs])
+
+    layers = [layer_heads(layer) for layer in range(caches[0].num_layers)]
+    return tuple(kv_heads), [k for k, _ in layers], [v for _, v in layers]

@@ -17,6 +17,7 @@ HF_REPOS = ("models--meta-llama--Llama-3.2-1B", "models--meta-llama--Llama-3.2-1
 LLAMA3_BOS = 128000
 
 Range = tuple[int, int]
+SILU_NAMES = ("silu", "swish")  # what Hugging Face calls SiLU (x * sigmoid(x)) in `hidden_act`
 
 
 class CheckpointError(Exception):
@@ -53,6 +54,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"  # the MLP's activation: the engine computes SiLU only
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -93,6 +95,7 @@ class LlamaConfig:
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
+                hidden_act=str(raw.get("hidden_act", "silu")),
                 torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_id=raw.get("eos_token_id"),
@@ -135,6 +138,9 @@ class LlamaConfig:
             raise CheckpointError(f"{source}: head_dim must be even for RoPE, got {self.head_dim}")
         if self.attention_bias or self.mlp_bias:
             raise CheckpointError(f"{source}: attention or MLP biases are not supported")
+        if self.hidden_act not in SILU_NAMES:
+            raise CheckpointError(f"{source}: hidden_act {self.hidden_act!r} is not supported (the MLP computes "
+                                  f"SiLU: {' or '.join(SILU_NAMES)})")
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise CheckpointError(f"{source}: rms_norm_eps and rope_theta must be positive")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")

@@ -1,6 +1,8 @@
 """Proofs that a recovery lost nothing, strict enough that a wrong rebuild cannot pass.
 
-Three checks against a failure-free run of the same prompt on the same assignment:
+The checks against a failure-free run of the same prompt on the same assignment:
+- Every KV head held after the recovery covers exactly the context the recovery claims: a head
+  shorter (even empty) or longer than it fails, whatever its values.
 - KV that a survivor kept (held before the failure and reused by the strategy) must be the same
   bits: nothing touched it, so any difference is a bug.
 - KV that was rebuilt is recomputed with another summation order, so it may differ by rounding.
@@ -77,12 +79,15 @@ class KVCheck:
 
 
 def check_kv(recovered: KVSnapshot, reference: KVSnapshot, kept: AbstractSet[tuple[int, int]],
-             dtype: torch.dtype) -> KVCheck:
+             dtype: torch.dtype, length: int) -> KVCheck:
     """Compare every (device, layer, KV head) of `recovered` with the failure-free `reference`.
 
-    `kept` lists the (device, KV head) pairs the strategy reused: those must be bit-identical to the
-    same device's reference. Every other head was rebuilt and is bounded relative to its own scale.
-    The reference may be longer than the recovered cache (snapshotted later): its prefix is used.
+    `length` is the context the recovery claims to hold: every recovered head must hold exactly that
+    many positions (a shorter, longer or empty head fails). The reference may have been snapshotted
+    later (a whole failure-free generation): its first `length` positions are compared, and one
+    holding fewer fails. `kept` lists the (device, KV head) pairs the strategy reused: those must be
+    bit-identical to the same device's reference. Every other head was rebuilt and is bounded
+    relative to its own scale.
     """
     problems = [f"KV head {g + 1} of layer {layer} is held by no device"
                 for layer, g in sorted({(l, g) for _, l, g in reference} - {(l, g) for _, l, g in recovered})]
@@ -94,11 +99,11 @@ def check_kv(recovered: KVSnapshot, reference: KVSnapshot, kept: AbstractSet[tup
             problems.append(f"KV head {g + 1} of layer {layer} has no failure-free reference")
             continue
         for name, got, want in zip("KV", pair, want_pair):
-            if got.shape[0] > want.shape[0] or got.shape[1:] != want.shape[1:]:
-                problems.append(f"{name} of KV head {g + 1}, layer {layer}, Device-{device} has shape "
-                                f"{tuple(got.shape)}, the reference {tuple(want.shape)}")
+            problem = coverage_problem(got, want, length)
+            if problem is not None:
+                problems.append(f"{name} of KV head {g + 1}, layer {layer}, Device-{device}: {problem}")
                 continue
-            want = want[:got.shape[0]]
+            want = want[:length]
             if (device, g) in kept:
                 diff = _max_abs(got.float() - want.float())
                 if diff > kept_worst or (kept_at is None and diff > 0):
@@ -108,6 +113,18 @@ def check_kv(recovered: KVSnapshot, reference: KVSnapshot, kept: AbstractSet[tup
                 if error > rebuilt_worst or rebuilt_at is None:
                     rebuilt_worst, rebuilt_at = error, HeadError(device, layer, g, name, error)
     return KVCheck(kept_worst, rebuilt_worst, REBUILT_KV_TOLERANCE[dtype], kept_at, rebuilt_at, tuple(problems))
+
+
+def coverage_problem(got: torch.Tensor, want: torch.Tensor, length: int) -> str | None:
+    """Why a recovered head [positions, head_dim] does not cover exactly `length` positions against
+    its reference, or None when it does."""
+    if got.shape[1:] != want.shape[1:]:
+        return f"has shape {tuple(got.shape)}, the reference {tuple(want.shape)}"
+    if got.shape[0] != length:
+        return f"holds {got.shape[0]} positions, the context {length}"
+    if want.shape[0] < length:
+        return f"the failure-free reference holds only {want.shape[0]} of the {length} positions"
+    return None
 
 
 def reference_head(reference: KVSnapshot, device: int, layer: int, kv_head: int

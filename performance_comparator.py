@@ -211,7 +211,7 @@ def compare_recoveries(model: FaultTolerantLlama, post: PostFailure, strategy_na
             for name in strategy_names}
 
     def check_last(name: str) -> None:
-        check(model, outcomes[name], kept[name], reference, fail_after, last_token)
+        check(model, outcomes[name], kept[name], len(post.context_ids), reference, fail_after, last_token)
 
     timings, errors = time_rebuilds(model, strategy_names, repeats, after_last=check_last)
     for name, outcome in outcomes.items():
@@ -244,9 +244,10 @@ def time_rebuilds(model: FaultTolerantLlama, strategy_names: Sequence[str], repe
 
 
 def check(model: FaultTolerantLlama, outcome: StrategyOutcome, kept: frozenset[tuple[int, int]],
-          reference: FailureFreeRun, fail_after: int, last_token: int) -> None:
-    """The recovered state against the failure-free run: its KV head by head, then the steps after it."""
-    outcome.kv = check_kv(model.kv_snapshot(), reference.kv, kept, model.dtype)
+          context_length: int, reference: FailureFreeRun, fail_after: int, last_token: int) -> None:
+    """The recovered state against the failure-free run: its KV head by head (each holding exactly
+    the `context_length` positions the recovery rebuilt), then the steps after it."""
+    outcome.kv = check_kv(model.kv_snapshot(), reference.kv, kept, model.dtype, context_length)
     want = reference.tokens[fail_after:]
     tokens, logits, outcome.redo_s = continue_generation(model, last_token, want)
     outcome.continuation = tokens

@@ -231,6 +231,8 @@ class TensorParallelLlama:
                 self.leader, self.epoch = message.leader, message.epoch
                 if message.recovery is not None:
                     self.recoveries.append(message.recovery)
+                if message.error is not None:  # the new leader's recovery failed
+                    raise message.error
                 if message.failures:  # the new leader holds: the driver decides the recovery
                     raise StepFailed(message.failures)
                 self._requests += 1

@@ -147,6 +147,8 @@ MODEL_CASES = {
     "field-wrong-type": (edit_config(hidden_size="wide"), ["config.json", "wrong type"]),
     "missing-field": (lambda f, t: (edit_config()(f, t), _drop_field(f, "vocab_size")), ["missing field", "vocab_size"]),
     "unsupported-rope": (edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["rope_type 'yarn'"]),
+    "unsupported-activation": (edit_config(hidden_act="gelu_pytorch_tanh"),
+                               ["config.json", "hidden_act 'gelu_pytorch_tanh' is not supported"]),
     "truncated-weights": (truncate, ["model.safetensors", "not a readable safetensors file"]),
     "garbage-header": (garbage_header, ["model.safetensors", "not a readable safetensors file"]),
     "empty-weights": (empty_weights, ["model.safetensors", "not a readable safetensors file"]),

@@ -1,11 +1,14 @@
 """The collective between device processes (torch.distributed, gloo): the same bits as the thread
-backend's, uneven splits, and what a SIGKILLed member does to the others' next call."""
+backend's, uneven splits, and what a SIGKILLed member does to the others' next call; the inboxes
+over TCP: what a broken connection or a bad frame does."""
 from __future__ import annotations
 
 import faulthandler
 import io
 import os
+import pickle
 import signal
+import socket
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -15,8 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from device_processes import DistributedCollective
+from device_processes import FRAME, DistributedCollective, ProcessTransport
+from device_protocol import Address, Envelope
 from device_threads import StepAbandoned, ThreadCollective
+from polling import wait_until
 
 ROWS, WIDTH = 10, 6  # 10 rows split over 3 or 4 members: uneven
 
@@ -130,3 +135,57 @@ def test_a_sigkilled_member_fails_the_others_next_call_and_the_survivors_form_th
         assert answer["error"] is not None and "epoch 0" in answer["error"], answer
         assert answer["failed_after_s"] < 10.0, "a dead peer is known at once by all, not at the 60 s timeout"
         assert torch.equal(answer["sum"], expected)
+
+
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError], ids=["torch-error", "any-error"])
+def test_what_stopped_a_group_forming_is_raised_by_every_call_on_it_with_its_cause(kind):
+    """Not a bare 'could not be formed': the device's answer, and the leader, say why."""
+    stop = kind("the store at 127.0.0.1:1 refused the connection\n(torch's detail)")
+
+    def store_out_of_reach() -> dist.Store:
+        raise stop
+
+    collective = DistributedCollective(store_out_of_reach, 3, (0, 1), 0, timeout_s=1.0)
+    for call in (lambda: collective.all_reduce(0, torch.ones(2)), lambda: collective.recv(0, 1)):
+        with pytest.raises(StepAbandoned) as failure:
+            call()
+        assert str(failure.value) == (f"epoch 3 collective: the group could not be formed ({kind.__name__}: "
+                                      f"the store at 127.0.0.1:1 refused the connection)")
+        assert failure.value.__cause__ is stop
+
+
+# --------------------------------------------------------------------------------------------
+# The inboxes over TCP: a live peer gets what is sent, and a reader's crash is kept
+
+
+@pytest.fixture
+def two_transports():
+    """Device-0's and Device-1's sides of the network, in this process, meeting through a store."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    transports = [ProcessTransport(("127.0.0.1", store.port), device, collective_timeout=5.0) for device in (0, 1)]
+    yield transports
+    for transport in transports:
+        transport.close_network()
+
+
+def test_a_message_to_a_live_peer_whose_connection_broke_goes_on_a_fresh_one(two_transports):
+    sender, receiver = two_transports
+    inbox = Address("control", 1)
+    sender.send(inbox, Envelope(0, 0, 1, "first"))
+    assert receiver.receive(inbox, timeout=5.0).body == "first"
+    sender._peers[1][0].shutdown(socket.SHUT_WR)  # the kept connection broke; the peer lives
+    sender.send(inbox, Envelope(0, 0, 2, "second"))
+    got = receiver.receive(inbox, timeout=5.0)
+    assert got is not None, "the message was lost although its peer lives"
+    assert got.body == "second"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
+def test_a_reader_that_crashes_on_a_frame_is_kept_for_close(two_transports):
+    _, receiver = two_transports
+    with socket.create_connection(receiver._address(1), timeout=5.0) as connection:
+        garbage = b"not a pickled message"
+        connection.sendall(FRAME.pack(len(garbage)) + garbage)
+        assert wait_until(lambda: receiver.crashed, timeout_s=5.0), "the reader's crash was lost"
+    ((thread, error),) = receiver.crashed
+    assert thread == "Device-1-reader" and isinstance(error, pickle.UnpicklingError)

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 
-from device_protocol import DRIVER, Address, Envelope
+from device_actor import DeviceActor, DeviceSetup
+from device_protocol import DRIVER, Address, Describe, Envelope, NewEpoch, RecoveryPolicy, Reply
 from device_threads import CODECS, StaleEpoch, StepAbandoned, ThreadCollective, ThreadTransport
+from head_assignment import even_assignment
+from heartbeat_detection import HeartbeatConfig
+from llama_model_loader import LlamaConfig
 
 Body = Callable[[int, ThreadCollective], Any]
 
@@ -166,3 +171,92 @@ def test_inboxes_deliver_envelopes_in_order_and_time_out_empty(codec):
     started = time.monotonic()
     assert transport.receive(inbox, 0.05) is None and time.monotonic() - started >= 0.04
     assert transport.receive(Address("commands", 4), 0.01) is None  # another device's inbox is its own
+
+
+# --------------------------------------------------------------------------------------------
+# A device's membership: its epoch and members, read by one thread while another replaces them
+
+
+def new_device(checkpoint: Path, transport: ThreadTransport, kind: type[DeviceActor] = DeviceActor) -> DeviceActor:
+    """Device-0 of four on the tiny checkpoint, not started: the test drives its methods."""
+    assignment = even_assignment(LlamaConfig.from_json(checkpoint / "config.json"), 4)
+    return kind(DeviceSetup(0, checkpoint, "float32", assignment, HeartbeatConfig(), RecoveryPolicy()), transport)
+
+
+class PreemptedAtEveryWrite(DeviceActor):
+    """A device (never started) that, once `reader` is set, runs it after every attribute it writes:
+    as if the thread writing were preempted at each point and another thread read the device there.
+    The reader's own writes are not preemption points."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        reader = self.__dict__.pop("reader", None)
+        if reader is not None:
+            try:
+                reader()
+            finally:
+                object.__setattr__(self, "reader", reader)
+
+
+def test_a_step_taking_the_collective_while_a_new_epoch_is_admitted_sees_one_epoch_whole(tiny_checkpoint):
+    """Device-3 was declared dead: the leader formed epoch 1's group of (0, 1, 2) and tells Device-0,
+    whose control thread admits it while its compute thread takes the collective for a step. At any
+    point of the admission the step gets epoch 0's group or epoch 1's, never epoch 1 with epoch 0's
+    members (epoch 1's group refuses them: a ValueError the leader would take for a device error)."""
+    transport = ThreadTransport()
+    device = new_device(tiny_checkpoint, transport, PreemptedAtEveryWrite)
+    assignment = device._assignment
+    transport.collective(0, (0, 1, 2, 3))
+    transport.collective(1, (0, 1, 2))  # the leader claims the new epoch's group before telling anyone
+    seen: list = []
+
+    def step_takes_the_collective() -> None:
+        try:
+            group = device._endpoint().group
+            seen.append((group.epoch, group.devices))
+        except ValueError as refused:
+            seen.append(refused)
+
+    device.reader = step_takes_the_collective
+    device._admit(NewEpoch(1, (0, 1, 2), assignment, 0, (3,)))
+    assert seen, "the admission wrote nothing"
+    assert set(seen) <= {(0, (0, 1, 2, 3)), (1, (0, 1, 2))}, seen
+    assert seen[-1] == (1, (0, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# A device's answers: never lost without a word
+
+
+def test_an_answer_that_cannot_cross_as_bytes_is_replaced_by_an_error_saying_why(tiny_checkpoint):
+    transport = ThreadTransport(CODECS["serialising"])
+    device = new_device(tiny_checkpoint, transport)
+    device._answer(Envelope(0, 0, 7, Describe()), Reply(lambda: "a function does not pickle"))
+    envelope = transport.receive(Address("results", 0), timeout=1.0)
+    assert envelope is not None, "the leader would wait for an answer that never comes"
+    assert envelope.request == 7 and envelope.body.value is None
+    assert "Device-0 could not send its answer to Describe" in str(envelope.body.error)
+    assert "pickle" in str(envelope.body.error).lower()
+
+
+class NoWayToTheLeader(ThreadTransport):
+    """Every answer to the leader fails to go out (other messages go)."""
+
+    def send(self, to: Address, envelope: Envelope) -> None:
+        if to.kind == "results":
+            raise OSError("the leader's inbox is unreachable")
+        super().send(to, envelope)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the error is the point
+def test_a_compute_thread_that_cannot_answer_at_all_ends_its_device_and_its_error_is_kept(tiny_checkpoint):
+    """Not a compute thread dead behind a device that still beats (which the leader would wait for):
+    the whole device stops, so that it is declared dead, and its error is kept for close()."""
+    transport = NoWayToTheLeader()
+    device = new_device(tiny_checkpoint, transport)
+    transport.start_thread("Device-0", device._serve_commands)
+    transport.send(Address("commands", 0), Envelope(0, 0, 1, Describe()))
+    assert transport.join(timeout_s=30.0) == [], "the compute thread is still running"
+    assert device._stopping.is_set(), "the device goes on without its compute thread"
+    ((thread, error),) = transport.crashed
+    assert thread == "Device-0" and "the leader's inbox is unreachable" in str(error)

@@ -181,7 +181,7 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
         started = time.perf_counter()
         tokens = generate_with_failures(model, prompt, new_tokens, failures, recover)
         seconds = time.perf_counter() - started
-        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE)  # several recoveries: all bounded
+        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE, model.position)  # recoveries: all bounded
         return Outcome(reference, tokens, recoveries, kv, model.assignment, model.leader, seconds,
                        list(model.events), list(model.failures))
 
@@ -218,6 +218,23 @@ def assert_declared_as_the_backend_can(detection, backend: str) -> None:
         assert detection.silence_s > HEARTBEAT.timeout_s  # declared by timeout, not earlier
 
 
+def test_an_error_that_stops_the_new_leaders_recovery_reaches_the_driver_at_once(tiny, monkeypatch):
+    """Device-0 leads and dies; Device-1 leads the recovery on its own, which fails with an error that
+    is no device's death (planted: the rebuild cannot be planned). The driver raises that error, not
+    a silence of the leader after seconds (the new leader's thread must not end without a word)."""
+    import cluster_leader
+
+    def unplannable(*args, **kwargs):
+        raise ValueError("planted: the rebuild cannot be planned")
+    monkeypatch.setattr(cluster_leader, "plan_rebuild", unplannable)
+    with FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), DTYPE, heartbeat=HEARTBEAT,
+                            policy=RecoveryPolicy("balanced", 0, "full-recompute")) as model:
+        with pytest.raises(ValueError, match="planted: the rebuild cannot be planned"):
+            generate_with_failures(model, PROMPT, NEW_TOKENS, [FailurePlan(0, after_tokens=2)])
+        assert model.leader == 1
+    assert_no_project_threads()
+
+
 def test_the_leader_crashing_mid_step_is_declared_by_the_lowest_survivor_which_leads_the_recovery(tiny, backend):
     """Device-0 leads and dies in the middle of a step: every device watches it; Device-1, the lowest
     survivor, declares it, leads the recovery (its own, not held), and generation goes on lossless."""
@@ -228,7 +245,7 @@ def test_the_leader_crashing_mid_step_is_declared_by_the_lowest_survivor_which_l
         model.keep(True, False)
         tokens = generate_with_failures(model, PROMPT, NEW_TOKENS, [FailurePlan(0, after_tokens=2)])
         assert model.leader == 1 and model.assignment.devices == (1, 2, 3)
-        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE)
+        kv = check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE, model.position)
         events = list(model.events)
     assert tokens == reference and kv.ok, kv.describe()
     (rec,) = model.recoveries

@@ -111,6 +111,16 @@ def test_head_dim_defaults_to_hidden_over_heads(head_dim):
     assert LlamaConfig.from_dict(raw).head_dim == 128
 
 
+@pytest.mark.parametrize("hidden_act", ["silu", "swish", "<delete>"])
+def test_the_activation_is_silu_by_either_name_or_by_default(hidden_act):
+    raw = official()
+    if hidden_act == "<delete>":
+        del raw["hidden_act"]
+    else:
+        raw["hidden_act"] = hidden_act
+    assert LlamaConfig.from_dict(raw).hidden_act == ("silu" if hidden_act == "<delete>" else hidden_act)
+
+
 BAD_CONFIGS = {
     "gpt2": ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "not a Llama"),
     "heads-not-divisible": ({"num_key_value_heads": 6}, "not divisible"),
@@ -124,6 +134,8 @@ BAD_CONFIGS = {
                                                                            "rope_theta": 1e4}},
                                 "rope_type 'dynamic' is not supported"),
     "missing-field": ({"vocab_size": "<delete>"}, "missing field 'vocab_size'"),
+    "activation-gelu": ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (the MLP computes SiLU"),
+    "activation-not-a-name": ({"hidden_act": None}, "hidden_act 'None' is not supported"),
 }
 
 

@@ -189,7 +189,7 @@ def shape_only_post(reassign: str, failed: int = 1, context: int = CONTEXT) -> P
     before = even_assignment(c, 4)
     plan = make_strategy(reassign, 0).plan(before, failed)
     after = plan.after
-    survivors = {d: DeviceInfo(d, 1, after.heads[d], before.kv_heads(d), after.mlp[d], (0, 1), 0,
+    survivors = {d: DeviceInfo(d, 1, after.heads[d], before.kv_heads(d), context, after.mlp[d], (0, 1), 0,
                                tuple(range(context)), None, 0, False, None, (), 0, 0) for d in after.devices}
     return PostFailure((), (plan,), after, tuple(range(context)), survivors, 0.0)
 
@@ -408,6 +408,6 @@ def test_keeping_cost_leaves_the_cache_as_it_was(tiny_model):
     assert model.cached_ids == cached
     assert all(list(i.cached_ids) == cached for i in model.describe().values())
     # the same values up to rounding: a prefill sums the positions that decode steps filled in another order
-    assert check_kv(model.kv_snapshot(), kv, frozenset(), torch.float32).ok
+    assert check_kv(model.kv_snapshot(), kv, frozenset(), torch.float32, len(cached)).ok
     # and generation goes on as if nothing had been measured
     assert int(model.decode(generated[2]).argmax()) == generated[3]

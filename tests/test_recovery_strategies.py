@@ -16,12 +16,13 @@ from typing import Callable
 import pytest
 import torch
 
+import kv_cache_reused
 import llama_model_loader
 from cluster_leader import Recovery, StepFailed
 from device_protocol import DeviceInfo, RecoveryPolicy
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
-from head_assignment import even_assignment
+from head_assignment import custom_assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES, KVTransfer, RecoveryImpossible, plan_rebuild
 from llama_model_loader import Checkpoint
@@ -49,9 +50,11 @@ ALL_STRATEGIES = tuple(STRATEGIES)
 
 
 def info(device: int, kv_heads: tuple[int, ...], hidden: int | None = 25, replica_of: int | None = None,
-         replica_kv: tuple[int, ...] = (), replica_positions: int = 25) -> DeviceInfo:
-    return DeviceInfo(device, 1, (), kv_heads, (), (0, 1), 0, tuple(range(25)), hidden, 0, replica_of is not None,
-                      replica_of, replica_kv, replica_positions, 0)
+         replica_kv: tuple[int, ...] = (), replica_positions: int = 25, kv_positions: int = 25,
+         cached_ids: tuple[int, ...] = tuple(range(25))) -> DeviceInfo:
+    """What a survivor of a 25-token context reports (by default: its KV covers the whole context)."""
+    return DeviceInfo(device, 1, (), kv_heads, kv_positions, (), (0, 1), 0, cached_ids, hidden, 0,
+                      replica_of is not None, replica_of, replica_kv, replica_positions, 0)
 
 
 def four_kv_heads_after_losing_device_1():
@@ -68,9 +71,9 @@ def test_replicate_orders_a_transfer_from_the_buddy_that_holds_the_copy():
     orders = plan_rebuild("replicate", after, survivors, range(25))
     assert orders[receiver].missing == (1,)
     if receiver == 2:  # the copy is on the receiver itself: it sends to itself
-        assert orders[2].sends == (KVTransfer((1,), 2, replica_of=1),) and orders[2].receives == (KVTransfer((1,), 2),)
+        assert orders[2].sends == (KVTransfer((1,), 2, sources=(1,)),) and orders[2].receives == (KVTransfer((1,), 2),)
     else:
-        assert orders[2].sends == (KVTransfer((1,), receiver, replica_of=1),)
+        assert orders[2].sends == (KVTransfer((1,), receiver, sources=(1,)),)
         assert orders[receiver].receives == (KVTransfer((1,), 2),)
 
 
@@ -92,6 +95,82 @@ def test_reuse_hidden_is_impossible_without_hidden_states_covering_the_context(h
     survivors = {d: info(d, (d,), hidden=hidden if d == 3 else 25) for d in (0, 2, 3)}
     with pytest.raises(RecoveryImpossible, match=message):
         plan_rebuild("reuse-hidden", after, survivors, range(25))
+
+
+def split_group_lost_to_its_buddy():
+    """tiny-4kv (2 query heads per KV head) on 3 devices: Device-1 (query heads 1-3: KV heads 0 and 1)
+    is lost and its heads go to Device-0. Device-2 holds KV head 0 itself (query head 0) and a copy of
+    Device-1's KV (heads 0 and 1): Device-0 must get head 0 from Device-2's own cache and head 1 from
+    its copy, in one transfer."""
+    config = preset_config("tiny-4kv")
+    before = custom_assignment({0: (4, 5), 1: (1, 2, 3), 2: (0, 6, 7)}, config.num_attention_heads,
+                               config.num_key_value_heads, config.intermediate_size)
+    after = custom_assignment({0: (1, 2, 3, 4, 5), 2: (0, 6, 7)}, config.num_attention_heads,
+                              config.num_key_value_heads, config.intermediate_size)
+    survivors = {0: info(0, before.kv_heads(0), replica_of=2, replica_kv=before.kv_heads(2)),
+                 2: info(2, before.kv_heads(2), replica_of=1, replica_kv=before.kv_heads(1))}
+    return after, survivors
+
+
+def test_a_transfer_says_for_each_head_which_store_of_the_sender_it_comes_from():
+    after, survivors = split_group_lost_to_its_buddy()
+    assert (survivors[2].kv_heads, survivors[2].replica_kv_heads) == ((0, 3), (0, 1))
+    orders = plan_rebuild("replicate", after, survivors, range(25))
+    assert orders[0].missing == (0, 1)
+    assert orders[2].sends == (KVTransfer((0, 1), 0, sources=(None, 1)),)  # its own head 0, its copy's head 1
+    assert orders[0].receives == (KVTransfer((0, 1), 2),)
+
+
+def test_the_sender_reads_each_head_of_a_mixed_transfer_from_its_own_store():
+    """Device-2's own KV head 0 and its copy of Device-1's KV differ: the payload carries each from where
+    the order says (the copy's head 0 is not what Device-0 must get, nor the own cache's head 1, which
+    it lacks)."""
+    from types import SimpleNamespace
+    after, survivors = split_group_lost_to_its_buddy()
+    order = plan_rebuild("replicate", after, survivors, range(25))[2]
+    generator = torch.Generator().manual_seed(0)
+
+    def filled(kv_heads: tuple[int, ...]) -> KVCache:
+        cache = KVCache(2, kv_heads, 4, torch.float32)
+        for layer in range(2):
+            cache.write(layer, 0, *(torch.randn(len(kv_heads), 25, 4, generator=generator) for _ in "KV"))
+        return cache
+
+    class Recording:
+        def __init__(self):
+            self.sent = {}
+
+        def send(self, device, to, payload):
+            self.sent[to] = payload
+
+    state = SimpleNamespace(device=2, cache=filled((0, 3)), replica=filled((0, 1)), replica_of=1)
+    collective = Recording()
+    kv_cache_reused.exchange_kv(state, order, collective)
+    heads, keys, values = collective.sent[0]
+    assert heads == (0, 1)
+    for layer in range(2):
+        for got, k_or_v in zip((keys[layer], values[layer]), (0, 1)):
+            assert torch.equal(got[0], state.cache.head(layer, 0)[k_or_v])
+            assert torch.equal(got[1], state.replica.head(layer, 1)[k_or_v])
+
+
+@pytest.mark.parametrize("strategy", ["reuse-replay", "reuse-hidden", "replicate"])
+@pytest.mark.parametrize("kv_positions, cached_ids, message", [
+    (24, tuple(range(25)), "Device-2's KV holds 24 positions, the context 25"),
+    (0, tuple(range(25)), "Device-2's KV holds 0 positions, the context 25"),
+    (26, tuple(range(25)), "Device-2's KV holds 26 positions, the context 25"),
+    (25, tuple(range(1, 26)), "Device-2 cached other tokens than the context"),
+], ids=["shorter", "empty", "longer", "other-tokens"])
+def test_a_survivors_kv_is_kept_only_if_it_covers_exactly_the_context(strategy, kv_positions, cached_ids, message):
+    """Else a strategy that keeps KV is impossible (the leader falls back); full recompute keeps nothing."""
+    _, after = four_kv_heads_after_losing_device_1()
+    survivors = {0: info(0, (0,), replica_of=3, replica_kv=(3,)),
+                 2: info(2, (2,), replica_of=1, replica_kv=(1,), kv_positions=kv_positions, cached_ids=cached_ids),
+                 3: info(3, (3,), replica_of=2, replica_kv=(2,))}
+    with pytest.raises(RecoveryImpossible, match=message):
+        plan_rebuild(strategy, after, survivors, range(25))
+    full = plan_rebuild("full-recompute", after, survivors, range(25))
+    assert full[2].missing == after.kv_heads(2)
 
 
 def test_full_recompute_rebuilds_every_head_and_reuse_only_the_missing():
@@ -143,7 +222,7 @@ class Checked:
 def check_after_recovery(model: FaultTolerantLlama, recovery: Recovery, reference_kv: dict,
                          kept: frozenset[tuple[int, int]]) -> Checked:
     """`kept`: the (device, KV head) pairs the strategy must have kept bit for bit."""
-    kv = check_kv(model.kv_snapshot(), reference_kv, kept, DTYPE)
+    kv = check_kv(model.kv_snapshot(), reference_kv, kept, DTYPE, recovery.context_tokens)
     problems = []
     infos = model.describe()
     for device, described in infos.items():
@@ -400,7 +479,7 @@ def test_hidden_states_switched_on_after_the_prefill_cover_nothing_and_reuse_hid
         assert result.strategy == "full-recompute"
         assert f"the hidden states hold 0 of the {len(PROMPT) + FAIL_AFTER - 1} cached positions" in \
             result.fallback_reason
-        assert check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE).ok
+        assert check_kv(model.kv_snapshot(), reference_kv, frozenset(), DTYPE, result.context_tokens).ok
 
 
 def test_replication_enabled_after_the_prefill_copies_what_is_cached_and_replicate_works(tiny_4kv, backend):
@@ -411,7 +490,7 @@ def test_replication_enabled_after_the_prefill_copies_what_is_cached_and_replica
         held = {d: model.assignment.kv_heads(d) for d in (0, 2, 3)}
         result = model.recover("replicate")
         assert (result.strategy, result.fallback_reason) == ("replicate", None)
-        kv = check_kv(model.kv_snapshot(), reference_kv, kept_heads(held, True), DTYPE)
+        kv = check_kv(model.kv_snapshot(), reference_kv, kept_heads(held, True), DTYPE, result.context_tokens)
     assert kv.ok and kv.rebuilt_max_rel_error == 0.0, kv.describe()  # the copy is the same bits
 
 
