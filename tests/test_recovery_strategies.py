@@ -134,6 +134,7 @@ def test_the_sender_reads_each_head_of_a_mixed_transfer_from_its_own_store():
         cache = KVCache(2, kv_heads, 4, torch.float32)
         for layer in range(2):
             cache.write(layer, 0, *(torch.randn(len(kv_heads), 25, 4, generator=generator) for _ in "KV"))
+        cache.length = 25
         return cache
 
     class Recording:
@@ -147,7 +148,7 @@ def test_the_sender_reads_each_head_of_a_mixed_transfer_from_its_own_store():
     collective = Recording()
     kv_cache_reused.exchange_kv(state, order, collective)
     heads, keys, values = collective.sent[0]
-    assert heads == (0, 1)
+    assert heads == (0, 1) and [k.shape for k in keys] == [(2, 25, 4)] * 2
     for layer in range(2):
         for got, k_or_v in zip((keys[layer], values[layer]), (0, 1)):
             assert torch.equal(got[0], state.cache.head(layer, 0)[k_or_v])
