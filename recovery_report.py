@@ -72,11 +72,12 @@ def picture_path(report_path: Path, picture: str) -> Path:
 def write_report(report_path: Path, report: Report) -> None:
     """Write the text report and its JSON twin (same name, .json, strict JSON), each atomically."""
     text, data = render(report), strict_json(report, indent=2)  # both complete before either file is replaced
-    _write_atomically(report_path, text)
-    _write_atomically(json_path(report_path), data)
+    write_text_atomically(report_path, text)
+    write_text_atomically(json_path(report_path), data)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """A temporary file beside `path`, then os.replace: an interrupted write leaves the old file or none."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)

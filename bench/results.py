@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from provenance import git_commit, machine_summary, strict_json, utc_now  # noqa: E402
+from recovery_report import write_text_atomically  # noqa: E402
 
 RESULTS_DIR = REPO / "docs" / "results"
 NO_RESULTS = "none"
@@ -108,14 +109,9 @@ def write_json(path: Path, value: Any) -> Path:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """A temporary file beside `path`, then os.replace: an interrupted write leaves the old file."""
+    """Into `path`'s folder (made if missing), whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(path, text)
 
 
 # --------------------------------------------------------------------------------------------
