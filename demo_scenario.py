@@ -26,7 +26,7 @@ from performance_comparator import (StrategyOutcome, Timing, compare_device_leve
 from provenance import SCHEMA_VERSION, cpu_features, cpu_name, git_commit, utc_now
 from recovery_plots import plot_phases, plot_timeline
 from recovery_report import Report, add_interruption_ratios, interruption, picture_path
-from synthetic_checkpoint import is_synthetic_checkpoint
+from synthetic_checkpoint import is_synthetic_checkpoint, synthetic_name
 from tensor_parallel_cluster import open_checkpoint
 
 PREFILL_REPEATS = 2  # warm prefills per keeping mode in the cost of keeping state (each is a whole prefill)
@@ -171,7 +171,7 @@ def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: 
 
 def describe_model(model: FaultTolerantLlama, dtype: str) -> dict:
     load = model.load_report
-    return {"name": checkpoint_name(load.folder), "path": str(load.folder), "source": load.location.source,
+    return {"name": synthetic_name(load.folder) or checkpoint_name(load.folder), "path": str(load.folder), "source": load.location.source,
             "reason": load.location.reason,
             "synthetic": is_synthetic_checkpoint(load.folder), "config": model.config.to_dict(),
             "tensor_count": load.tensor_count, "stored_bytes": load.stored_bytes, "stored_dtype": load.stored_dtype,

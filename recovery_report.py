@@ -125,7 +125,7 @@ def _title(r: Report) -> str:
 def measured_on(r: Report) -> str:
     """One line that says what the figures were measured on, to be quoted with them."""
     m, s, e = r["model"], r["system"], r["environment"]
-    kind = "synthetic: random weights, real shapes" if m["synthetic"] else "real weights"
+    kind = "random weights, real shapes" if m["synthetic"] else "real weights"
     cpu = e["cpu"] + (f" with {e['cpu_features']}" if e.get("cpu_features") else "")
     return (f"Measured on: {m.get('name', Path(m['path']).name)} ({kind}), {r['run']['backend']} backend, "
             f"{s['devices']} devices, {r['failure'].get('detector', 'timeout')} detector, {m['compute_dtype']}, "

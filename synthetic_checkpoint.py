@@ -69,6 +69,16 @@ def is_synthetic_checkpoint(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
+def synthetic_name(folder: Path) -> str | None:
+    """'synthetic llama-3.2-1b, seed 0': what a synthetic checkpoint is, from its marker (None when the
+    folder holds no synthetic checkpoint, or its marker cannot be read)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        return f"synthetic {marker['preset']}, seed {marker['seed']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def synthetic_dir(preset: str, seed: int) -> Path:
     return cache_root() / f"synthetic-{preset}-seed{seed}"
 

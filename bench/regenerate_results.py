@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def first_screen(stdout: str) -> str:
 def describe_run(report: Mapping[str, Any]) -> str:
     """What the demo ran, in one phrase, from its JSON twin."""
     model, failure = report["model"], report["failure"]
-    kind = "synthetic" if model["synthetic"] else "real"
+    kind = "random weights" if model["synthetic"] else "real weights"
     return (f"{model.get('name', Path(model['path']).name)} ({kind}), {report['system']['devices']} devices on "
             f"{report['run']['backend']}, Device-{failure['device']} crashing after {failure['after_tokens']} tokens, "
             f"{report['comparison_meta']['context_tokens']}-token context, {failure['detector']} detector, "
@@ -157,11 +158,12 @@ def headline_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def demo_documents(stdout: str, report: Mapping[str, Any], origin: Provenance) -> tuple[str, dict[str, str]]:
+def demo_documents(stdout: str, report: Mapping[str, Any], origin: Provenance,
+                   peak_rss_bytes: int) -> tuple[str, dict[str, str]]:
     """docs/results/demo.md's text, and the README's two blocks."""
     screen, table, run = first_screen(stdout), headline_table(report), describe_run(report)
     link = f"[{RESULTS_DIR.relative_to(REPO)}/demo.md]({RESULTS_DIR.relative_to(REPO)}/demo.md)"
-    said = f"{origin.line()}: `{origin.command}` ({run})"
+    said = (f"{origin.line()}, peak resident memory {peak_rss_bytes / 1e9:.1f} GB: `{origin.command}` ({run})")
     page = results_document(
         "The demo: what losing a device cost", f"{run}.\n\nThe first screen and the rebuild table, as printed:\n\n"
         f"```\n{screen}\n```\n\n## Headline\n\n{table}\n", origin)
@@ -170,12 +172,13 @@ def demo_documents(stdout: str, report: Mapping[str, Any], origin: Provenance) -
     return page, blocks
 
 
-def publish_demo(stdout: str, seconds: float) -> None:
+def publish_demo(stdout: str, seconds: float, peak_rss_bytes: int) -> None:
     """Write demo.md and rewrite the README's blocks from the demo's stdout and JSON twin; everything
     is composed before the first write, and each file is replaced atomically."""
     step = STEPS[0]
     report = json.loads(json_path(DEMO_REPORT).read_text())
-    page, blocks = demo_documents(stdout, report, provenance([str(REPO / step.argv[0]), *step.argv[1:]], seconds))
+    page, blocks = demo_documents(stdout, report, provenance([str(REPO / step.argv[0]), *step.argv[1:]], seconds),
+                                  peak_rss_bytes)
     rewrite_readme(README, blocks)
     atomic_write(RESULTS_DIR / "demo.md", page)
     for picture in ("timeline", "phases"):  # the README's picture and docs/benchmarks.md's
@@ -198,6 +201,12 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def peak_child_rss_bytes() -> int:
+    """The largest resident memory any finished child reached (Linux counts KiB): the demo runs
+    first, so right after it this is the demo's own peak."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 def run_step(step: Step) -> tuple[int, float]:
     """Run one step in the repository root; the demo's stdout is kept (it is what is published),
     every other output goes straight to the terminal. Returns (exit status, seconds)."""
@@ -210,7 +219,7 @@ def run_step(step: Step) -> tuple[int, float]:
         if done.returncode:
             return done.returncode, seconds
         try:
-            publish_demo(done.stdout, seconds)
+            publish_demo(done.stdout, seconds, peak_child_rss_bytes())
         except (OSError, KeyError, ValueError, MarkerError) as bad:
             print(f"error: the demo's output could not be published ({bad!r}); README.md left as it was",
                   file=sys.stderr)

@@ -212,12 +212,13 @@ def test_the_demo_output_becomes_demo_md_and_the_readme_blocks(tiny_demo_run, tm
     stdout = capsys.readouterr().out
     origin = Provenance("2026-12-03T12:00:00+00:00", "a test machine", "3.11", "2.x", "abc123",
                         "python execution_optimization_algorithm_demo.py --quiet", 12.0)
-    page, blocks = regenerate_results.demo_documents(stdout, report, origin)
+    page, blocks = regenerate_results.demo_documents(stdout, report, origin, peak_rss_bytes=6_700_000_000)
     screen = regenerate_results.first_screen(stdout)
     assert "report: " not in screen and screen in page and screen in blocks["first-screen"]
     for block in blocks.values():
         assert "2026-12-03 12:00 UTC on a test machine" in block and "commit abc123" in block
         assert "`python execution_optimization_algorithm_demo.py --quiet`" in block
+        assert "peak resident memory 6.7 GB" in block
     header, _, *rows = [line for line in blocks["headline"].splitlines() if line.startswith("|")]
     assert "crash to next token s" in header
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [row["name"] for row in report["comparison"]]
