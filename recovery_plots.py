@@ -425,13 +425,14 @@ LOG_TICK_MANTISSAS = ((1,), (1, 2, 5), tuple(range(1, 10)), *(tuple(i / n for i 
 
 def readable_log_ticks(low: float, high: float) -> tuple[list[float], tuple[float, float]]:
     """Ticks to label on a log axis from `low` to `high` (> 0), and the limits to draw: the coarsest
-    mantissas that put three ticks in the range (a range within one decade would otherwise show a
-    single '10', or none); a range too narrow even for steps of 0.1 is widened to the ticks around it."""
+    mantissas that put at least four ticks in the range (a range within one decade would otherwise
+    show a single '10', or none, and three ticks over a decade leave 6 s and 8 s apart unreadable);
+    a range too narrow even for steps of 0.1 is widened to the ticks around it."""
     decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
     for mantissas in LOG_TICK_MANTISSAS:
         candidates = sorted(m * 10.0 ** e for e in decades for m in mantissas)
         inside = [t for t in candidates if low <= t <= high]
-        if len(inside) >= 3:
+        if len(inside) >= max(4, 2 * math.log10(high / low)):  # and two a decade over wide ranges
             return inside, (low, high)
     below, above = max(t for t in candidates if t <= low), min(t for t in candidates if t >= high)
     return [t for t in candidates if below <= t <= above], (below, above)
