@@ -21,7 +21,7 @@ from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from llama_config import checkpoint_name
-from performance_comparator import (StrategyOutcome, Timing, compare_device_level, compare_recoveries,
+from performance_comparator import (StrategyOutcome, compare_device_level, compare_recoveries,
                                     failure_free_run, measure_copy_bandwidth, measure_keeping_cost)
 from provenance import SCHEMA_VERSION, cpu_features, cpu_name, git_commit, utc_now
 from recovery_plots import plot_phases, plot_timeline
@@ -130,8 +130,8 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
         "comparison_meta": {"repeats": o.repeats, "context_tokens": len(post.context_ids)},
         "comparison": comparison,
         "device_level": device_level_row(device_level),
-        "overhead": {mode: timing_row(t) for mode, t in cost.decode.items()} if cost else None,
-        "prefill_overhead": {mode: timing_row(t) for mode, t in cost.prefill.items()} if cost else None,
+        "overhead": {mode: t.as_json() for mode, t in cost.decode.items()} if cost else None,
+        "prefill_overhead": {mode: t.as_json() for mode, t in cost.prefill.items()} if cost else None,
         "text": describe_text(model, o.prompt, prompt_ids, before, reference.tokens, outcomes, o.fail_after),
         "environment": describe_environment(),
         "files": {name: str(path) for name, path in pictures.items()},
@@ -191,10 +191,6 @@ def describe_system(model: FaultTolerantLlama) -> dict:
                                        for g, ds in a.duplicated_kv_heads().items())}
 
 
-def timing_row(t: Timing) -> dict:
-    return {"min_s": t.min, "median_s": t.median, "max_s": t.max, "seconds": list(t.seconds)}
-
-
 def comparison_rows(outcomes: Sequence[StrategyOutcome], shared_phases: dict[str, float]) -> list[dict]:
     """One row per strategy. `interruption_s` is what a user waited in this run with that strategy,
     the sum of `interruption_phases`: detection, re-forming the group and inheriting weights (shared
@@ -217,7 +213,7 @@ def comparison_rows(outcomes: Sequence[StrategyOutcome], shared_phases: dict[str
                "redo_s": o.redo_s if kv else None, "interruption_s": None, "interruption_phases": None,
                "interruption_ratio": None}
         if o.timing:
-            row |= timing_row(o.timing)
+            row |= o.timing.as_json()
             if kv:
                 row |= interruption(shared_phases, o.timing.seconds, o.redo_s)
         if baseline and o.timing:
@@ -237,7 +233,7 @@ def device_level_row(d) -> dict | None:
     return {"device": d.device, "all_query_heads": d.all_query_heads, "inherited_query_heads": d.inherited_query_heads,
             "all_kv_heads": d.all_kv_heads, "inherited_kv_heads": d.inherited_kv_heads,
             "rebuild_all_median_s": d.rebuild_all.median, "rebuild_inherited_median_s": d.rebuild_inherited.median,
-            "rebuild_all": timing_row(d.rebuild_all), "rebuild_inherited": timing_row(d.rebuild_inherited),
+            "rebuild_all": d.rebuild_all.as_json(), "rebuild_inherited": d.rebuild_inherited.as_json(),
             "speedup": d.speedup}
 
 

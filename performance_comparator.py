@@ -40,6 +40,10 @@ class Timing:
     def max(self) -> float:
         return max(self.seconds)
 
+    def as_json(self) -> dict:
+        """The report's fields for a timing: min, median, max and every sample, in seconds."""
+        return {"min_s": self.min, "median_s": self.median, "max_s": self.max, "seconds": list(self.seconds)}
+
 
 @dataclass
 class StrategyOutcome:

@@ -19,11 +19,10 @@ PHASES = (("detection_s", "detect"), ("regroup_s", "regroup"), ("weights_s", "we
           ("redo_s", "redo"))
 
 
-def interruption(shared_phases: dict[str, float], rebuild: float | Sequence[float], redo_s: float) -> dict:
+def interruption(shared_phases: dict[str, float], rebuilds: Sequence[float], redo_s: float) -> dict:
     """A strategy's whole interruption (JSON fields): the phases every strategy shares (detection,
-    regroup, weights: one sample each), its own rebuild (the median of its timed runs, when given
-    them all) and redo (one sample), their sum, and how many samples stand behind each phase."""
-    rebuilds = [rebuild] if isinstance(rebuild, (int, float)) else list(rebuild)
+    regroup, weights: one sample each), its own rebuild (the median of its timed runs) and redo (one
+    sample), their sum, and how many samples stand behind each phase."""
     phases = {**shared_phases, "rebuild_s": statistics.median(rebuilds), "redo_s": redo_s}
     samples = {key: {"samples": 1, "min_s": value, "max_s": value} for key, value in phases.items()}
     samples["rebuild_s"] = {"samples": len(rebuilds), "min_s": min(rebuilds), "max_s": max(rebuilds)}
@@ -66,7 +65,8 @@ def json_path(report_path: Path) -> Path:
 def picture_path(report_path: Path, picture: str) -> Path:
     """A picture named after its report: /tmp/run.txt gives /tmp/run.timeline.png (two reports
     written to different paths never overwrite each other's pictures)."""
-    return report_path.with_suffix("").with_name(f"{report_path.with_suffix('').name}.{picture}.png")
+    stem = report_path.with_suffix("")
+    return stem.with_name(f"{stem.name}.{picture}.png")
 
 
 def write_report(report_path: Path, report: Report) -> None:

@@ -141,9 +141,8 @@ def run_trial(factory: ClusterFactory, context: int, reassign: str, args: argpar
                "flop_ratio": full_flops / flops if flops else None,  # None: the strategy does no FLOPs
                "kept_bytes_per_token": kept_bytes(name, post) / context}
         if timing:
-            row |= {"seconds": list(timing.seconds), "min_s": timing.min, "median_s": timing.median,
-                    "max_s": timing.max, "speedup": baseline.median / timing.median if baseline else None,
-                    **interruption(shared, timing.median, redo[name])}
+            row |= {**timing.as_json(), "speedup": baseline.median / timing.median if baseline else None,
+                    **interruption(shared, timing.seconds, redo[name])}
             log(f"    {name:<15} median {timing.median:.4f} s; redo {redo[name]:.3f} s; "
                 f"whole interruption {row['interruption_s']:.3f} s")
         rows.append(row)
