@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
                              LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Regroup, Reply, Reprotect,
                              Restore, SendTo, Snapshot, Step, Telemetry)
-from device_threads import POLL_S, StepAbandoned
+from device_network import POLL_S, StepAbandoned
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_rebuild, strategy_info

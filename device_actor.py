@@ -24,7 +24,8 @@ import kv_cache_reused
 from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
                              Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
-from device_threads import POLL_S, StaleEpoch, StepAbandoned, ThreadCollective
+from device_network import POLL_S, StaleEpoch, StepAbandoned
+from device_threads import ThreadCollective
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor

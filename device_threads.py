@@ -21,17 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from device_network import POLL_S, StaleEpoch, StepAbandoned
 from device_protocol import Address, Envelope
-
-POLL_S = 0.05  # how often a waiting thread looks at aborts, the monitor's verdicts and Ctrl-C
-
-
-class StepAbandoned(Exception):
-    """The step could not finish because a device of its group is gone (or the run is stopping)."""
-
-
-class StaleEpoch(StepAbandoned):
-    """A message or a collective call from an epoch that has ended: its sender was fenced out."""
 
 
 # --------------------------------------------------------------------------------------------

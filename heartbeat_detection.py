@@ -37,6 +37,13 @@ class HeartbeatConfig:
     detector: str = "timeout"
     phi_threshold: float = 8.0
 
+    @property
+    def wait_limit_s(self) -> float:
+        """How long any wait may see no progress from what it waits for before it ends (WaitStalled):
+        three detector timeouts, so that a wait ends on its own only when the detection that should
+        have released it (a declaration, a new epoch) did not come."""
+        return 3 * self.timeout_s
+
     def __post_init__(self) -> None:
         if not (math.isfinite(self.interval_s) and math.isfinite(self.timeout_s)):
             raise ValueError(f"heartbeat interval and timeout must be finite numbers of seconds, "
