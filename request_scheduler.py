@@ -1,0 +1,273 @@
+"""The leader's scheduler: many requests in flight, batched continuously over a paged KV cache.
+
+As vLLM's scheduler does, each step it first continues every running request (one token of decode,
+or the next chunk of a prefill cut by the token budget), then admits waiting requests in arrival
+order while the step's token budget (`max_num_batched_tokens`), the number of running sequences
+(`max_num_seqs`) and the KV pool allow. The pool is paged: a sequence holds whole blocks of
+`block_size` positions, named in its block table, and every device keeps its KV heads of a block at
+the same block number (so one table serves every device, whatever heads it holds). When a running
+request needs a block and none is free, the newest running request is preempted: its blocks are
+freed and it waits again at the head of the queue, to be recomputed from its prompt and the tokens
+it has produced (vLLM's RECOMPUTE; greedy decoding then goes on exactly where it stopped).
+
+The scheduler is plain data (no threads, no torch): the leader owns it, and its state is what a
+successor needs to take over, so a copy of it can travel as it is. A step's effect is applied only
+by `finish_step`, once the devices have done it: a step abandoned by a failure is scheduled again.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping, Sequence
+
+
+class Status(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"     # its max_new_tokens produced
+    STOPPED = "stopped"       # it produced its end-of-sequence token
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self not in (Status.WAITING, Status.RUNNING)
+
+
+@dataclass
+class Request:
+    """One sequence: its prompt, what it has produced, and how much of it the KV cache holds."""
+
+    request_id: int
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    eos_token_id: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0       # leading tokens whose KV the devices hold
+    status: Status = Status.WAITING
+    preemptions: int = 0
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + tuple(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """A request's share of a step: `token_ids` at positions start.., into the blocks of
+    `block_table` (which cover every position up to the chunk's end). `samples`: the chunk reaches the
+    sequence's last known token, so the step's token for the request is taken from its last row."""
+
+    request_id: int
+    start: int
+    token_ids: tuple[int, ...]
+    block_table: tuple[int, ...]
+    samples: bool
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[int, ...] = ()   # requests preempted to make room for this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(chunk.token_ids) for chunk in self.chunks)
+
+
+class BlockPool:
+    """Numbered KV blocks, free or held by a sequence; a sequence's blocks, in position order, are its table."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if block_size < 1 or num_blocks < 1:
+            raise ValueError(f"a KV pool needs at least one block of at least one position "
+                             f"(got {num_blocks} blocks of {block_size})")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self.tables: dict[int, list[int]] = {}
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    def grow(self, request_id: int, positions: int) -> bool:
+        """Give the request blocks for `positions` positions in all; False (nothing taken) if too few are free."""
+        table = self.tables.setdefault(request_id, [])
+        wanted = self.blocks_for(positions) - len(table)
+        if wanted > len(self._free):
+            return False
+        table.extend(self._free.popleft() for _ in range(max(0, wanted)))
+        return True
+
+    @property
+    def held_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def release(self, request_id: int) -> None:
+        self._free.extend(self.tables.pop(request_id, ()))
+
+    def resize(self, num_blocks: int) -> dict[int, int]:
+        """Hold `num_blocks` from now on (at least the blocks held): the held blocks numbered past the
+        end take free numbers below it. Returns the moves, old number -> new."""
+        if num_blocks < max(1, self.held_blocks):
+            raise ValueError(f"{self.held_blocks} blocks are held; the pool cannot shrink to {num_blocks}")
+        held = {block for table in self.tables.values() for block in table}
+        free = deque(block for block in range(num_blocks) if block not in held)
+        moved = {}
+        for table in self.tables.values():
+            for i, block in enumerate(table):
+                if block >= num_blocks:
+                    table[i] = moved[block] = free.popleft()
+        self.num_blocks, self._free = num_blocks, free
+        return moved
+
+
+class Scheduler:
+    """Continuous batching over a paged KV pool (see the module docstring)."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens "
+                             f"({max_num_batched_tokens}) must be positive")
+        self.pool = BlockPool(num_blocks, block_size)
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.requests: dict[int, Request] = {}
+        self.waiting: deque[int] = deque()
+        self.running: list[int] = []   # in admission order: the last is the newest (preempted first)
+        self.preemptions = 0
+
+    # ---------------------------------------------------------------------------------------
+    # Requests in and out
+
+    def add(self, request_id: int, prompt_ids: Sequence[int], max_new_tokens: int,
+            eos_token_id: int | None = None) -> Request:
+        """Queue a request; refused (ValueError) if it could never fit the pool, even alone."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id} exists already")
+        if not prompt_ids or max_new_tokens < 1:
+            raise ValueError(f"request {request_id} needs a prompt and at least one new token")
+        longest = len(prompt_ids) + max_new_tokens - 1  # the last token produced is never fed back
+        if self.pool.blocks_for(longest) > self.pool.num_blocks:
+            raise ValueError(f"request {request_id} needs {self.pool.blocks_for(longest)} KV blocks at its longest; "
+                             f"the pool has {self.pool.num_blocks}")
+        request = Request(request_id, tuple(prompt_ids), max_new_tokens, eos_token_id)
+        self.requests[request_id] = request
+        self.waiting.append(request_id)
+        return request
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request wherever it is (its blocks are freed); False if it had already ended."""
+        request = self.requests[request_id]
+        if request.status.done:
+            return False
+        self._leave(request, Status.CANCELLED)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def in_flight(self) -> list[Request]:
+        return [self.requests[r] for r in self.running]
+
+    # ---------------------------------------------------------------------------------------
+    # A step
+
+    def schedule(self) -> ScheduledStep:
+        """What the next step computes: running requests first (oldest first), then admissions."""
+        budget, chunks, preempted = self.max_num_batched_tokens, [], []
+        for request_id in list(self.running):
+            if request_id not in self.running:  # preempted meanwhile, to make room for an older one
+                continue
+            request = self.requests[request_id]
+            length = min(request.num_tokens - request.num_computed, budget)
+            if length == 0:
+                continue
+            while not self.pool.grow(request_id, request.num_computed + length):
+                victim = self.requests[self.running[-1]]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status is Status.RUNNING:
+                chunks.append(self._chunk(request, length))
+                budget -= length
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.requests[self.waiting[0]]
+            length = min(request.num_tokens - request.num_computed, budget)
+            if not self.pool.grow(request.request_id, request.num_computed + length):
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request.request_id)
+            chunks.append(self._chunk(request, length))
+            budget -= length
+        return ScheduledStep(tuple(chunks), tuple(preempted))
+
+    def finish_step(self, step: ScheduledStep, sampled: Mapping[int, int]) -> list[Request]:
+        """Apply a step the devices have done: each chunk's KV is held, each sampling chunk's request
+        has its new token (`sampled[request_id]`). Returns the requests that ended with it."""
+        ended = []
+        for chunk in step.chunks:
+            request = self.requests[chunk.request_id]
+            if request.status is not Status.RUNNING:  # cancelled while the step ran
+                continue
+            request.num_computed = chunk.start + len(chunk.token_ids)
+            if not chunk.samples:
+                continue
+            token = sampled[chunk.request_id]
+            request.output_ids.append(token)
+            if token == request.eos_token_id:
+                self._leave(request, Status.STOPPED)
+            elif len(request.output_ids) >= request.max_new_tokens:
+                self._leave(request, Status.FINISHED)
+            else:
+                continue
+            ended.append(request)
+        return ended
+
+    def resize(self, num_blocks: int) -> tuple[list[int], dict[int, int]]:
+        """The pool now holds `num_blocks` (after a failure a survivor may hold more KV heads, so fewer
+        blocks fit its budget): the newest running requests are preempted until the rest fit, and the
+        blocks numbered past the end are renumbered into free ones. Returns the requests preempted and
+        the blocks moved (old number -> new), which the devices apply to what they hold."""
+        preempted = []
+        while self.running and self.pool.held_blocks > num_blocks:
+            victim = self.requests[self.running[-1]]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+        return preempted, self.pool.resize(num_blocks)
+
+    # ---------------------------------------------------------------------------------------
+
+    def _chunk(self, request: Request, length: int) -> ScheduledChunk:
+        start = request.num_computed
+        return ScheduledChunk(request.request_id, start, request.token_ids[start:start + length],
+                              tuple(self.pool.tables[request.request_id]), start + length == request.num_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        """RECOMPUTE: drop the request's KV; it waits first in line, and is prefilled again whole."""
+        self.running.remove(request.request_id)
+        self.pool.release(request.request_id)
+        request.num_computed, request.status = 0, Status.WAITING
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(request.request_id)
+
+    def _leave(self, request: Request, status: Status) -> None:
+        if request.request_id in self.running:
+            self.running.remove(request.request_id)
+        elif request.request_id in self.waiting:
+            self.waiting.remove(request.request_id)
+        self.pool.release(request.request_id)
+        request.status = status
+
