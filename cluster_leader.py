@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
                              LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Regroup, Reply, Reprotect,
                              Restore, SendTo, Snapshot, Step, Telemetry)
-from device_network import POLL_S, StepAbandoned
+from device_network import POLL_S, StepAbandoned, Transport
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_rebuild, strategy_info
@@ -96,7 +96,7 @@ class StepFailed(StepAbandoned):
 class Leader:
     """The leader of the cluster, on a thread of its host device."""
 
-    def __init__(self, host: int, transport, epoch: int, members: Sequence[int], assignment: Assignment,
+    def __init__(self, host: int, transport: Transport, epoch: int, members: Sequence[int], assignment: Assignment,
                  policy: RecoveryPolicy, heartbeat: HeartbeatConfig, monitor: HeartbeatMonitor,
                  host_context: Callable[[], list[int]]):
         self.host, self._transport = host, transport

@@ -24,8 +24,7 @@ import kv_cache_reused
 from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
                              Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
-from device_network import POLL_S, StaleEpoch, StepAbandoned
-from device_threads import ThreadCollective
+from device_network import POLL_S, EpochCollective, StaleEpoch, StepAbandoned, Transport
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
@@ -79,7 +78,7 @@ class DeviceEndpoint:
     """This device's side of its epoch's collective: each call is counted by the fault switch and
     refused when the device's own epoch is not the collective's (a fenced device reaches no one)."""
 
-    def __init__(self, device: int, group: ThreadCollective, own_epoch: Callable[[], int], faults: FaultSwitch):
+    def __init__(self, device: int, group: EpochCollective, own_epoch: Callable[[], int], faults: FaultSwitch):
         self.device, self.group, self._own_epoch, self._faults = device, group, own_epoch, faults
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,7 @@ class DeviceEndpoint:
     def recv(self, device: int, source: int) -> object:
         return self._enter().recv(self.device, source)
 
-    def _enter(self) -> ThreadCollective:
+    def _enter(self) -> EpochCollective:
         self._faults.at_collective_call()
         epoch = self._own_epoch()
         if epoch != self.group.epoch:
@@ -115,7 +114,7 @@ class DeviceEndpoint:
 class DeviceActor:
     """A device: its state, its epoch, and the threads that serve its inboxes."""
 
-    def __init__(self, setup: DeviceSetup, transport):
+    def __init__(self, setup: DeviceSetup, transport: Transport):
         self.device = setup.device
         self._setup, self._transport = setup, transport
         self._checkpoint = Checkpoint(setup.checkpoint).onto(setup.placement)
@@ -410,7 +409,7 @@ class DeviceActor:
         group = self._used_group = self._collective()
         return DeviceEndpoint(self.device, group, lambda: self._membership.epoch, self.faults)
 
-    def _collective(self) -> ThreadCollective:
+    def _collective(self) -> EpochCollective:
         """The group of this device's epoch: the membership read once, epoch and members together."""
         membership = self._membership
         return self._transport.collective(membership.epoch, membership.members)

@@ -7,7 +7,10 @@ point send/recv). Nothing else crosses between devices. `Codec` says how a paylo
 is (threads share memory; senders pass copies), or as bytes (`BytesCodec`: every message and every
 collective payload pickled and unpickled, so that any shortcut through shared memory breaks: the
 test-only "serialising" backend). A step in which a device dies is abandoned (its epoch's
-collective is aborted, every waiting device gets `StepAbandoned`) and redone after recovery.
+collective is aborted, every waiting device gets `StepAbandoned`) and redone after recovery. No
+wait in a collective outlasts its limit (`HeartbeatConfig.wait_limit_s`): a peer that never comes
+ends it with `WaitStalled`. What the thread backend shares with the processes backend (the epoch
+groups' life cycle, inboxes, the threads it keeps) is in device_network.py.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from device_network import POLL_S, StaleEpoch, StepAbandoned
+from device_network import (POLL_S, WAIT_LIMIT_S, DeviceThreads, EpochGroup, EpochGroups, Inboxes, StepAbandoned,
+                            row_split, stalled, sum_in_order)
 from device_protocol import Address, Envelope
 
 
@@ -80,8 +84,9 @@ class GateBarrier:
     def broken(self) -> bool:
         return self._broken
 
-    def wait(self, action: Callable[[], None] | None = None) -> None:
-        """Block until every party has arrived; the last to arrive runs `action` first, alone."""
+    def wait(self, action: Callable[[], None] | None = None, timeout_s: float = -1) -> bool:
+        """Block until every party has arrived (the last to arrive runs `action` first, alone): True.
+        False if they have not all come within `timeout_s`: the barrier is then broken for everyone."""
         gate = [threading.Lock(), False]
         gate[0].acquire()
         with self._lock:
@@ -93,11 +98,17 @@ class GateBarrier:
                 waiting, self._waiting = self._waiting, []
                 for other in waiting:
                     other[0].release()
-                return
+                return True
             self._waiting.append(gate)
-        gate[0].acquire()
+        if not gate[0].acquire(timeout=timeout_s):
+            with self._lock:
+                if any(other is gate for other in self._waiting):
+                    self._break()
+                    return False
+            gate[0].acquire()  # the barrier opened (or broke) as the wait ended: its gate is released
         if gate[1]:
             raise threading.BrokenBarrierError
+        return True
 
     def abort(self) -> None:
         """Release every waiter with BrokenBarrierError; later waits fail at once."""
@@ -120,7 +131,7 @@ class GateBarrier:
             gate[0].release()
 
 
-class ThreadCollective:
+class ThreadCollective(EpochGroup):
     """The collective operations between the member devices of one epoch.
 
     Every call is a round: each device deposits its payload, waits at a barrier, and reads the
@@ -130,14 +141,14 @@ class ThreadCollective:
     all-reduce is summed once, by the last device to arrive, and shared (it is small: decode), and
     an all-gather of rows has each device write its rows into one shared tensor; as bytes, every
     device decodes its own copy. Point-to-point sends go through one queue per (sender, receiver).
-    Once aborted (a member is gone) or ended (a later epoch began), every call fails.
+    Once aborted (a member is gone) or ended (a later epoch began), every call fails. A wait that
+    sees no one come for `wait_limit_s` ends with WaitStalled (a round's then breaks the group).
     """
 
-    def __init__(self, members: Sequence[int], epoch: int, codec: Codec = Codec()):
-        self.devices = tuple(members)
-        self.epoch = epoch
+    def __init__(self, members: Sequence[int], epoch: int, codec: Codec = Codec(), wait_limit_s: float = WAIT_LIMIT_S):
+        super().__init__(members, epoch)
         self.codec = codec
-        self.ended_by: int | None = None  # the epoch that ended this one
+        self.wait_limit_s = wait_limit_s
         self._slot = {d: i for i, d in enumerate(self.devices)}
         self._rounds = [0] * len(self.devices)  # calls made by each device (all make the same calls)
         self._inbox: list[list[Any]] = [[None] * len(self.devices) for _ in range(2)]
@@ -155,7 +166,7 @@ class ThreadCollective:
             total = sum_in_order([self.codec.decode(part) for part in self._inbox[parity]])
             self._results[parity] = (round_, self.codec.encode(total))
 
-        self._wait(sum_once)
+        self._wait(device, "all_reduce", round_, sum_once)
         return self.codec.decode(self._results[parity][1])
 
     def own_rows(self, device: int, length: int) -> slice:
@@ -163,51 +174,49 @@ class ThreadCollective:
 
     def reduce_scatter(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
         rows = self.own_rows(device, tensor.shape[0])
-        return sum_in_order([part[rows] for part in self._exchange(device, tensor)])
+        return sum_in_order([part[rows] for part in self._exchange(device, tensor, "reduce_scatter")])
 
     def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
         if not self.codec.shares_memory:
-            return torch.cat(self._exchange(device, rows))
+            return torch.cat(self._exchange(device, rows, "all_gather_rows"))
         round_, parity = self._enter(device)
         with self._lock:  # the first device of the round makes the tensor all of them fill
             if self._results[parity] is None or self._results[parity][0] != round_:
                 self._results[parity] = (round_, rows.new_empty((length, *rows.shape[1:])))
             whole = self._results[parity][1]
         whole[self.own_rows(device, length)] = rows
-        self._wait()
+        self._wait(device, "all_gather_rows", round_)
         return whole
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return self._exchange(device, tensor)
+        return self._exchange(device, tensor, "all_gather")
 
     def send(self, device: int, to: int, payload: Any) -> None:
         """Hand `payload` to device `to` (it gets it with `recv`); does not wait for it."""
-        self._refuse_if_closed()
+        self.refuse_if_closed()
         self._channel(device, to).put(self.codec.encode(payload))
 
     def flush(self) -> None:
         """Nothing to wait for: a send is in the receiver's queue when `send` returns."""
 
     def recv(self, device: int, source: int) -> Any:
-        """What device `source` sent to this device, waiting for it (until it comes or the epoch ends)."""
+        """What device `source` sent to this device, waiting for it until it comes, the epoch ends, or
+        the wait limit passes (WaitStalled)."""
         channel = self._channel(source, device)
+        deadline = time.monotonic() + self.wait_limit_s
         while True:
-            self._refuse_if_closed()
+            self.refuse_if_closed()
             try:
-                return self.codec.decode(channel.get(timeout=POLL_S))
+                return self.codec.decode(channel.get(timeout=min(POLL_S, max(0.0, deadline - time.monotonic()))))
             except Empty:
-                continue
+                if time.monotonic() >= deadline:
+                    raise stalled(device, [source], "recv", self.epoch, self.wait_limit_s) from None
 
     # Lifetime
 
     def abort(self) -> None:
         """Release every waiting device with StepAbandoned; later calls fail at once too."""
         self._barrier.abort()
-
-    def end(self, by_epoch: int) -> None:
-        """A later epoch began: this group is gone (calls on it are refused as stale)."""
-        self.ended_by = by_epoch
-        self.abort()
 
     @property
     def aborted(self) -> bool:
@@ -216,7 +225,7 @@ class ThreadCollective:
     # Rounds
 
     def _enter(self, device: int) -> tuple[int, int]:
-        self._refuse_if_closed()
+        self.refuse_if_closed()
         slot = self._slot[device]
         self._rounds[slot] += 1
         return self._rounds[slot], self._rounds[slot] % 2
@@ -227,108 +236,60 @@ class ThreadCollective:
         self._inbox[parity][self._slot[device]] = self.codec.encode(payload)
         return round_, parity
 
-    def _exchange(self, device: int, payload: Any) -> list[Any]:
+    def _exchange(self, device: int, payload: Any, call: str) -> list[Any]:
         """Deposit, wait for everyone, and read every device's deposit of this round."""
-        parity = self._deposit(device, payload)[1]
-        self._wait()
+        round_, parity = self._deposit(device, payload)
+        self._wait(device, call, round_)
         return [self.codec.decode(part) for part in self._inbox[parity]]
 
-    def _wait(self, action: Callable[[], None] | None = None) -> None:
+    def _wait(self, device: int, call: str, round_: int, action: Callable[[], None] | None = None) -> None:
         try:
-            self._barrier.wait(action)
+            opened = self._barrier.wait(action, self.wait_limit_s)
         except threading.BrokenBarrierError:
-            self._refuse_if_closed()
+            self.refuse_if_closed()
             raise StepAbandoned(f"epoch {self.epoch} collective aborted") from None
-
-    def _refuse_if_closed(self) -> None:
-        if self.ended_by is not None:
-            raise StaleEpoch(f"epoch {self.epoch}'s group has ended (epoch {self.ended_by} began): refused")
-        if self.aborted:
-            raise StepAbandoned(f"epoch {self.epoch} collective aborted")
+        if not opened:
+            absent = [d for d, slot in self._slot.items() if self._rounds[slot] < round_]
+            raise stalled(device, absent, call, self.epoch, self.wait_limit_s)
 
     def _channel(self, source: int, to: int) -> SimpleQueue:
         with self._lock:
             return self._channels.setdefault((source, to), SimpleQueue())
 
 
-def row_split(slot: int, members: int, length: int) -> slice:
-    """The rows of a `length`-row tensor that the member in `slot` holds: contiguous, in member order."""
-    return slice(slot * length // members, (slot + 1) * length // members)
-
-
-def sum_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The parts added in member order: every backend gives the same bits."""
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
-    return total
-
-
 # --------------------------------------------------------------------------------------------
-# Inboxes, groups and threads
+# Inboxes and groups
 
 
-class ThreadTransport:
-    """Inboxes (one queue per Address) and one collective per epoch, for devices on threads.
-
-    The transport is the network: it knows which groups exist, not what any device holds. A
-    group's collective is made by the first member that asks for it; making the group of a later
-    epoch ends every earlier one (as the survivors of a real cluster destroy the old process group).
-    """
+class ThreadTransport(DeviceThreads):
+    """Inboxes (one queue per Address) and one collective per epoch (device_network.EpochGroups),
+    for devices on threads. The transport is the network: it knows which groups exist, not what any
+    device holds."""
 
     real_signals = False  # faults are simulated inside the threads (processes: real signals)
 
-    def __init__(self, codec: Codec = Codec()):
+    def __init__(self, codec: Codec = Codec(), wait_limit_s: float = WAIT_LIMIT_S):
+        super().__init__()
         self.codec = codec
         self.name = codec.name
-        self._released: dict[int, threading.Event] = {}  # set to continue a hung device
-        self._inboxes: dict[Address, SimpleQueue] = {}
-        self._groups: dict[int, ThreadCollective] = {}
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self.crashed: list[tuple[str, BaseException]] = []  # (thread, the error that ended it)
+        self._inboxes = Inboxes()
+        self._groups = EpochGroups(lambda epoch, members: ThreadCollective(members, epoch, codec, wait_limit_s))
 
     def send(self, to: Address, envelope: Envelope) -> None:
-        self._inbox(to).put(self.codec.encode(envelope))
+        self._inboxes.put(to, self.codec.encode(envelope))
 
     def receive(self, address: Address, timeout: float | None) -> Envelope | None:
         """The next envelope in `address`'s inbox, or None after `timeout` seconds."""
-        try:
-            return self.codec.decode(self._inbox(address).get(timeout=timeout))
-        except Empty:
-            return None
+        data = self._inboxes.get(address, timeout)
+        return None if data is None else self.codec.decode(data)
 
     def collective(self, epoch: int, members: Sequence[int]) -> ThreadCollective:
         """The collective of `epoch`'s group (made on first use; earlier epochs' groups end)."""
-        with self._lock:
-            group = self._groups.get(epoch)
-            if group is None:
-                group = self._groups[epoch] = ThreadCollective(members, epoch, self.codec)
-                for older, old_group in self._groups.items():
-                    if older < epoch and old_group.ended_by is None:
-                        old_group.end(epoch)
-            elif group.devices != tuple(members):
-                raise ValueError(f"epoch {epoch} has members {group.devices}, not {tuple(members)}")
-            return group
+        return self._groups.get(epoch, members)
 
     def abort_epoch(self, epoch: int) -> None:
         """Release whoever waits in `epoch`'s collective (a member is gone), if that group was formed."""
-        with self._lock:
-            group = self._groups.get(epoch)
-        if group is not None:
-            group.abort()
-
-    def released(self, device: int) -> threading.Event:
-        """The event that continues `device` when it hangs (as SIGCONT continues a stopped process)."""
-        with self._lock:
-            return self._released.setdefault(device, threading.Event())
-
-    def release_hung(self) -> None:
-        """Continue every hung device: it resumes its stale step, which the fencing refuses."""
-        with self._lock:
-            events = list(self._released.values())
-        for event in events:
-            event.set()
+        self._groups.abort(epoch)
 
     def fence(self, device: int) -> None:
         """Nothing to kill: on threads a declared device is fenced by its epoch alone."""
@@ -336,39 +297,6 @@ class ThreadTransport:
     def processes(self) -> list[dict[str, int]]:
         """No device processes: every device is a thread of this one."""
         return []
-
-    def start_thread(self, name: str, target: Callable[[], None]) -> threading.Thread:
-        """A device's thread; an error that escapes it is kept (`crashed`), so that it is never lost."""
-        thread = threading.Thread(target=self._keeping_errors(name, target), name=name, daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-        return thread
-
-    def _keeping_errors(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
-        """`target`, with an error that escapes it kept in `crashed` (close() raises it), then re-raised."""
-        def run() -> None:
-            try:
-                target()
-            except BaseException as error:
-                with self._lock:
-                    self.crashed.append((name, error))
-                raise
-
-        return run
-
-    def join(self, timeout_s: float) -> list[str]:
-        """Wait for every thread started here to end; the names of those still running."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return [t.name for t in threads if t.is_alive()]
-
-    def _inbox(self, address: Address) -> SimpleQueue:
-        with self._lock:
-            return self._inboxes.setdefault(address, SimpleQueue())
 
 
 # --------------------------------------------------------------------------------------------

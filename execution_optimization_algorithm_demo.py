@@ -116,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(options: Options, argv: list[str]) -> int:
     """The run itself, once nothing in the arguments or the config refuses it (torch from here on)."""
     from demo_scenario import run_scenario
-    from device_processes import LaunchError
-    from device_threads import StepAbandoned, interrupts_at_wait_points
+    from device_network import StepAbandoned
+    from device_threads import interrupts_at_wait_points
+    from process_launcher import LaunchError
 
     log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr))
     try:

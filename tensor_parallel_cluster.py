@@ -21,14 +21,16 @@ import torch
 
 from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
-from device_processes import Rendezvous, collective_timeout_s, driver_launcher
 from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
                              LeaderChanged, RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
-from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
+from device_network import POLL_S
+from device_threads import CODECS, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
 from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
 from lossless_checks import KVSnapshot
+from process_collective import collective_timeout_s
+from process_launcher import Rendezvous, driver_launcher
 from synthetic_checkpoint import ensure_synthetic_checkpoint
 
 # "threads" (the default); "processes" (one OS process per device, torch.distributed collectives);

@@ -117,7 +117,7 @@ def fail_on_leaked_threads():
 def fail_on_orphan_processes():
     """Fail the test if a device process it started is still there afterwards (checked by PID: a
     process that ended but was not reaped counts as left too)."""
-    from device_processes import STARTED_PIDS, process_exists
+    from process_launcher import STARTED_PIDS, process_exists
     first = len(STARTED_PIDS)
     yield
     left = [pid for pid in STARTED_PIDS[first:] if process_exists(pid)]

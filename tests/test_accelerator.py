@@ -16,15 +16,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import execution_optimization_algorithm_demo as demo
-from device_processes import LaunchError, check_gpus_for, collective_backend, gpu_environment
+from device_network import row_split
 from device_protocol import RecoveryPolicy
-from device_threads import row_split
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import prefill_context, rebuild_from_hidden_states
 from llama_model_loader import Checkpoint
+from process_collective import collective_backend
+from process_launcher import LaunchError, check_gpus_for, gpu_environment
 from task_reassign import make_strategy
 from tensor_parallel_model import (DeviceState, HiddenStateStore, device_forward, extend_shard, load_device_state,
                                    load_standby, load_vocab_slice, missing_ranges, replicate_step)

@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import socket
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -18,10 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from device_processes import FRAME, DistributedCollective, ProcessTransport
+from device_network import StepAbandoned, WaitStalled
 from device_protocol import Address, Envelope
-from device_threads import StepAbandoned, ThreadCollective
+from device_threads import ThreadCollective
+from on_threads import on_threads
 from polling import wait_until
+from process_collective import DistributedCollective
+from process_network import FRAME, ProcessTransport
 
 ROWS, WIDTH = 10, 6  # 10 rows split over 3 or 4 members: uneven
 
@@ -79,17 +83,8 @@ def run_processes(members: tuple[int, ...], work: Callable, answering: int | Non
 
 
 def run_threads(members: tuple[int, ...]) -> dict[int, Any]:
-    import threading
-    collective, results = ThreadCollective(members, epoch=0), {}
-
-    def run(device: int) -> None:
-        results[device] = exercise(collective, device, members, None)
-    threads = [threading.Thread(target=run, args=(d,)) for d in members]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    collective = ThreadCollective(members, epoch=0)
+    return on_threads(members, lambda device: exercise(collective, device, members, None))
 
 
 @pytest.mark.parametrize("members", [(0, 1, 2), (0, 2, 3, 5)], ids=["3", "4-with-gaps"])
@@ -189,3 +184,86 @@ def test_a_reader_that_crashes_on_a_frame_is_kept_for_close(two_transports):
         assert wait_until(lambda: receiver.crashed, timeout_s=5.0), "the reader's crash was lost"
     ((thread, error),) = receiver.crashed
     assert thread == "Device-1-reader" and isinstance(error, pickle.UnpicklingError)
+
+
+# --------------------------------------------------------------------------------------------
+# Every wait ends: a call whose peer never takes part ends at the wait limit, saying on whom
+
+
+LIMIT_S = 0.3
+
+
+def in_one_group(members: tuple[int, ...], work: Callable[[DistributedCollective, int], Any],
+                 wait_limit_s: float = LIMIT_S, epoch: int = 0) -> dict[int, Any]:
+    """`work(collective, device)` on one thread per member of one real gloo group (formed through a
+    store held here), each member's result or exception; a member's collective lives until every
+    member's work has ended (a peer that left would fail the call at once instead of wedging it)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+
+    def connect() -> dist.Store:  # a client of its own for each member: forming blocks in the store
+        return dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=30))
+
+    collectives = {d: DistributedCollective(connect, epoch, members, d, timeout_s=30.0, wait_limit_s=wait_limit_s)
+                   for d in members}
+    return on_threads(members, lambda device: work(collectives[device], device))
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    """What `call` raised (or returned), and how long it took."""
+    started = time.monotonic()
+    try:
+        outcome = call()
+    except Exception as error:  # noqa: BLE001 - handed back to the test
+        outcome = error
+    return outcome, time.monotonic() - started
+
+
+def wedged(collective: DistributedCollective, device: int) -> str:
+    """A member that formed the group and then never takes part (as a SIGSTOPped process)."""
+    return "wedged"
+
+
+@pytest.mark.parametrize("call", ["all_reduce", "all_gather_rows", "recv", "flush"])
+def test_a_wait_on_a_peer_that_never_takes_part_ends_at_the_wait_limit_saying_on_whom(call):
+    x = member_input(0)
+    calls = {"all_reduce": lambda c: c.all_reduce(0, x), "all_gather_rows": lambda c: c.all_gather_rows(0, x[:5], ROWS),
+             "recv": lambda c: c.recv(0, 1), "flush": lambda c: (c.send(0, 1, ("kv", x)), c.flush())}
+    results = in_one_group((0, 1), lambda c, d: timed(lambda: calls[call](c)) if d == 0 else wedged(c, d))
+    error, waited = results[0]
+    assert isinstance(error, WaitStalled), error
+    assert str(error) == f"Device-0 waited 0.3 s for Device-1 in epoch 0's {call}: nothing came"
+    assert LIMIT_S <= waited < LIMIT_S + 5.0
+
+
+def test_an_abort_still_releases_a_waiting_collective_call_at_once():
+    def reduce_until_aborted(collective: DistributedCollective, device: int):
+        if device == 1:
+            return wedged(collective, device)
+        threading.Timer(0.2, collective.abort).start()
+        return timed(lambda: collective.all_reduce(0, torch.ones(2)))
+
+    error, waited = in_one_group((0, 1), reduce_until_aborted, wait_limit_s=30.0)[0]
+    assert type(error) is StepAbandoned and "aborted" in str(error) and waited < 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# One gloo call per sum: where the shapes are known in advance, nothing else crosses first
+
+
+def test_an_all_reduce_and_an_all_gather_of_rows_are_one_gloo_call_each(monkeypatch):
+    made: list[str] = []
+    real_call = DistributedCollective._call
+    monkeypatch.setattr(DistributedCollective, "_call",
+                        lambda self, call, *rest: (made.append(call) if self._device == 0 else None,
+                                                   real_call(self, call, *rest))[1])
+
+    def every_sum(collective: DistributedCollective, device: int) -> None:
+        x = member_input(device)
+        collective.all_reduce(device, x)
+        collective.reduce_scatter(device, x)
+        collective.all_gather_rows(device, x[collective.own_rows(device, ROWS)].clone(), ROWS)
+        collective.all_gather(device, x)  # shapes unknown in advance: the shapes first, then the values
+
+    results = in_one_group((0, 1, 2), every_sum, wait_limit_s=30.0)
+    assert all(result is None for result in results.values()), results
+    assert made == ["all_reduce", "reduce_scatter", "all_gather_rows", "all_gather", "all_gather"]

@@ -1,6 +1,6 @@
 """The thread backend, the device boundary: what each collective call gives every device, that a
-failed or aborted round releases every device instead of leaving it waiting, point-to-point
-transfers, payloads as bytes, epochs that end, and inboxes."""
+failed or aborted round releases every device instead of leaving it waiting, that every wait ends
+at its limit, point-to-point transfers, payloads as bytes, epochs that end, and inboxes."""
 from __future__ import annotations
 
 import threading
@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from device_actor import DeviceActor, DeviceSetup
+from device_network import StaleEpoch, StepAbandoned, WaitStalled
 from device_protocol import DRIVER, Address, Describe, Envelope, NewEpoch, RecoveryPolicy, Reply
-from device_threads import CODECS, StaleEpoch, StepAbandoned, ThreadCollective, ThreadTransport
+from device_threads import CODECS, ThreadCollective, ThreadTransport
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from llama_model_loader import LlamaConfig
+from on_threads import on_threads
 
 Body = Callable[[int, ThreadCollective], Any]
 
@@ -24,21 +26,8 @@ Body = Callable[[int, ThreadCollective], Any]
 def on_devices(devices: int, body: Body, collective: ThreadCollective | None = None) -> list[Any]:
     """Run `body(device, collective)` on one thread per device; each device's result or exception."""
     collective = collective or ThreadCollective(range(devices), epoch=0)
-    results: list[Any] = [None] * devices
-
-    def run(device: int) -> None:
-        try:
-            results[device] = body(device, collective)
-        except Exception as error:  # noqa: BLE001 - handed back to the test
-            results[device] = error
-
-    threads = [threading.Thread(target=run, args=(d,)) for d in range(devices)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    assert not any(t.is_alive() for t in threads), "a device is still waiting"
-    return results
+    results = on_threads(range(devices), lambda device: body(device, collective), timeout_s=10)
+    return [results[device] for device in range(devices)]
 
 
 def device_tensor(device: int, round_: int, rows: int = 5) -> torch.Tensor:
@@ -114,6 +103,53 @@ def test_abort_releases_waiting_devices_and_fails_later_calls():
         return collective.all_reduce(device, torch.ones(1))
 
     assert all(isinstance(r, StepAbandoned) for r in on_devices(3, body))
+
+
+# --------------------------------------------------------------------------------------------
+# Every wait ends: at the wait limit, saying who waited for whom, where; or at once on an abort
+
+LIMIT_S = 0.2
+
+
+def test_a_round_whose_peer_never_arrives_ends_at_the_wait_limit_naming_the_absent_device():
+    collective = ThreadCollective((0, 1, 2), epoch=4, wait_limit_s=LIMIT_S)
+
+    def body(device: int, c: ThreadCollective):
+        if device == 2:
+            return "wedged: never arrives"
+        started = time.monotonic()
+        with pytest.raises(StepAbandoned) as ended:
+            c.all_reduce(device, torch.ones(1))
+        return ended.value, time.monotonic() - started
+
+    waiting = dict(enumerate(on_devices(3, body, collective)[:2]))
+    stalled = {device: (error, waited) for device, (error, waited) in waiting.items() if isinstance(error, WaitStalled)}
+    assert stalled, waiting  # the first to reach the limit says why, and breaks the round for the other
+    device, (error, waited) = next(iter(stalled.items()))
+    assert str(error) == f"Device-{device} waited 0.2 s for Device-2 in epoch 4's all_reduce: nothing came"
+    assert LIMIT_S <= waited < LIMIT_S + 2.0 and collective.aborted
+
+
+def test_a_recv_whose_sender_never_sends_ends_at_the_wait_limit_naming_it():
+    collective = ThreadCollective((0, 1), epoch=3, wait_limit_s=LIMIT_S)
+    started = time.monotonic()
+    with pytest.raises(WaitStalled) as stalled:
+        collective.recv(1, source=0)
+    assert LIMIT_S <= time.monotonic() - started < LIMIT_S + 2.0
+    assert str(stalled.value) == "Device-1 waited 0.2 s for Device-0 in epoch 3's recv: nothing came"
+
+
+def test_an_abort_still_releases_a_waiting_recv_at_once():
+    collective = ThreadCollective((0, 1), epoch=0, wait_limit_s=60.0)
+    threading.Timer(0.1, collective.abort).start()
+    started = time.monotonic()
+    with pytest.raises(StepAbandoned) as released:
+        collective.recv(1, source=0)
+    assert not isinstance(released.value, WaitStalled) and time.monotonic() - started < 5.0
+
+
+def test_a_transport_gives_its_groups_its_wait_limit():
+    assert ThreadTransport(wait_limit_s=0.5).collective(0, (0, 1)).wait_limit_s == 0.5
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,9 +31,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import execution_optimization_algorithm_demo as demo
 from cluster_leader import Recovery, StepFailed
+from device_network import StepAbandoned
 from device_protocol import RecoveryPolicy, Regroup
-from device_threads import StepAbandoned
-from device_processes import process_exists
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from head_assignment import Assignment, custom_assignment, even_assignment
@@ -42,6 +41,7 @@ from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import Checkpoint
 from lossless_checks import REBUILT_KV_TOLERANCE, KVCheck, check_kv, reference_head, relative_error
 from polling import wait_until
+from process_launcher import process_exists
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 from tensor_parallel_cluster import ClusterClosed
 from tensor_parallel_model import SEQUENCE_PARALLEL_MIN_TOKENS

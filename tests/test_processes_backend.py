@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import execution_optimization_algorithm_demo as demo
-from device_processes import LaunchError, Rendezvous, check_memory_for, process_exists
+from process_launcher import LaunchError, Rendezvous, check_memory_for, process_exists
 from device_protocol import RecoveryPolicy
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
