@@ -10,7 +10,12 @@ What it measures, per dtype (float32, then bfloat16, freeing memory in between):
   * decode's floor: a token streams every weight once, so weight bytes / the measured bandwidth of
     a matrix-vector product (common.gemv_bandwidth) bounds a step from below, for both models;
   * decode again with the engine's device code as one device called in the main thread (both
-    cores, no device threads): what the split and the threads cost, apart from the arithmetic.
+    cores, no device threads): what the split and the threads cost, apart from the arithmetic;
+  * decode step: processes against threads against bare gloo (`--step-models`, in float32 unless
+    --dtype bfloat16): `--step-samples` decode steps on each backend, the same device code over the
+    processes' collective in plain processes (no actors, leader, driver or messages), and the gloo
+    calls such a step makes (recorded from a real step, see step_costs.py) replayed bare; the goal
+    is a processes step within the threads step + 1.5 x the bare calls.
 
 How: the engine (`--devices` device threads, one intra-op thread each) and the reference
 (`LlamaForCausalLM`, sdpa attention, `use_cache=True`, `torch.inference_mode()`, the main thread's
@@ -49,8 +54,11 @@ if TYPE_CHECKING:
 
     from engine_runners import EngineRunner, ReferenceRunner
     from llama_model_loader import Checkpoint
+    from step_costs import GlooTimes
 
 TITLE = "Engine speed against transformers' LlamaForCausalLM"
+STEP_MODELS = ("tiny", "checkpoint")
+GOAL_FACTOR = 1.5  # issue 20: a processes step within the threads step + 1.5 x the bare gloo calls it needs
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,8 @@ class Probes:
     gemv_tries: int = 5
 
 
-QUICK = {"lengths": [32], "repeats": 1, "decode_after": 32, "decode_steps": 4,
+QUICK = {"lengths": [32], "repeats": 1, "decode_after": 32, "decode_steps": 4, "step_models": ["checkpoint"],
+         "step_samples": 8,
          "probes": Probes(matmul_n=256, matmul_tries=3, gemv_bytes=16 << 20, gemv_tries=3)}
 
 
@@ -223,6 +232,97 @@ def bounds_lines(dtype_name: str, args: argparse.Namespace, rows: list[Row], lim
     return lines
 
 
+@dataclass
+class StepCosts:
+    """One model's decode steps, in seconds: on each backend, and in the bare gloo processes."""
+    model: str
+    threads: list[float]
+    processes: list[float]
+    gloo: GlooTimes
+
+
+def step_folders(models: Sequence[str], checkpoint: Path) -> dict[str, Path]:
+    """The section's checkpoints by name, each once (the tiny preset is written on first use)."""
+    folders = {}
+    for model in models:
+        folder = model_folder_of(model, checkpoint)
+        if folder.resolve() not in {f.resolve() for f in folders.values()}:
+            folders[model if model != "checkpoint" else folder.name] = folder
+    return folders
+
+
+def model_folder_of(model: str, checkpoint: Path) -> Path:
+    if model == "checkpoint":
+        return checkpoint
+    from synthetic_checkpoint import ensure_synthetic_checkpoint
+    return ensure_synthetic_checkpoint(model, log=lambda m: print(m, file=sys.stderr))
+
+
+def step_section(folders: dict[str, Path], args: argparse.Namespace) -> str:
+    """Each model's decode steps on threads, on processes, and as bare gloo calls (Markdown)."""
+    from step_costs import folded
+
+    dtype_name = "bfloat16" if args.dtype == "bfloat16" else "float32"
+    costs = [measure_steps(name, folder, dtype_name, args) for name, folder in folders.items()]
+    lines = ["### decode step: processes against threads against bare gloo\n",
+             f"{dtype_name}, {args.devices} devices, {args.step_samples} decode steps per row after "
+             f"{args.decode_after} prompt tokens and 1 untimed step, one backend after the other. Device code on "
+             f"gloo: the engine's device code over the processes backend's own collective in {args.devices} plain "
+             f"processes (no actors, leader, driver or messages). Bare gloo calls: the calls one such step makes, "
+             f"recorded, replayed with plain waits in the same processes. Those two rows: back to back, "
+             f"alternating, timed by the process that answers the logits. Goal: processes median at most "
+             f"threads median + {GOAL_FACTOR:g} x bare median.\n",
+             "| model | backend | median step ms | p10 | p90 | bare gloo calls ms | goal ms | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cost in costs:
+        lines += step_rows(cost)
+    lines += ["", "Gloo calls per decode step, recorded from the device code:"]
+    lines += [f"- {cost.model}: {len(cost.gloo.calls)} calls: {folded(cost.gloo.calls)}" for cost in costs]
+    return "\n".join(lines) + "\n"
+
+
+def measure_steps(name: str, folder: Path, dtype_name: str, args: argparse.Namespace) -> StepCosts:
+    """Time one model's steps: threads, then processes, then the bare gloo processes."""
+    import torch
+
+    from engine_runners import EngineRunner
+    from llama_model_loader import Checkpoint
+    from step_costs import time_gloo
+
+    dtype = torch_dtype(dtype_name)
+    ids = torch.randint(0, Checkpoint(folder).config.vocab_size, (args.decode_after + args.step_samples + 1,),
+                        generator=torch.Generator().manual_seed(args.seed))
+    prompt, tokens = ids[:args.decode_after], ids[args.decode_after:]
+    backends = {}
+    for backend in ("threads", "processes"):
+        engine = EngineRunner(folder, args.devices, dtype, backend)
+        try:
+            backends[backend] = engine.decode_times(prompt, tokens)[1:]
+        finally:
+            engine.close()
+            gc.collect()
+    gloo = time_gloo(folder, args.devices, dtype, prompt.tolist(), tokens.tolist())
+    return StepCosts(name, backends["threads"], backends["processes"], gloo)
+
+
+def step_rows(cost: StepCosts) -> list[str]:
+    """The model's four rows: threads, processes (against the goal), device code on gloo, bare gloo."""
+    bare = statistics.median(cost.gloo.bare)
+    goal = statistics.median(cost.threads) + GOAL_FACTOR * bare
+    met = "yes" if statistics.median(cost.processes) <= goal else "no"
+    return [step_row(cost.model, "threads", cost.threads),
+            step_row(cost.model, "processes", cost.processes, [f"{bare * 1e3:.1f}", f"{goal * 1e3:.1f}", met]),
+            step_row(cost.model, "device code on gloo", cost.gloo.device_code),
+            step_row(cost.model, "bare gloo calls", cost.gloo.bare)]
+
+
+def step_row(model: str, backend: str, seconds: list[float], against_goal: Sequence[str] = ("", "", "")) -> str:
+    p10, *_, p90 = statistics.quantiles(seconds, n=10)
+    cells = [model, backend, *(f"{value * 1e3:.1f}" for value in (statistics.median(seconds), p10, p90)),
+             *against_goal]
+    return "| " + " | ".join(cells) + " |"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="checkpoint folder (default: the synthetic Llama-3.2-1B)")
@@ -235,6 +335,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-after", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-models", nargs="*", choices=STEP_MODELS, default=list(STEP_MODELS),
+                        help="models of the section 'decode step: processes against threads against bare gloo': "
+                             "tiny (the preset, written on first use), checkpoint (the one benchmarked); none "
+                             "given: no such section (default: both; with --quick checkpoint)")
+    parser.add_argument("--step-samples", type=int, default=40,
+                        help="decode steps timed per backend in that section, after 1 warm-up (default 40; "
+                             "with --quick 8)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 32, 1 repeat, 4 decode steps after 32 tokens, small matmul and "
                              "bandwidth probes (options given still apply)")
@@ -244,6 +351,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.backends = ["threads", "processes"] if args.backend == "both" else [args.backend]
     if args.repeats < 1 or min(args.lengths) < 1 or args.decode_after < 1 or args.decode_steps < 1:
         parser.error("--repeats, --lengths, --decode-after and --decode-steps must be at least 1")
+    if args.step_samples < 3:
+        parser.error(f"--step-samples must be at least 3 (a p10 and a p90), got {args.step_samples}")
     if args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
     config = check_model_dir(parser, args.model_dir)
@@ -262,7 +371,7 @@ def check_against_config(parser: Parser, args: argparse.Namespace, heads: int, p
 
 
 def total_tokens(args: argparse.Namespace) -> int:
-    return max(max(args.lengths), args.decode_after + args.decode_steps)
+    return max(max(args.lengths), args.decode_after + args.decode_steps, args.decode_after + args.step_samples + 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(bench_dtype(folder, dtype_name, args, ids))
         print("\n" + sections[-1], flush=True)
         gc.collect()
+    if args.step_models:
+        sections.append(step_section(step_folders(args.step_models, folder), args))
+        print("\n" + sections[-1], flush=True)
     seconds = time.perf_counter() - started
     print(f"\n(benchmark took {seconds:.0f} s)")
     save_results(args, TITLE, f"Checkpoint `{folder}`.\n\n" + "\n".join(sections),

@@ -112,6 +112,19 @@ def test_engine_quick(tiny_checkpoint, tmp_path):
                               "--results", "engine", "--results-dir", str(tmp_path)]) == 0
     text = assert_results_file(tmp_path / "engine.md", "bench/bench_engine.py")
     assert "prefill 32 tokens, threads" in text and "same argmax: True" in text
+    assert "### decode step: processes against threads against bare gloo" in text
+    for row in ("threads", "device code on gloo", "bare gloo calls"):
+        assert re.search(rf"^\| tiny \| {row} \|( [\d.]+ \|){{3}}  \|  \|  \|$", text, re.MULTILINE), row
+    assert re.search(r"^\| tiny \| processes \|( [\d.]+ \|){5} (yes|no) \|$", text, re.MULTILINE)
+    assert re.search(r"^- tiny: \d+ calls: .*allgather\(", text, re.MULTILINE)  # recorded from a real step
+
+
+def test_a_step_s_recorded_calls_are_written_with_their_repeats_folded():
+    from step_costs import folded
+
+    assert folded(["a", "b"] * 3 + ["a", "c"]) == "3 x [a, b], then a, c"
+    assert folded(["x"] * 4 + ["y"], period=1) == "4 x x, then y"
+    assert folded(["a", "b"]) == "a, b"
 
 
 def test_load_memory_quick(tiny_checkpoint, tmp_path):
