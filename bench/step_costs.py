@@ -3,7 +3,7 @@ against threads against bare gloo".
 
 Beside the engine on both backends (engine_runners.EngineRunner), `devices` plain processes form a
 gloo group and run the engine's device code (tensor_parallel_model.device_forward) over the
-processes backend's own collective (device_processes.DistributedCollective), without the actors,
+processes backend's own collective (process_collective.DistributedCollective), without the actors,
 the leader, the driver or their messages. In each, the gloo group is a `RecordingGroup`: one decode
 step's calls on it are noted (operation, tensor shapes and dtypes, in order), so that the bare
 timing replays exactly the calls the code of this commit makes, whatever they are, with plain
@@ -145,7 +145,7 @@ def _worker(rank: int, size: int, port: int, folder: str, dtype_name: str, promp
 
 def _measure(rank: int, size: int, port: int, folder: Path, dtype: torch.dtype, prompt: list[int],
              tokens: list[int]) -> tuple[tuple[str, ...], list[float], list[float]]:
-    import device_processes
+    import process_collective
     from head_assignment import even_assignment
     from llama_model_loader import Checkpoint
     from tensor_parallel_model import device_forward, load_device_state
@@ -155,7 +155,7 @@ def _measure(rank: int, size: int, port: int, folder: Path, dtype: torch.dtype, 
     checkpoint = Checkpoint(folder)
     state = load_device_state(checkpoint, even_assignment(checkpoint.config, size), rank, dtype)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=WORKER_WAIT_S))
-    collective = device_processes.DistributedCollective(store, 0, range(size), rank, WORKER_WAIT_S)
+    collective = process_collective.DistributedCollective(store, 0, range(size), rank, WORKER_WAIT_S)
     device_forward(state, torch.tensor(prompt), 0, collective)
     if not _GROUPS:
         raise RuntimeError("DistributedCollective formed no group through torch.distributed.ProcessGroupGloo: "
