@@ -17,20 +17,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from request_scheduler import ScheduledChunk
 from tensor_parallel_model import (CPU, Collective, DeviceState, ResidualStream, Rotary, blocks_linear,
                                    causal_attention, logits_partial, mlp_partial, project_qkv)
-
-
-@dataclass(frozen=True)
-class SequenceChunk:
-    """One sequence's rows in a batch step: `length` tokens at positions start.., its KV in the
-    blocks of `block_table` (covering every position up to start + length), and whether the step
-    gives it a token (the chunk ends at the sequence's last known token)."""
-
-    start: int
-    length: int
-    block_table: tuple[int, ...]
-    samples: bool = True
 
 
 class PagedKVCache:
@@ -45,9 +34,9 @@ class PagedKVCache:
                  num_blocks: int, block_size: int, device: torch.device = CPU):
         self.kv_heads, self.num_blocks, self.block_size = tuple(kv_heads), num_blocks, block_size
         self.num_layers, self.head_dim, self.dtype, self.device = num_layers, head_dim, dtype, device
-        shape = (len(self.kv_heads), num_blocks * block_size, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (len(self.kv_heads), num_blocks * block_size, head_dim)  # empty: a page costs memory once written
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def block_nbytes(num_layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -79,9 +68,9 @@ class Greedy:
     margins: tuple[float, ...]
 
 
-def positions_of(chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+def positions_of(chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
     """Every row's position in its own sequence, chunk after chunk."""
-    return torch.cat([torch.arange(c.start, c.start + c.length) for c in chunks])
+    return torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
 
 
 def rope_at(rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,41 +81,40 @@ def rope_at(rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def batched_attention_partial(state: DeviceState, cache: PagedKVCache, layer_index: int, h: torch.Tensor,
-                              chunks: Sequence[SequenceChunk], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                              chunks: Sequence[ScheduledChunk], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """This device's heads' share of the attention output for every row of the batch: [rows, hidden].
     Q, K and V of all rows in one projection; the new K and V into each sequence's blocks; then each
     chunk's queries against its own sequence's keys."""
     shard, layer, hd = state.shard, state.shard.layers[layer_index], state.config.head_dim
     q, k, v = project_qkv(layer, len(shard.query_heads), len(shard.kv_heads), hd, h, rope)
-    cache.write(layer_index, torch.cat([cache.slots(c.block_table, c.start, c.length) for c in chunks]), k, v)
+    cache.write(layer_index, torch.cat([cache.slots(c.block_table, c.start, len(c.token_ids)) for c in chunks]), k, v)
     outputs, row = [], 0
     for chunk in chunks:
-        keys, values = cache.read(layer_index, cache.slots(chunk.block_table, 0, chunk.start + chunk.length))
+        length = len(chunk.token_ids)
+        keys, values = cache.read(layer_index, cache.slots(chunk.block_table, 0, chunk.start + length))
         if not shard.grouped_in_order:  # a GQA group split unevenly: give each query head its KV head
             keys = keys.index_select(0, shard.kv_slot_of_query)
             values = values.index_select(0, shard.kv_slot_of_query)
-        outputs.append(causal_attention(q[:, row:row + chunk.length], keys, values, chunk.start))
-        row += chunk.length
+        outputs.append(causal_attention(q[:, row:row + length], keys, values, chunk.start))
+        row += length
     out = torch.cat(outputs, dim=1).transpose(0, 1).reshape(h.shape[0], -1)
     return F.linear(out, layer.wo) if not layer.inherited else blocks_linear(layer, out, lambda b: b.wo)
 
 
-def batched_forward(state: DeviceState, cache: PagedKVCache, token_ids: torch.Tensor,
-                    chunks: Sequence[SequenceChunk], collective: Collective,
+def batched_forward(state: DeviceState, cache: PagedKVCache, chunks: Sequence[ScheduledChunk], collective: Collective,
                     logits: bool = False) -> Greedy | torch.Tensor | None:
-    """One device's part of a step over a ragged batch (`token_ids`: every chunk's tokens, packed).
+    """One device's part of a step over a ragged batch (every chunk's tokens, packed as rows).
 
     Returns, for the rows of the chunks that sample: their greedy tokens and margins (`Greedy`), or
     with `logits` their whole logits rows ([sampling chunks, vocab]); None when no chunk samples."""
-    if sum(c.length for c in chunks) != token_ids.shape[0]:
-        raise ValueError(f"{token_ids.shape[0]} tokens packed for chunks of {sum(c.length for c in chunks)}")
+    token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
     rope = rope_at(state.rotary, positions_of(chunks))
     stream = ResidualStream(state, token_ids, collective)
     for i, layer in enumerate(state.shard.layers):
         stream.add(batched_attention_partial(state, cache, i, stream.normed(layer.input_norm), chunks, rope))
         stream.add(mlp_partial(layer, stream.normed(layer.post_norm)))
-    ends = torch.tensor([sum(c.length for c in chunks[:i + 1]) - 1 for i, c in enumerate(chunks) if c.samples],
-                        dtype=torch.long)
+    ends = torch.cumsum(torch.tensor([len(c.token_ids) for c in chunks]), 0) - 1
+    ends = ends[torch.tensor([c.samples for c in chunks])]
     if not len(ends):
         return None
     h = stream.normed(state.vocab.final_norm).index_select(0, ends.to(stream.x.device))

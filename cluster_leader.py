@@ -21,13 +21,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
-                             LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Regroup, Reply, Reprotect,
-                             Restore, SendTo, Snapshot, Step, Telemetry)
+from device_protocol import (DRIVER, Address, BatchForward, Broadcast, Cancel, Describe, DeviceInfo, Envelope, Forward,
+                             Inherit, Keep, LeaderChanged, NewEpoch, PoolSpec, Prepare, Rebuild, Recover, RecoveryPolicy,
+                             Regroup, Reply, Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit,
+                             Telemetry)
 from device_network import POLL_S, StepAbandoned
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_rebuild, strategy_info
+from request_scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from task_reassign import ReassignmentPlan, make_strategy
 
 
@@ -66,7 +68,7 @@ class Recovery:
     weight_load_s: float
     rebuild_s: float
     attempts: int                 # more than 1 when another failure interrupted the recovery
-    context_tokens: int           # positions whose KV was rebuilt
+    context_tokens: int           # positions whose KV was rebuilt (for a batch: over every request in flight)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ class Leader:
 
     def __init__(self, host: int, transport, epoch: int, members: Sequence[int], assignment: Assignment,
                  policy: RecoveryPolicy, heartbeat: HeartbeatConfig, monitor: HeartbeatMonitor,
-                 host_context: Callable[[], list[int]]):
+                 host_context: Callable[[], list[int]], scheduling: SchedulerConfig = SchedulerConfig(),
+                 block_nbytes_per_kv_head: int = 1):
         self.host, self._transport = host, transport
         self.epoch, self.members, self.assignment = epoch, tuple(members), assignment
         self.policy, self._heartbeat, self._monitor = policy, heartbeat, monitor
@@ -117,6 +120,9 @@ class Leader:
         self._fence_s = 0.0                      # spent fencing devices declared since the last preparation
         self._resumable: PostFailure | None = None  # the last recovery's state: its abandoned step may resume
         self._stopping = threading.Event()
+        self._scheduling, self._block_nbytes_per_kv_head = scheduling, block_nbytes_per_kv_head
+        self._scheduler: Scheduler | None = None  # made with the first request (many in flight)
+        self._pool = PoolSpec(0, 0, scheduling.block_size)
 
     def start(self) -> None:
         self._transport.start_thread(f"Device-{self.host}-leader", self._serve)
@@ -227,21 +233,92 @@ class Leader:
         return self._run_group({request.device: request.command})[request.device]
 
     # ---------------------------------------------------------------------------------------
+    # Many requests in flight
+
+    def _on_Submit(self, request: Submit) -> None:
+        if self.policy.hold:
+            raise ValueError("a held recovery (strategies compared from one state) serves one sequence; "
+                             "many requests in flight recover on their own")
+        self._batch().add(request.request_id, request.prompt_ids, request.max_new_tokens, request.eos_token_ids)
+
+    def _on_Cancel(self, request: Cancel) -> bool:
+        return self._batch().cancel(request.request_id)
+
+    def _on_ServeStep(self, request: ServeStep) -> ServedStep:
+        """Schedule a step, run it on every member, and apply it; a failure meanwhile is recovered
+        (every running request's KV rebuilt) and the step scheduled again."""
+        scheduler, recoveries = self._batch(), []
+        while True:
+            if self._declared:
+                recoveries.append(self._recover(self.policy.strategy, rebuild=self._rebuild_batch))
+            step = scheduler.schedule()
+            try:
+                greedy = self._run_batch_step(step) if step.chunks else None
+            except StepAbandoned as abandoned:
+                self._await_declaration(abandoned)
+                continue
+            sampling = [chunk.request_id for chunk in step.chunks if chunk.samples]
+            tokens = dict(zip(sampling, greedy.token_ids)) if greedy else {}
+            margins = dict(zip(sampling, greedy.margins)) if greedy else {}
+            ended = scheduler.finish_step(step, tokens, margins)
+            return ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended}, step.preempted,
+                              tuple(recoveries), self.assignment, self.host, self.epoch, step.num_tokens,
+                              len(scheduler.waiting), len(scheduler.running))
+
+    def _batch(self) -> Scheduler:
+        if self._scheduler is None:
+            config = self._scheduling
+            self._pool = PoolSpec(1, self._pool_blocks(), config.block_size)
+            self._scheduler = Scheduler(self._pool.num_blocks, config.block_size, config.max_num_seqs,
+                                        config.max_num_batched_tokens)
+        return self._scheduler
+
+    def _pool_blocks(self) -> int:
+        """Blocks in every device's pool: as many as the device with the most KV heads fits in its budget."""
+        most_heads = max(len(self.assignment.kv_heads(d)) for d in self.assignment.devices)
+        blocks = self._scheduling.kv_cache_memory_bytes // (most_heads * self._block_nbytes_per_kv_head)
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory_bytes ({self._scheduling.kv_cache_memory_bytes}) holds no KV block "
+                             f"of {most_heads * self._block_nbytes_per_kv_head} bytes")
+        return blocks
+
+    def _run_batch_step(self, step: ScheduledStep):
+        answers = self._run_group({m: BatchForward(step.chunks, self._pool) for m in self.members})
+        return answers[self.members[0]]
+
+    def _rebuild_batch(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
+        """Every running request's KV, recomputed on the new assignment into a new pool (its blocks
+        are gone with the failed device's heads); the newest wait (preempted) if the pool now holds
+        fewer. Full recompute only, for now: any other strategy falls back to it, saying so."""
+        scheduler = self._batch()
+        fallback = None if strategy == "full-recompute" else \
+            f"{strategy} does not rebuild a batch yet; fell back to full-recompute"
+        started = time.perf_counter()
+        self._pool = PoolSpec(self._pool.generation + 1, self._pool_blocks(), self._pool.block_size)
+        scheduler.restart_pool(self._pool.num_blocks)
+        steps = scheduler.recompute_steps()
+        for step in steps:
+            self._run_batch_step(step)
+        return "full-recompute", fallback, time.perf_counter() - started, sum(s.num_tokens for s in steps)
+
+    # ---------------------------------------------------------------------------------------
     # Recovery
 
-    def _recover(self, strategy: str, prepared: PostFailure | None = None) -> Recovery:
-        """Prepare (unless already prepared) and rebuild; started again on what is left when another
-        device dies meanwhile."""
+    def _recover(self, strategy: str, prepared: PostFailure | None = None,
+                 rebuild: Callable[..., tuple[str, str | None, float, int]] | None = None) -> Recovery:
+        """Prepare (unless already prepared) and rebuild (the one sequence's KV, or with `rebuild` the
+        batch's); started again on what is left when another device dies meanwhile."""
         while True:
             try:
                 post = prepared if prepared is not None and not self._declared else self._prepare()
-                used, fallback, rebuild_s = self._rebuild(post, strategy, restore=prepared is not None)
+                used, fallback, rebuild_s, rebuilt = (rebuild or self._rebuild)(post, strategy,
+                                                                                restore=prepared is not None)
             except StepAbandoned as abandoned:
                 self._await_declaration(abandoned)
                 prepared = None
                 continue
             recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
-                                self._attempts, len(post.context_ids))
+                                self._attempts, rebuilt)
             self._resumable = post
             if self.policy.hold:  # the driver may rebuild again from the same state
                 self._post, self._recovered = post, True
@@ -291,8 +368,9 @@ class Leader:
                            weight_load_s, sum(answer.bytes_read for answer in readers), regroup_s,
                            bool(readers) and all(answer.from_standby for answer in readers))
 
-    def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float]:
-        """Rebuild with `strategy`, or the first fallback that still works (saying why)."""
+    def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
+        """Rebuild with `strategy`, or the first fallback that still works (saying why); with the
+        positions rebuilt."""
         strategy_info(strategy)
         reasons = []
         for name in (strategy, *(n for n in FALLBACKS if n != strategy)):
@@ -309,7 +387,8 @@ class Leader:
             if self._replication:
                 self._run_group({d: Reprotect() for d in orders})
             self._context = list(post.context_ids)
-            return name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s
+            return (name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s,
+                    len(post.context_ids))
         raise AssertionError("full-recompute needs nothing kept and cannot be impossible")
 
     def _lead_after_failover(self) -> None:

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 
 import kv_cache_reused
-from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
+from batched_forward import PagedKVCache, batched_forward
+from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, BatchForward, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
                              Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
 from device_network import POLL_S, StaleEpoch, StepAbandoned
@@ -30,6 +31,7 @@ from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
+from request_scheduler import SchedulerConfig
 from task_reassign import make_strategy
 from tensor_parallel_model import (CPU, DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
                                    extend_shard, load_device_state, load_standby, load_vocab_slice, missing_ranges,
@@ -49,6 +51,7 @@ class DeviceSetup:
     heartbeat: HeartbeatConfig
     policy: RecoveryPolicy
     accelerator: str = "cpu"  # "cuda": the device process computes on the one GPU it is given
+    scheduling: SchedulerConfig = SchedulerConfig()  # many requests in flight: the leader's budgets
 
     @property
     def placement(self) -> torch.device:
@@ -138,6 +141,7 @@ class DeviceActor:
         self._used_group = None  # the collective the command being served used (its sends are flushed after it)
         self._standby: tuple[StandbySlices, ...] = ()  # slices read in advance for a first failure
         self._stale: list[StandbySlices] = []  # given back after the next step (the next token) is done
+        self._paged: tuple[int, PagedKVCache] | None = None  # (pool generation, its cache): many requests' KV
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -275,6 +279,27 @@ class DeviceActor:
         stale, self._stale = self._stale, []
         release_in_background(stale)
         return logits.cpu() if logits is not None and self.device == endpoint.group.devices[0] else None
+
+    def _on_BatchForward(self, command: BatchForward) -> Any:
+        """A step of many requests: their KV in this device's paged pool (made anew for each pool
+        generation, for the KV heads the device holds then)."""
+        began = self.clock()
+        self.faults.new_step()
+        endpoint = self._endpoint()
+        answer = batched_forward(self._state, self._pool(command.pool), command.chunks, endpoint, command.logits)
+        self._telemetry("compute", began)
+        if self.device != endpoint.group.devices[0]:
+            return None
+        return answer.cpu() if isinstance(answer, torch.Tensor) else answer
+
+    def _pool(self, spec) -> PagedKVCache:
+        if self._paged is None or self._paged[0] != spec.generation:
+            state, config = self._state, self._config
+            self._paged = None  # the old pool's memory goes first
+            self._paged = (spec.generation, PagedKVCache(config.num_hidden_layers, state.shard.kv_heads, config.head_dim,
+                                                         self._dtype, spec.num_blocks, spec.block_size,
+                                                         self._setup.placement))
+        return self._paged[1]
 
     def _resumed(self, command: Forward, chunk) -> StepProgress | None:
         """Where an abandoned step resumes (the leader asks only when every member recorded it)."""
@@ -529,7 +554,10 @@ class DeviceActor:
         self._monitor = self._watch(watched, epoch=membership.epoch)
         self._leader_id = self.device
         self.leader = Leader(self.device, self._transport, membership.epoch, membership.members, self._assignment,
-                             self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot)
+                             self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot,
+                             self._setup.scheduling, PagedKVCache.block_nbytes(
+                                 self._config.num_hidden_layers, 1, self._config.head_dim,
+                                 self._setup.scheduling.block_size, self._dtype))
         self.leader.start()
         for detection in lost:
             declared = self._monitor.declare(detection.device, detection.signal)

@@ -4,9 +4,9 @@ A device is a private world reached only by messages. Who sends what:
 
 | from -> to | inbox | messages |
 |---|---|---|
-| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo` |
+| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo`; batches: `Submit`, `ServeStep`, `Cancel` |
 | leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
-| leader -> device | `commands` | commands: `Forward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
+| leader -> device | `commands` | commands: `Forward`, `BatchForward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
 | every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
@@ -16,8 +16,8 @@ A device is a private world reached only by messages. Who sends what:
 
 Collectives and KV transfers between devices go through the `Collective` (tensor_parallel_model.py),
 never through these inboxes. Every message carries its sender's epoch: a receiver refuses one
-from an ended epoch (fencing). Commands carry batches of sequences (`Chunk`s), each with its own
-KV, although the devices serve one sequence at a time for now.
+from an ended epoch (fencing). One sequence is stepped with `Step`/`Forward`; many requests in flight
+are the leader's to schedule (`Submit`, `ServeStep`), stepped on the devices with `BatchForward`.
 """
 from __future__ import annotations
 
@@ -343,3 +343,69 @@ class Telemetry:
 
     events: tuple[tuple[float, int, str, float], ...] = field(default=())
 
+
+
+# --------------------------------------------------------------------------------------------
+# Many requests in flight: the leader schedules them (request_scheduler.py), the devices step them
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The paged KV pool every device keeps its blocks in: a new `generation` (after a failure)
+    means every block is gone and the pool is made anew for the KV heads the device holds now."""
+
+    generation: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class BatchForward:
+    """A step over a ragged batch (request_scheduler.ScheduledChunk each: a request's tokens at its
+    positions, in its blocks). The first device of the group answers with the greedy token and its
+    margin for each chunk that samples (batched_forward.Greedy), or with `logits` their rows."""
+
+    chunks: tuple
+    pool: PoolSpec
+    logits: bool = False
+
+
+@dataclass(frozen=True)
+class Submit:
+    """A new request for the leader's scheduler; it waits until the KV pool and the budgets admit it."""
+
+    request_id: int
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a request, waiting or running (its blocks are freed)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class ServeStep:
+    """One scheduler step: continue every running request, admit what fits, retire what ended."""
+
+
+@dataclass(frozen=True)
+class ServedStep:
+    """A scheduler step as it happened: each request's new token (and its logit margin over the
+    runner-up), the requests that ended with it (and why), those preempted to make room (they are
+    recomputed later), and the recoveries the leader ran to get there."""
+
+    tokens: dict[int, int]
+    margins: dict[int, float]
+    ended: dict[int, str]
+    preempted: tuple[int, ...]
+    recoveries: tuple
+    assignment: Assignment
+    leader: int
+    epoch: int
+    batch_tokens: int  # tokens the step computed (prefill chunks and decodes)
+    waiting: int
+    running: int

@@ -22,13 +22,15 @@ import torch
 from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
 from device_processes import Rendezvous, collective_timeout_s, driver_launcher
-from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
-                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
+from device_protocol import (DRIVER, Address, Broadcast, Cancel, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
+                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, ServedStep, ServeStep, Step, Stop, Strike,
+                             Submit, Telemetry, Watch)
 from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
 from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_tokenizer, resolve_checkpoint
 from lossless_checks import KVSnapshot
+from request_scheduler import SchedulerConfig
 from synthetic_checkpoint import ensure_synthetic_checkpoint
 
 # "threads" (the default); "processes" (one OS process per device, torch.distributed collectives);
@@ -68,7 +70,8 @@ class TensorParallelLlama:
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
                  progress: bool = False, heartbeat: HeartbeatConfig = HeartbeatConfig(),
                  policy: RecoveryPolicy = RecoveryPolicy(), backend: str = "threads",
-                 rendezvous: Rendezvous | None = None, accelerator: str = "cpu"):
+                 rendezvous: Rendezvous | None = None, accelerator: str = "cpu",
+                 scheduling: SchedulerConfig = SchedulerConfig()):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if accelerator not in ("cpu", "cuda") or (accelerator == "cuda" and backend != "processes"):
@@ -91,8 +94,9 @@ class TensorParallelLlama:
         self._closed = False
         self._progress = progress
         dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy, accelerator)
+        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy, accelerator, scheduling)
                   for d in assignment.devices]
+        self._submitted = 0  # requests submitted (their ids)
         if backend == "processes":  # made first: a launch that cannot start has nothing to close
             self.transport = driver_launcher(rendezvous or Rendezvous.from_environment(),
                                              collective_timeout_s(heartbeat.timeout_s))
@@ -115,7 +119,7 @@ class TensorParallelLlama:
              progress: bool = False, log=print, **options) -> "TensorParallelLlama":
         """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it
         evenly over `devices`. `options` go to the constructor (heartbeat, policy, backend, rendezvous,
-        accelerator)."""
+        accelerator, scheduling)."""
         location, checkpoint, seconds = open_checkpoint(model_dir, log)
         assignment = even_assignment(checkpoint.config, devices)
         return cls.from_checkpoint(location, checkpoint, assignment, dtype, progress, seconds, **options)
@@ -196,6 +200,50 @@ class TensorParallelLlama:
             if len(new_tokens) < max_new_tokens:
                 logits = self.decode(new_tokens[-1])
         return new_tokens
+
+    # ---------------------------------------------------------------------------------------
+    # Many requests in flight: the leader schedules them; their tokens stream back step by step
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = False) -> int:
+        """Queue a request with the leader's scheduler; its id (its tokens come back from `step`)."""
+        self._check_length(len(prompt_ids) + max_new_tokens)
+        self._submitted += 1
+        eos = tuple(self.config.eos_token_ids) if stop_at_eos else ()
+        self.request(Submit(self._submitted, tuple(int(t) for t in prompt_ids), max_new_tokens, eos))
+        return self._submitted
+
+    def step(self) -> ServedStep:
+        """One scheduler step: every running request's next token, what ended, what was preempted."""
+        served: ServedStep = self.request(ServeStep())
+        self.recoveries += served.recoveries
+        self.assignment = served.assignment
+        return served
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request wherever it is; False if it had already ended."""
+        return self.request(Cancel(request_id))
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                       stop_at_eos: bool = False,
+                       after_step: Callable[[ServedStep], object] = lambda served: None) -> list[list[int]]:
+        """Greedy continuations of every prompt, served together (the new tokens of each, in order).
+        `after_step(served)` is called after each step: where a run can be observed or interrupted."""
+        counts = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(counts) != len(prompts):
+            raise ValueError(f"{len(counts)} output lengths for {len(prompts)} prompts")
+        ids = [self.submit(prompt, count, stop_at_eos) for prompt, count in zip(prompts, counts)]
+        outputs: dict[int, list[int]] = {request_id: [] for request_id in ids}
+        open_requests = set(ids)
+        while open_requests:
+            served = self.step()
+            if not served.batch_tokens:
+                raise RuntimeError(f"requests {sorted(open_requests)} are open but nothing could be scheduled "
+                                   f"({served.waiting} waiting, {served.running} running)")
+            for request_id, token in served.tokens.items():
+                outputs[request_id].append(token)
+            open_requests -= set(served.ended)
+            after_step(served)
+        return [outputs[request_id] for request_id in ids]
 
     # ---------------------------------------------------------------------------------------
     # Asking the devices (their tensors stay theirs: each sends what is asked)
