@@ -16,13 +16,14 @@ redoes the abandoned step (from the layer the survivors had reached, which each 
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from device_protocol import (DRIVER, Address, BatchForward, Broadcast, Cancel, Describe, DeviceInfo, Envelope, Forward,
-                             Inherit, Keep, LeaderChanged, NewEpoch, PoolSpec, Prepare, Rebuild, Recover, RecoveryPolicy,
+                             Inherit, Keep, LeaderChanged, LeaderRecord, NewEpoch, PoolSpec, Prepare, Rebuild, Recover, RecoveryPolicy,
                              Regroup, Reply, Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit,
                              Telemetry)
 from device_network import POLL_S, StepAbandoned
@@ -101,7 +102,7 @@ class Leader:
     def __init__(self, host: int, transport, epoch: int, members: Sequence[int], assignment: Assignment,
                  policy: RecoveryPolicy, heartbeat: HeartbeatConfig, monitor: HeartbeatMonitor,
                  host_context: Callable[[], list[int]], scheduling: SchedulerConfig = SchedulerConfig(),
-                 block_nbytes_per_kv_head: int = 1):
+                 block_nbytes_per_kv_head: int = 1, record: LeaderRecord | None = None):
         self.host, self._transport = host, transport
         self.epoch, self.members, self.assignment = epoch, tuple(members), assignment
         self.policy, self._heartbeat, self._monitor = policy, heartbeat, monitor
@@ -123,6 +124,9 @@ class Leader:
         self._scheduling, self._block_nbytes_per_kv_head = scheduling, block_nbytes_per_kv_head
         self._scheduler: Scheduler | None = None  # made with the first request (many in flight)
         self._pool = PoolSpec(0, 0, scheduling.block_size)
+        self._last_served: ServedStep | None = None
+        if record is not None:  # the predecessor's, as of the last step it served: its requests go on here
+            self._scheduler, self._pool, self._last_served = record.scheduler, record.pool, record.last_served
 
     def start(self) -> None:
         self._transport.start_thread(f"Device-{self.host}-leader", self._serve)
@@ -239,14 +243,24 @@ class Leader:
         if self.policy.hold:
             raise ValueError("a held recovery (strategies compared from one state) serves one sequence; "
                              "many requests in flight recover on their own")
-        self._batch().add(request.request_id, request.prompt_ids, request.max_new_tokens, request.eos_token_ids)
+        known = self._batch().requests.get(request.request_id)
+        if known is None or known.prompt_ids != request.prompt_ids:  # the same, sent again to a new leader
+            self._batch().add(request.request_id, request.prompt_ids, request.max_new_tokens, request.eos_token_ids)
+        self._hand_on_record()
 
     def _on_Cancel(self, request: Cancel) -> bool:
-        return self._batch().cancel(request.request_id)
+        cancelled = self._batch().cancel(request.request_id)
+        self._hand_on_record()
+        return cancelled
 
     def _on_ServeStep(self, request: ServeStep) -> ServedStep:
         """Schedule a step, run it on every member, and apply it; a failure meanwhile is recovered
         (every running request's KV rebuilt) and the step scheduled again."""
+        served_so_far = 0 if self._last_served is None else self._last_served.step
+        if request.seen == served_so_far - 1:  # served by the old leader just before it died
+            return self._last_served
+        if request.seen != served_so_far:
+            raise ValueError(f"the driver has seen {request.seen} steps; this leader served {served_so_far}")
         scheduler, recoveries = self._batch(), []
         while True:
             if self._declared:
@@ -261,9 +275,20 @@ class Leader:
             tokens = dict(zip(sampling, greedy.token_ids)) if greedy else {}
             margins = dict(zip(sampling, greedy.margins)) if greedy else {}
             ended = scheduler.finish_step(step, tokens, margins)
-            return ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended}, step.preempted,
-                              tuple(recoveries), self.assignment, self.host, self.epoch, step.num_tokens,
-                              len(scheduler.waiting), len(scheduler.running))
+            self._last_served = ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended},
+                                           step.preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
+                                           step.num_tokens, len(scheduler.waiting), len(scheduler.running),
+                                           served_so_far + 1)
+            self._hand_on_record()
+            return self._last_served
+
+    def _hand_on_record(self) -> None:
+        """The record to the successor (the lowest-numbered other member, who leads if this host dies),
+        before the driver hears of the change: a copy, since on threads a message is not copied."""
+        successors = [m for m in self.members if m != self.host]
+        if successors:
+            self._send(Address("control", min(successors)),
+                       LeaderRecord(copy.deepcopy(self._scheduler), self._pool, self._last_served))
 
     def _batch(self) -> Scheduler:
         if self._scheduler is None:
@@ -401,7 +426,8 @@ class Leader:
             infos = self._run_group({m: Describe() for m in self.members})
             self._context = list(_common_prefix([info.cached_ids for info in infos.values()]))
             self._replication = all(info.replication for info in infos.values())  # the old leader knew it
-            recovery = None if self.policy.hold else self._recover(self.policy.strategy)
+            batch = self._rebuild_batch if self._scheduler is not None else None  # requests in flight
+            recovery = None if self.policy.hold else self._recover(self.policy.strategy, rebuild=batch)
         except StepAbandoned:
             self._failover = True  # another device died meanwhile: try again
             return

@@ -23,7 +23,7 @@ import torch
 import kv_cache_reused
 from batched_forward import PagedKVCache, batched_forward
 from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, BatchForward, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
-                             Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
+                             Forward, Inherit, Inherited, Keep, LeaderRecord, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
                              Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
 from device_network import POLL_S, StaleEpoch, StepAbandoned
 from device_threads import ThreadCollective
@@ -142,6 +142,7 @@ class DeviceActor:
         self._standby: tuple[StandbySlices, ...] = ()  # slices read in advance for a first failure
         self._stale: list[StandbySlices] = []  # given back after the next step (the next token) is done
         self._paged: tuple[int, PagedKVCache] | None = None  # (pool generation, its cache): many requests' KV
+        self._leader_record: LeaderRecord | None = None  # the leader's requests, should this device succeed it
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -500,6 +501,8 @@ class DeviceActor:
             self._monitor.beat(body.device, body.epoch)
         elif isinstance(body, NewEpoch):
             self._admit(body)
+        elif isinstance(body, LeaderRecord):
+            self._leader_record = body
         elif isinstance(body, Watch):  # every device is up: silences count from now (loading is not silence)
             self._monitor.restart()
             self._judging = True
@@ -557,7 +560,7 @@ class DeviceActor:
                              self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot,
                              self._setup.scheduling, PagedKVCache.block_nbytes(
                                  self._config.num_hidden_layers, 1, self._config.head_dim,
-                                 self._setup.scheduling.block_size, self._dtype))
+                                 self._setup.scheduling.block_size, self._dtype), self._leader_record)
         self.leader.start()
         for detection in lost:
             declared = self._monitor.declare(detection.device, detection.signal)

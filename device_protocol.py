@@ -8,7 +8,7 @@ A device is a private world reached only by messages. Who sends what:
 | leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
 | leader -> device | `commands` | commands: `Forward`, `BatchForward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
-| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed) |
+| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed), `LeaderRecord` (the leader to its successor) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
 | driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing); processes: `Declare` (a device process exited) |
 | device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
@@ -389,7 +389,11 @@ class Cancel:
 
 @dataclass(frozen=True)
 class ServeStep:
-    """One scheduler step: continue every running request, admit what fits, retire what ended."""
+    """One scheduler step: continue every running request, admit what fits, retire what ended.
+    `seen`: the steps the driver has been told of; a new leader that took over after the old one
+    served a step the driver never heard of answers with that step instead of running another."""
+
+    seen: int = 0
 
 
 @dataclass(frozen=True)
@@ -409,3 +413,15 @@ class ServedStep:
     batch_tokens: int  # tokens the step computed (prefill chunks and decodes)
     waiting: int
     running: int
+    step: int  # steps served so far, this one included
+
+
+@dataclass(frozen=True)
+class LeaderRecord:
+    """The leader's record of every request (request_scheduler.Scheduler: waiting ones included),
+    its KV pool and the last step it served, sent to its successor after every change and before the
+    driver hears of it: a leader's failure loses no request and no step."""
+
+    scheduler: Any
+    pool: PoolSpec
+    last_served: ServedStep | None

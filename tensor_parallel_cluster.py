@@ -96,7 +96,7 @@ class TensorParallelLlama:
         dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
         setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy, accelerator, scheduling)
                   for d in assignment.devices]
-        self._submitted = 0  # requests submitted (their ids)
+        self._submitted = self._steps_seen = 0  # requests submitted (their ids), scheduler steps heard of
         if backend == "processes":  # made first: a launch that cannot start has nothing to close
             self.transport = driver_launcher(rendezvous or Rendezvous.from_environment(),
                                              collective_timeout_s(heartbeat.timeout_s))
@@ -214,7 +214,8 @@ class TensorParallelLlama:
 
     def step(self) -> ServedStep:
         """One scheduler step: every running request's next token, what ended, what was preempted."""
-        served: ServedStep = self.request(ServeStep())
+        served: ServedStep = self.request(ServeStep(self._steps_seen))
+        self._steps_seen = served.step
         self.recoveries += served.recoveries
         self.assignment = served.assignment
         return served
