@@ -130,6 +130,26 @@ class BlockPool:
     def release(self, request_id: int) -> None:
         self._free.extend(self.tables.pop(request_id, ()))
 
+    @property
+    def held_blocks(self) -> int:
+        return sum(len(table) for table in self.tables.values())
+
+    def resize(self, num_blocks: int) -> dict[int, int]:
+        """Make the pool `num_blocks` long, keeping every held block's number where it fits: a block
+        held past the new end moves to a free one below it (the caller made sure they all fit).
+        Returns the moves, old number -> new, which every device applies to its own pool."""
+        if self.held_blocks > num_blocks:
+            raise ValueError(f"{self.held_blocks} held blocks cannot fit a pool of {num_blocks}")
+        free = deque(b for b in self._free if b < num_blocks)
+        free.extend(range(self.num_blocks, num_blocks))
+        moves = {}
+        for table in self.tables.values():
+            for i, block in enumerate(table):
+                if block >= num_blocks:
+                    table[i] = moves[block] = free.popleft()
+        self.num_blocks, self._free = num_blocks, free
+        return moves
+
 
 class Scheduler:
     """Continuous batching over a paged KV pool (see the module docstring)."""
@@ -251,6 +271,17 @@ class Scheduler:
                     self._preempt(self.requests[victim])
                     preempted.append(victim)
         return preempted
+
+    def resize(self, num_blocks: int) -> tuple[list[int], dict[int, int]]:
+        """The survivors kept their blocks, but the pool now holds `num_blocks` (a survivor that took
+        more KV heads fits fewer in its budget): the newest running requests are preempted until the
+        rest fit, and blocks past the new end are renumbered. Returns (those preempted, the moves)."""
+        preempted = []
+        while self.pool.held_blocks > num_blocks:
+            victim = self.requests[self.running[-1]]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+        return preempted, self.pool.resize(num_blocks)
 
     def recompute_steps(self) -> list[ScheduledStep]:
         """Steps that fill every running request's blocks with the KV of the positions it had computed,

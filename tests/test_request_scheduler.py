@@ -160,6 +160,46 @@ def test_the_recompute_after_a_failure_keeps_to_the_token_budget():
     assert all(s.num_tokens <= 5 for s in steps)
 
 
+def test_a_pool_that_shrinks_after_a_failure_keeps_every_block_that_fits_and_renumbers_the_rest():
+    scheduler = Scheduler(num_blocks=8, block_size=2)
+    for i in range(3):
+        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
+    first = scheduler.schedule()
+    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    before = {i: list(scheduler.pool.tables[i]) for i in range(3)}
+    assert before == {0: [0, 1], 1: [2, 3], 2: [4, 5]}
+    scheduler.cancel(1)  # frees blocks 2 and 3, so that block 4 and 5 can move below the new end
+    preempted, moves = scheduler.resize(4)
+    assert preempted == [] and moves == {4: 2, 5: 3}
+    assert scheduler.pool.tables == {0: [0, 1], 2: [2, 3]} and scheduler.pool.free_blocks == 0
+    assert [r.num_computed for r in scheduler.in_flight()] == [4, 4]  # kept: nothing to recompute
+    run(scheduler)
+    assert scheduler.requests[2].output_ids == alone([3] * 4, 3)
+
+
+def test_a_pool_too_small_for_every_running_request_after_a_failure_preempts_the_newest_not_losing_it():
+    scheduler = Scheduler(num_blocks=9, block_size=2)
+    for i in range(3):
+        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
+    first = scheduler.schedule()
+    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    preempted, moves = scheduler.resize(5)
+    assert preempted == [2] and moves == {}
+    assert scheduler.requests[2].status is Status.WAITING and scheduler.requests[2].num_computed == 0
+    assert scheduler.pool.num_blocks == 5 and scheduler.pool.free_blocks == 1
+    run(scheduler)
+    for i in range(3):
+        assert scheduler.requests[i].output_ids == alone([i + 1] * 4, 3)
+
+
+def test_a_pool_that_grows_after_a_failure_keeps_every_block_and_frees_the_new_ones():
+    scheduler = Scheduler(num_blocks=4, block_size=2)
+    scheduler.add(0, [1] * 4, max_new_tokens=2)
+    scheduler.finish_step(scheduler.schedule(), {0: 5})
+    assert scheduler.resize(6) == ([], {})
+    assert scheduler.pool.tables == {0: [0, 1]} and scheduler.pool.free_blocks == 4
+
+
 workload = st.lists(st.tuples(st.integers(0, 12), st.lists(st.integers(0, 96), min_size=1, max_size=20),
                               st.integers(1, 12)), min_size=1, max_size=10)
 
