@@ -13,6 +13,12 @@ and `Reprotect` the KV copies. A death during the recovery starts it again on wh
 `RecoveryPolicy.hold` the leader stops after the failure is declared and lets the driver call
 `Prepare` and `Recover` (to compare strategies from one state); otherwise it recovers on its own and
 redoes the abandoned step (from the layer the survivors had reached, which each recorded). When this leader's host dies, the lowest-numbered survivor leads.
+
+With many requests in flight the recovery rebuilds the batch instead (`_rebuild_batch`): the
+scheduler's copy is resized to the pool the new assignment fits, and either every running request
+is recomputed in packed steps (full recompute) or each survivor is sent a `RebuildBatch` that
+carries its blocks into the new pool and fills the KV heads new to it (the reuse strategies,
+planned from what each says its pool holds). The scheduler changes only once that has succeeded.
 """
 from __future__ import annotations
 
@@ -22,14 +28,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from device_protocol import (DRIVER, Address, BatchForward, Broadcast, Cancel, Describe, DeviceInfo, Envelope, Forward,
-                             Inherit, Keep, LeaderChanged, LeaderRecord, NewEpoch, PoolSpec, Prepare, Rebuild, Recover, RecoveryPolicy,
-                             Regroup, Reply, Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit,
-                             Telemetry)
+from batched_forward import BlockCosts
+from device_protocol import (DRIVER, Address, BatchForward, BatchKV, Broadcast, Cancel, Describe, DeviceInfo,
+                             Envelope, Forward, Inherit, Keep, LeaderChanged, LeaderRecord, NewEpoch, PoolSpec,
+                             Prepare, Rebuild, RebuildBatch, Recover, RecoveryPolicy, Regroup, Reply, ReportPagedKV,
+                             Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit, Telemetry)
 from device_network import POLL_S, StepAbandoned
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
-from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_rebuild, strategy_info
+from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_batch_rebuild, plan_rebuild, strategy_info
 from request_scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from task_reassign import ReassignmentPlan, make_strategy
 
@@ -84,6 +91,17 @@ class StepResult:
     resumed_from: int | None = None  # the layer this step, abandoned by a failure, was resumed from
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """A planned rebuild of the batch: the scheduler and pool it leads to, what runs (full
+    recompute: packed steps; a reuse strategy: one order per survivor), the requests it preempts."""
+
+    scheduler: Scheduler
+    pool: PoolSpec
+    work: Any
+    preempted: list[int]
+
+
 class StepFailed(StepAbandoned):
     """A device failed; the leader holds (RecoveryPolicy.hold): the driver decides the recovery."""
 
@@ -102,7 +120,7 @@ class Leader:
     def __init__(self, host: int, transport, epoch: int, members: Sequence[int], assignment: Assignment,
                  policy: RecoveryPolicy, heartbeat: HeartbeatConfig, monitor: HeartbeatMonitor,
                  host_context: Callable[[], list[int]], scheduling: SchedulerConfig = SchedulerConfig(),
-                 block_nbytes_per_kv_head: int = 1, record: LeaderRecord | None = None):
+                 block_costs: BlockCosts = BlockCosts(1, 1), record: LeaderRecord | None = None):
         self.host, self._transport = host, transport
         self.epoch, self.members, self.assignment = epoch, tuple(members), assignment
         self.policy, self._heartbeat, self._monitor = policy, heartbeat, monitor
@@ -121,12 +139,15 @@ class Leader:
         self._fence_s = 0.0                      # spent fencing devices declared since the last preparation
         self._resumable: PostFailure | None = None  # the last recovery's state: its abandoned step may resume
         self._stopping = threading.Event()
-        self._scheduling, self._block_nbytes_per_kv_head = scheduling, block_nbytes_per_kv_head
+        self._scheduling, self._block_costs = scheduling, block_costs
         self._scheduler: Scheduler | None = None  # made with the first request (many in flight)
         self._pool = PoolSpec(0, 0, scheduling.block_size)
+        self._keeping = (False, False)  # (hidden states, replication): what the devices were told to keep
+        self._preempted_by_recovery: list[int] = []  # told to the driver with the next step served
         self._last_served: ServedStep | None = None
         if record is not None:  # the predecessor's, as of the last step it served: its requests go on here
             self._scheduler, self._pool, self._last_served = record.scheduler, record.pool, record.last_served
+            self._keeping = (record.pool.hidden_states, record.pool.replication)
 
     def start(self) -> None:
         self._transport.start_thread(f"Device-{self.host}-leader", self._serve)
@@ -228,8 +249,22 @@ class Leader:
 
     def _on_Broadcast(self, request: Broadcast) -> dict[int, Any]:
         if isinstance(request.command, Keep):
-            self._replication = request.command.replication
+            self._keep(request.command)
         return self._run_group({m: request.command for m in self.members})
+
+    def _keep(self, keep: Keep) -> None:
+        """What the devices keep is paged with the batch's KV and costs its blocks: a pool that holds
+        requests keeps what it was made with (refused), an idle one is made anew."""
+        keeping = (keep.hidden_states, keep.replication)
+        if self._scheduler is not None and keeping != self._keeping:
+            if self._scheduler.running:
+                raise ValueError("what is kept for recovery is paged with the requests' KV: change it before "
+                                 "requests are in flight, or once none is running")
+            self._keeping = keeping
+            self._pool = self._new_pool()
+            self._scheduler.restart_pool(self._pool.num_blocks)
+            self._hand_on_record()
+        self._replication, self._keeping = keep.replication, keeping
 
     def _on_SendTo(self, request: SendTo) -> Any:
         if request.device not in self.members:
@@ -261,10 +296,11 @@ class Leader:
             return self._last_served
         if request.seen != served_so_far:
             raise ValueError(f"the driver has seen {request.seen} steps; this leader served {served_so_far}")
-        scheduler, recoveries = self._batch(), []
+        recoveries = []
         while True:
             if self._declared:
                 recoveries.append(self._recover(self.policy.strategy, rebuild=self._rebuild_batch))
+            scheduler = self._batch()  # a recovery replaces it
             step = scheduler.schedule()
             try:
                 greedy = self._run_batch_step(step) if step.chunks else None
@@ -275,8 +311,9 @@ class Leader:
             tokens = dict(zip(sampling, greedy.token_ids)) if greedy else {}
             margins = dict(zip(sampling, greedy.margins)) if greedy else {}
             ended = scheduler.finish_step(step, tokens, margins)
+            preempted, self._preempted_by_recovery = tuple(self._preempted_by_recovery) + step.preempted, []
             self._last_served = ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended},
-                                           step.preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
+                                           preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
                                            step.num_tokens, len(scheduler.waiting), len(scheduler.running),
                                            served_so_far + 1)
             self._hand_on_record()
@@ -293,38 +330,66 @@ class Leader:
     def _batch(self) -> Scheduler:
         if self._scheduler is None:
             config = self._scheduling
-            self._pool = PoolSpec(1, self._pool_blocks(), config.block_size)
+            self._pool = self._new_pool()
             self._scheduler = Scheduler(self._pool.num_blocks, config.block_size, config.max_num_seqs,
                                         config.max_num_batched_tokens)
         return self._scheduler
 
-    def _pool_blocks(self) -> int:
-        """Blocks in every device's pool: as many as the device with the most KV heads fits in its budget."""
-        most_heads = max(len(self.assignment.kv_heads(d)) for d in self.assignment.devices)
-        blocks = self._scheduling.kv_cache_memory_bytes // (most_heads * self._block_nbytes_per_kv_head)
-        if blocks < 1:
-            raise ValueError(f"kv_cache_memory_bytes ({self._scheduling.kv_cache_memory_bytes}) holds no KV block "
-                             f"of {most_heads * self._block_nbytes_per_kv_head} bytes")
-        return blocks
+    def _new_pool(self) -> PoolSpec:
+        """The spec of a pool made now: this epoch's, sized for the assignment and what is kept."""
+        hidden_states, replication = self._keeping
+        blocks = pool_blocks(self.assignment, self._block_costs, self._scheduling.kv_cache_memory_bytes,
+                             hidden_states, replication)
+        return PoolSpec(self.epoch, blocks, self._scheduling.block_size, hidden_states, replication)
 
-    def _run_batch_step(self, step: ScheduledStep):
-        answers = self._run_group({m: BatchForward(step.chunks, self._pool) for m in self.members})
+    def _run_batch_step(self, step: ScheduledStep, pool: PoolSpec | None = None):
+        answers = self._run_group({m: BatchForward(step.chunks, pool or self._pool) for m in self.members})
         return answers[self.members[0]]
 
     def _rebuild_batch(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
-        """Every running request's KV, recomputed on the new assignment into a new pool (its blocks
-        are gone with the failed device's heads); the newest wait (preempted) if the pool now holds
-        fewer. Full recompute only, for now: any other strategy falls back to it, saying so."""
-        scheduler = self._batch()
-        fallback = None if strategy == "full-recompute" else \
-            f"{strategy} does not rebuild a batch yet; fell back to full-recompute"
+        """Every running request's lost KV, rebuilt on the new assignment into a new pool, with
+        `strategy` or the first fallback that still works; the newest wait (preempted) while the
+        pool, which holds fewer blocks when a survivor took more KV heads, cannot hold them all."""
+        return self._first_possible(strategy, lambda name: self._plan_batch(name, post), self._run_batch_plan)
+
+    def _plan_batch(self, strategy: str, post: PostFailure) -> BatchPlan:
+        """The rebuild of the batch, on a copy of the scheduler: full recompute gives every running
+        request fresh blocks to recompute; a reuse strategy keeps their blocks (renumbered where the
+        pool shrank) and orders each survivor to fill the KV heads new to it."""
+        trial, pool = copy.deepcopy(self._batch()), self._new_pool()
+        if strategy == "full-recompute":
+            preempted = trial.restart_pool(pool.num_blocks)
+            return BatchPlan(trial, pool, trial.recompute_steps(), preempted)
+        preempted, moves = trial.resize(pool.num_blocks)
+        old_number = {new: old for old, new in moves.items()}
+        blocks = [(old_number.get(b, b), b) for r in trial.running for b in trial.pool.tables[r]]
+        spans = [(tuple(trial.pool.tables[r.request_id]), r.num_computed) for r in trial.in_flight()]
+        steps = [step.chunks for step in trial.recompute_steps()] if strategy == "reuse-replay" else []
+        orders = plan_batch_rebuild(strategy, post.assignment, {d: info.pool for d, info in post.survivors.items()},
+                                    self._pool.generation, pool, blocks, spans, steps)
+        return BatchPlan(trial, pool, orders, preempted)
+
+    def _run_batch_plan(self, strategy: str, plan: BatchPlan) -> tuple[float, int]:
+        """Run it; the leader's scheduler and pool change only once every survivor has done its part."""
         started = time.perf_counter()
-        self._pool = PoolSpec(self._pool.generation + 1, self._pool_blocks(), self._pool.block_size)
-        scheduler.restart_pool(self._pool.num_blocks)
-        steps = scheduler.recompute_steps()
-        for step in steps:
-            self._run_batch_step(step)
-        return "full-recompute", fallback, time.perf_counter() - started, sum(s.num_tokens for s in steps)
+        if strategy == "full-recompute":
+            for step in plan.work:
+                self._run_batch_step(step, plan.pool)
+            rebuilt = sum(step.num_tokens for step in plan.work)
+        else:
+            self._run_group({d: RebuildBatch(order) for d, order in plan.work.items()})
+            rebuilt = sum(length for _, length in next(iter(plan.work.values())).spans)
+        self._scheduler, self._pool = plan.scheduler, plan.pool
+        self._preempted_by_recovery += plan.preempted
+        return time.perf_counter() - started, rebuilt
+
+    def _on_BatchKV(self, request: BatchKV) -> dict[int, dict]:
+        """Every running request's KV on every device (for checks): request -> (device, layer, KV head) -> (K, V)."""
+        scheduler = self._batch()
+        spans = {r.request_id: (tuple(scheduler.pool.tables[r.request_id]), r.num_computed)
+                 for r in scheduler.in_flight()}
+        answers = self._run_group({m: ReportPagedKV(spans) for m in self.members})
+        return {r: {key: kv for answer in answers.values() for key, kv in answer[r].items()} for r in spans}
 
     # ---------------------------------------------------------------------------------------
     # Recovery
@@ -394,16 +459,11 @@ class Leader:
                            bool(readers) and all(answer.from_standby for answer in readers))
 
     def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
-        """Rebuild with `strategy`, or the first fallback that still works (saying why); with the
-        positions rebuilt."""
-        strategy_info(strategy)
-        reasons = []
-        for name in (strategy, *(n for n in FALLBACKS if n != strategy)):
-            try:
-                orders = plan_rebuild(name, post.assignment, post.survivors, post.context_ids)
-            except RecoveryImpossible as reason:
-                reasons.append(f"{name} impossible ({reason})")
-                continue
+        """Rebuild the one sequence's KV with `strategy`, or the first fallback that still works."""
+        def plan(name: str) -> dict:
+            return plan_rebuild(name, post.assignment, post.survivors, post.context_ids)
+
+        def run(name: str, orders: dict) -> tuple[float, int]:
             if restore:
                 self._run_group({d: Restore() for d in orders})
             started = time.perf_counter()
@@ -412,8 +472,25 @@ class Leader:
             if self._replication:
                 self._run_group({d: Reprotect() for d in orders})
             self._context = list(post.context_ids)
-            return (name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s,
-                    len(post.context_ids))
+            return rebuild_s, len(post.context_ids)
+
+        return self._first_possible(strategy, plan, run)
+
+    @staticmethod
+    def _first_possible(strategy: str, plan: Callable[[str], Any], run: Callable[[str, Any], tuple[float, int]]
+                        ) -> tuple[str, str | None, float, int]:
+        """Plan `strategy`, or the first fallback whose plan is possible (saying why the others were
+        not), and run it: (the strategy used, why it fell back, seconds, positions rebuilt)."""
+        strategy_info(strategy)
+        reasons = []
+        for name in (strategy, *(n for n in FALLBACKS if n != strategy)):
+            try:
+                planned = plan(name)
+            except RecoveryImpossible as reason:
+                reasons.append(f"{name} impossible ({reason})")
+                continue
+            rebuild_s, rebuilt = run(name, planned)
+            return name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s, rebuilt
         raise AssertionError("full-recompute needs nothing kept and cannot be impossible")
 
     def _lead_after_failover(self) -> None:
@@ -504,6 +581,22 @@ class Leader:
 
     def _send(self, to: Address, body: Any, request: int = 0, epoch: int | None = None) -> None:
         self._transport.send(to, Envelope(self.host, self.epoch if epoch is None else epoch, request, body))
+
+
+def pool_blocks(assignment: Assignment, costs: BlockCosts, budget: int, hidden_states: bool, replication: bool) -> int:
+    """Blocks in every device's pool: as many as fit the budget of the device whose block costs
+    most (its KV heads; with what is kept, the layers' inputs and its copy of its ring predecessor's
+    KV heads: keeping state for recovery costs capacity)."""
+    devices = assignment.devices
+
+    def cost(i: int) -> int:
+        copied = len(assignment.kv_heads(devices[i - 1])) if replication and len(devices) > 1 else 0
+        return (len(assignment.kv_heads(devices[i])) + copied) * costs.kv_head + (costs.hidden if hidden_states else 0)
+
+    most = max(cost(i) for i in range(len(devices)))
+    if budget // most < 1:
+        raise ValueError(f"kv_cache_memory_bytes ({budget}) holds no KV block of {most} bytes")
+    return budget // most
 
 
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:

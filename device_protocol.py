@@ -4,9 +4,9 @@ A device is a private world reached only by messages. Who sends what:
 
 | from -> to | inbox | messages |
 |---|---|---|
-| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo`; batches: `Submit`, `ServeStep`, `Cancel` |
+| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo`; batches: `Submit`, `ServeStep`, `Cancel`, `BatchKV` |
 | leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
-| leader -> device | `commands` | commands: `Forward`, `BatchForward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
+| leader -> device | `commands` | commands: `Forward`, `BatchForward`, `RebuildBatch`, `ReportPagedKV`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
 | every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed), `LeaderRecord` (the leader to its successor) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
@@ -169,6 +169,7 @@ class DeviceInfo:
     replica_bytes: int
     standby_bytes: int = 0           # weight slices read in advance for a failure (`standby_weights`)
     abandoned_step: tuple[int, tuple[int, ...], int] | None = None  # (start, tokens, layer it can resume from)
+    pool: "PoolInfo | None" = None   # its paged pool (many requests in flight), if it has one
 
 
 @dataclass(frozen=True)
@@ -351,12 +352,51 @@ class Telemetry:
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """The paged KV pool every device keeps its blocks in: a new `generation` (after a failure)
-    means every block is gone and the pool is made anew for the KV heads the device holds now."""
+    """The paged pool every device keeps its blocks in. A device that holds no pool of this spec
+    makes one anew, empty, for the KV heads it holds (a full recompute); a reuse strategy carries
+    the survivors' blocks into it (`RebuildBatch`). A `generation` is the epoch the pool was made
+    in, so no two pools share one. With `hidden_states` every block also keeps each layer's input
+    at its positions (reuse-hidden); with `replication` each device also keeps a copy of its ring
+    predecessor's KV heads of every block, sent every step (replicate): both cost the block bytes."""
 
     generation: int
     num_blocks: int
     block_size: int
+    hidden_states: bool = False
+    replication: bool = False
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What a device says of its paged pool: its generation, the KV heads it holds, whether it keeps
+    the layers' inputs, and whose KV heads its replica copies."""
+
+    generation: int
+    kv_heads: tuple[int, ...]
+    hidden_states: bool
+    replica_of: int | None
+    replica_kv_heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RebuildBatch:
+    """After a failure with requests in flight: carry the survivors' blocks into a new pool and
+    rebuild the lost KV heads as `order` says (kv_cache_reused.BatchRebuildOrder)."""
+
+    order: Any
+
+
+@dataclass(frozen=True)
+class ReportPagedKV:
+    """For checks: answered with {request: {(device, layer, KV head): (K, V)}} for each `spans`
+    entry (request -> (block table, positions)), copied."""
+
+    spans: dict
+
+
+@dataclass(frozen=True)
+class BatchKV:
+    """From the driver, for checks: every running request's KV on every device, as `ReportPagedKV`."""
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import torch
 from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
 from device_processes import Rendezvous, collective_timeout_s, driver_launcher
-from device_protocol import (DRIVER, Address, Broadcast, Cancel, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
-                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, ServedStep, ServeStep, Step, Stop, Strike,
-                             Submit, Telemetry, Watch)
+from device_protocol import (DRIVER, Address, BatchKV, Broadcast, Cancel, Chunk, Describe, DeviceExited, DeviceInfo,
+                             Envelope, LeaderChanged, RecoveryPolicy, Reply, ReportKV, ServedStep, ServeStep, Step,
+                             Stop, Strike, Submit, Telemetry, Watch)
 from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
@@ -255,6 +255,11 @@ class TensorParallelLlama:
         for part in self.request(Broadcast(ReportKV())).values():
             snapshot.update(part)
         return snapshot
+
+    def batch_kv_snapshot(self) -> dict[int, KVSnapshot]:
+        """Every running request's KV on every device, copied: request -> (device, layer, KV head) ->
+        (K, V), each [the positions it has computed, head_dim]."""
+        return self.request(BatchKV())
 
     def describe(self) -> dict[int, DeviceInfo]:
         """What each device holds, as it says."""
