@@ -234,6 +234,26 @@ def test_two_devices_lost_together_are_rebuilt_from_the_replica_that_survived(ti
     assert [(r.strategy, r.fallback_reason) for r in recoveries] == [("replicate", None)] * len(recoveries)
 
 
+def test_a_device_lost_while_the_batch_is_recovered_is_recovered_with_it_from_the_hidden_states(tiny, references):
+    steps = []
+
+    def strike(served: ServedStep) -> None:
+        steps.append(served)
+        if len(steps) == STRIKE_STEP:
+            model.arm(FailurePlan(1))
+            model.arm(FailurePlan(2, during_recovery=True))
+
+    with FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), heartbeat=HEARTBEAT,
+                            scheduling=in_flight_budget(tiny, "reuse-hidden"),
+                            policy=RecoveryPolicy(strategy="reuse-hidden")) as model:
+        model.keep(*KEEPING["reuse-hidden"])
+        outputs = model.generate_batch(prompts(), NEW_TOKENS, after_step=strike)
+        (recovery,) = model.recoveries
+    assert outputs == references
+    assert [e.device for e in recovery.events] == [1, 2] and recovery.attempts == 2
+    assert (recovery.strategy, recovery.fallback_reason) == ("reuse-hidden", None)
+
+
 def test_reuse_hidden_without_hidden_states_kept_falls_back_to_full_recompute_saying_why(tiny, references):
     failed = serve(tiny, "reuse-hidden", crash=1, keeping=(False, False))
     (recovery,) = failed.recoveries
@@ -244,13 +264,14 @@ def test_reuse_hidden_without_hidden_states_kept_falls_back_to_full_recompute_sa
 
 
 def test_a_pool_that_shrinks_after_the_failure_preempts_the_newest_which_is_not_lost(tiny, references):
-    """20 blocks per device; after Device-1's crash Device-2 holds both KV heads, its pool 10 blocks:
-    the kept blocks of the oldest requests fit, the newest waits and is prefilled again."""
+    """20 blocks per device; after Device-1's crash Device-2 holds both KV heads, its pool 10 blocks.
+    The three running requests hold 12 (no step of the failure-free run preempts): the kept blocks
+    of the two oldest fit, the newest (the third submitted) waits and is prefilled again."""
     failed = serve(tiny, "reuse-replay", crash=1, scheduling=in_flight_budget(tiny, "reuse-replay", 20, 24),
                    strike_step=3)
     (recovery,) = failed.recoveries
     assert (recovery.strategy, recovery.fallback_reason) == ("reuse-replay", None)
-    assert failed.steps[3].preempted, "the recovery preempted the newest running request"
+    assert [s.preempted for s in failed.steps[:4]] == [(), (), (), (3,)]
     assert failed.outputs == references
 
 
