@@ -327,6 +327,8 @@ class DeviceActor:
         return self.clock() - began
 
     def _on_ReportPagedKV(self, command: ReportPagedKV) -> dict:
+        if self._paged is None:
+            raise ValueError(f"Device-{self.device} holds no paged pool: no request has been stepped on it")
         kv = self._paged.kv
         report = {}
         for request_id, (table, length) in command.spans.items():

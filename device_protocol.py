@@ -85,7 +85,8 @@ class Forward:
 class Keep:
     """What the device keeps in normal running for recovery: its layers' inputs (reuse-hidden), a
     copy of its KV sent to its buddy every step (replicate). Replication switched on sends what is
-    already cached first, so the copy covers the context."""
+    already cached first, so the copy covers the context. The leader, forwarding it, sizes the
+    batch's pool for what is kept (both are paged with the requests' KV, in the same budget)."""
 
     hidden_states: bool
     replication: bool
@@ -439,8 +440,9 @@ class ServeStep:
 @dataclass(frozen=True)
 class ServedStep:
     """A scheduler step as it happened: each request's new token (and its logit margin over the
-    runner-up), the requests that ended with it (and why), those preempted to make room (they are
-    recomputed later), and the recoveries the leader ran to get there."""
+    runner-up), the requests that ended with it (and why), those preempted to make room or by a
+    recovery whose pool holds fewer (they are recomputed later), and the recoveries the leader ran
+    to get there."""
 
     tokens: dict[int, int]
     margins: dict[int, float]
