@@ -12,25 +12,27 @@ cross devices (two numbers per row from each device, not its share of a 128256-w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from request_scheduler import ScheduledChunk
 from tensor_parallel_model import (CPU, Collective, DeviceState, ResidualStream, Rotary, blocks_linear,
-                                   causal_attention, logits_partial, mlp_partial, project_qkv)
+                                   causal_attention, kv_weight_rows, logits_partial, mlp_partial, project_kv_heads,
+                                   project_qkv, project_queries)
 
 
 @dataclass(frozen=True)
-class SequenceChunk:
-    """One sequence's rows in a batch step: `length` tokens at positions start.., its KV in the
-    blocks of `block_table` (covering every position up to start + length), and whether the step
-    gives it a token (the chunk ends at the sequence's last known token)."""
+class BlockCosts:
+    """What one block costs a device: per KV head it holds (K and V of every layer; a replicated
+    head costs as much again), and for the layers' inputs when hidden states are kept."""
 
-    start: int
-    length: int
-    block_table: tuple[int, ...]
-    samples: bool = True
+    kv_head: int
+    hidden: int
+
+
+Blocks = Sequence[tuple[int, int]]  # (old block number, new one) for every block carried into a new pool
 
 
 class PagedKVCache:
@@ -45,9 +47,9 @@ class PagedKVCache:
                  num_blocks: int, block_size: int, device: torch.device = CPU):
         self.kv_heads, self.num_blocks, self.block_size = tuple(kv_heads), num_blocks, block_size
         self.num_layers, self.head_dim, self.dtype, self.device = num_layers, head_dim, dtype, device
-        shape = (len(self.kv_heads), num_blocks * block_size, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (len(self.kv_heads), num_blocks * block_size, head_dim)  # empty: a page costs memory once written
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def block_nbytes(num_layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -56,18 +58,105 @@ class PagedKVCache:
 
     def slots(self, block_table: Sequence[int], start: int, length: int) -> torch.Tensor:
         """The cache slots of positions start..start+length of the sequence with this block table."""
-        positions = torch.arange(start, start + length)
-        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return (blocks * self.block_size + positions % self.block_size).to(self.device)
+        return table_slots(block_table, start, length, self.block_size).to(self.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [held KV heads, len(slots), head_dim], into the given slots."""
         self.k[layer].index_copy_(1, slots, k)
         self.v[layer].index_copy_(1, slots, v)
 
+    def write_heads(self, layer: int, kv_heads: Sequence[int], slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """k, v: [len(kv_heads), len(slots), head_dim] of some held heads (those a rebuild fills)."""
+        for i, g in enumerate(kv_heads):
+            at = self.kv_heads.index(g)
+            self.k[layer][at].index_copy_(0, slots, k[i])
+            self.v[layer][at].index_copy_(0, slots, v[i])
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[held KV heads, len(slots), head_dim] each: a sequence's entries, in position order."""
         return self.k[layer].index_select(1, slots), self.v[layer].index_select(1, slots)
+
+    def read_head(self, layer: int, kv_head: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = self.kv_heads.index(kv_head)
+        return self.k[layer][at].index_select(0, slots), self.v[layer][at].index_select(0, slots)
+
+    def carried(self, kv_heads: Sequence[int], num_blocks: int, blocks: Blocks) -> "PagedKVCache":
+        """A new pool for `kv_heads` and `num_blocks`: the heads held before keep their entries in
+        the given blocks, each at its new number (the same bits); heads new here start empty."""
+        cache = PagedKVCache(self.num_layers, kv_heads, self.head_dim, self.dtype, num_blocks, self.block_size,
+                             self.device)
+        old, new = block_slots(blocks, self.block_size, self.device)
+        for g in set(kv_heads) & set(self.kv_heads):
+            src, dst = self.kv_heads.index(g), cache.kv_heads.index(g)
+            for layer in range(self.num_layers):
+                cache.k[layer][dst].index_copy_(0, new, self.k[layer][src].index_select(0, old))
+                cache.v[layer][dst].index_copy_(0, new, self.v[layer][src].index_select(0, old))
+        return cache
+
+
+class PagedHiddenStates:
+    """Every layer's normed input (`h_l`, the input of its K/V projections) at each slot of the
+    pool, kept for reuse-hidden: paged like the KV, so a block's positions are at the same slots."""
+
+    def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, num_blocks: int, block_size: int,
+                 device: torch.device = CPU):
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        self.x = [torch.empty((num_blocks * block_size, hidden_size), dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+
+    @staticmethod
+    def block_nbytes(num_layers: int, hidden_size: int, block_size: int, dtype: torch.dtype) -> int:
+        return num_layers * block_size * hidden_size * dtype.itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, h: torch.Tensor) -> None:
+        self.x[layer].index_copy_(0, slots, h)
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        return self.x[layer].index_select(0, slots)
+
+    def carried(self, num_blocks: int, blocks: Blocks) -> "PagedHiddenStates":
+        store = PagedHiddenStates(len(self.x), self.x[0].shape[1], self.x[0].dtype, num_blocks, self.block_size,
+                                  self.device)
+        old, new = block_slots(blocks, self.block_size, self.device)
+        for layer, x in enumerate(self.x):
+            store.x[layer].index_copy_(0, new, x.index_select(0, old))
+        return store
+
+
+@dataclass
+class PagedPool:
+    """Everything a device keeps per block for many requests: its KV, and as its pool's spec says
+    (device_protocol.PoolSpec) the layers' inputs and a copy of its ring predecessor's KV."""
+
+    spec: Any
+    kv: PagedKVCache
+    hidden: PagedHiddenStates | None = None
+    replica: PagedKVCache | None = None
+    replica_of: int | None = None
+
+    def carried(self, spec: Any, kv_heads: Sequence[int], blocks: Blocks) -> "PagedPool":
+        """The pool of a new generation holding the same blocks at their new numbers (the survivors'
+        KV, hidden states and replica, as they were), for the KV heads the device holds now."""
+        return PagedPool(spec, self.kv.carried(kv_heads, spec.num_blocks, blocks),
+                         None if self.hidden is None else self.hidden.carried(spec.num_blocks, blocks),
+                         None if self.replica is None else self.replica.carried(self.replica.kv_heads,
+                                                                                spec.num_blocks, blocks),
+                         self.replica_of)
+
+
+def table_slots(block_table: Sequence[int], start: int, length: int, block_size: int) -> torch.Tensor:
+    """The slots of positions start..start+length of a sequence with this block table."""
+    positions = torch.arange(start, start + length)
+    blocks = torch.tensor(block_table, dtype=torch.long)[positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+def block_slots(blocks: Blocks, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of every (old, new) block pair: (old slots, new slots), in the same order."""
+    pairs = torch.tensor(list(blocks), dtype=torch.long).view(-1, 2)
+    within = torch.arange(block_size)
+    return tuple((pairs[:, i, None] * block_size + within).reshape(-1).to(device) for i in (0, 1))
 
 
 @dataclass(frozen=True)
@@ -79,9 +168,9 @@ class Greedy:
     margins: tuple[float, ...]
 
 
-def positions_of(chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+def positions_of(chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
     """Every row's position in its own sequence, chunk after chunk."""
-    return torch.cat([torch.arange(c.start, c.start + c.length) for c in chunks])
+    return torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
 
 
 def rope_at(rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,42 +180,61 @@ def rope_at(rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torc
     return cos.index_select(0, index), signed_sin.index_select(0, index)
 
 
+def step_slots(cache: PagedKVCache, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+    """The slots every row of the step writes, chunk after chunk."""
+    return torch.cat([cache.slots(c.block_table, c.start, len(c.token_ids)) for c in chunks])
+
+
 def batched_attention_partial(state: DeviceState, cache: PagedKVCache, layer_index: int, h: torch.Tensor,
-                              chunks: Sequence[SequenceChunk], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                              chunks: Sequence[ScheduledChunk], rope: tuple[torch.Tensor, torch.Tensor],
+                              slots: torch.Tensor, fill: Sequence[int] | None = None) -> torch.Tensor:
     """This device's heads' share of the attention output for every row of the batch: [rows, hidden].
     Q, K and V of all rows in one projection; the new K and V into each sequence's blocks; then each
-    chunk's queries against its own sequence's keys."""
+    chunk's queries against its own sequence's keys. With `fill` (replay after a failure) only the
+    K and V of those KV heads are projected and written: the others are kept, and read."""
     shard, layer, hd = state.shard, state.shard.layers[layer_index], state.config.head_dim
-    q, k, v = project_qkv(layer, len(shard.query_heads), len(shard.kv_heads), hd, h, rope)
-    cache.write(layer_index, torch.cat([cache.slots(c.block_table, c.start, c.length) for c in chunks]), k, v)
+    if fill is None:
+        q, k, v = project_qkv(layer, len(shard.query_heads), len(shard.kv_heads), hd, h, rope)
+        cache.write(layer_index, slots, k, v)
+    else:
+        q = project_queries(shard, layer, h, rope, hd)
+        if fill:
+            cache.write_heads(layer_index, fill, slots, *project_kv_heads(layer, kv_weight_rows(shard, fill, hd),
+                                                                         h, rope, hd))
     outputs, row = [], 0
     for chunk in chunks:
-        keys, values = cache.read(layer_index, cache.slots(chunk.block_table, 0, chunk.start + chunk.length))
+        length = len(chunk.token_ids)
+        keys, values = cache.read(layer_index, cache.slots(chunk.block_table, 0, chunk.start + length))
         if not shard.grouped_in_order:  # a GQA group split unevenly: give each query head its KV head
             keys = keys.index_select(0, shard.kv_slot_of_query)
             values = values.index_select(0, shard.kv_slot_of_query)
-        outputs.append(causal_attention(q[:, row:row + chunk.length], keys, values, chunk.start))
-        row += chunk.length
+        outputs.append(causal_attention(q[:, row:row + length], keys, values, chunk.start))
+        row += length
     out = torch.cat(outputs, dim=1).transpose(0, 1).reshape(h.shape[0], -1)
     return F.linear(out, layer.wo) if not layer.inherited else blocks_linear(layer, out, lambda b: b.wo)
 
 
-def batched_forward(state: DeviceState, cache: PagedKVCache, token_ids: torch.Tensor,
-                    chunks: Sequence[SequenceChunk], collective: Collective,
-                    logits: bool = False) -> Greedy | torch.Tensor | None:
-    """One device's part of a step over a ragged batch (`token_ids`: every chunk's tokens, packed).
+def batched_forward(state: DeviceState, cache: PagedKVCache, chunks: Sequence[ScheduledChunk], collective: Collective,
+                    logits: bool = False, hidden: PagedHiddenStates | None = None,
+                    fill: Sequence[int] | None = None) -> Greedy | torch.Tensor | None:
+    """One device's part of a step over a ragged batch (every chunk's tokens, packed as rows).
 
     Returns, for the rows of the chunks that sample: their greedy tokens and margins (`Greedy`), or
-    with `logits` their whole logits rows ([sampling chunks, vocab]); None when no chunk samples."""
-    if sum(c.length for c in chunks) != token_ids.shape[0]:
-        raise ValueError(f"{token_ids.shape[0]} tokens packed for chunks of {sum(c.length for c in chunks)}")
+    with `logits` their whole logits rows ([sampling chunks, vocab]); None when no chunk samples.
+    `hidden`: record every layer's normed input at the step's slots. `fill`: replay (see
+    `batched_attention_partial`)."""
+    token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
     rope = rope_at(state.rotary, positions_of(chunks))
+    slots = step_slots(cache, chunks)
     stream = ResidualStream(state, token_ids, collective)
     for i, layer in enumerate(state.shard.layers):
-        stream.add(batched_attention_partial(state, cache, i, stream.normed(layer.input_norm), chunks, rope))
+        h = stream.normed(layer.input_norm)
+        if hidden is not None:
+            hidden.write(i, slots, h)
+        stream.add(batched_attention_partial(state, cache, i, h, chunks, rope, slots, fill))
         stream.add(mlp_partial(layer, stream.normed(layer.post_norm)))
-    ends = torch.tensor([sum(c.length for c in chunks[:i + 1]) - 1 for i, c in enumerate(chunks) if c.samples],
-                        dtype=torch.long)
+    ends = torch.cumsum(torch.tensor([len(c.token_ids) for c in chunks]), 0) - 1
+    ends = ends[torch.tensor([c.samples for c in chunks])]
     if not len(ends):
         return None
     h = stream.normed(state.vocab.final_norm).index_select(0, ends.to(stream.x.device))
@@ -152,3 +260,20 @@ def greedy_over_devices(state: DeviceState, partial: torch.Tensor, collective: C
     best = values.gather(-1, ranked)
     return Greedy(tuple(vocab_ids.gather(-1, ranked[:, :1]).squeeze(-1).tolist()),
                   tuple((best[:, 0] - best[:, -1]).tolist()))
+
+
+def replicate_slots(pool: PagedPool, slots: torch.Tensor, device: int, collective: Collective, buddy: int,
+                    predecessor: int) -> None:
+    """This device's KV at `slots` (a step's, or every running request's after a recovery) to its
+    ring buddy, a real transfer; the predecessor's into the replica, at the same slots (the block
+    tables are the same on every device): the copy that `replicate` promotes after a failure."""
+    kv = pool.kv
+    collective.send(device, buddy, (device, kv.kv_heads, slots, [k.index_select(1, slots) for k in kv.k],
+                                    [v.index_select(1, slots) for v in kv.v]))
+    source, kv_heads, at, keys, values = collective.recv(device, predecessor)
+    if pool.replica is None or pool.replica_of != source or pool.replica.kv_heads != kv_heads:
+        pool.replica = PagedKVCache(kv.num_layers, kv_heads, kv.head_dim, kv.dtype, kv.num_blocks, kv.block_size,
+                                    kv.device)
+        pool.replica_of = source
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        pool.replica.write(layer, at.to(kv.device), k.to(kv.device), v.to(kv.device))

@@ -13,21 +13,31 @@ and `Reprotect` the KV copies. A death during the recovery starts it again on wh
 `RecoveryPolicy.hold` the leader stops after the failure is declared and lets the driver call
 `Prepare` and `Recover` (to compare strategies from one state); otherwise it recovers on its own and
 redoes the abandoned step (from the layer the survivors had reached, which each recorded). When this leader's host dies, the lowest-numbered survivor leads.
+
+With many requests in flight the recovery rebuilds the batch instead (`_rebuild_batch`): the
+scheduler's copy is resized to the pool the new assignment fits, and either every running request
+is recomputed in packed steps (full recompute) or each survivor is sent a `RebuildBatch` that
+carries its blocks into the new pool and fills the KV heads new to it (the reuse strategies,
+planned from what each says its pool holds). The scheduler changes only once that has succeeded.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from device_protocol import (DRIVER, Address, Broadcast, Describe, DeviceInfo, Envelope, Forward, Inherit, Keep,
-                             LeaderChanged, NewEpoch, Prepare, Rebuild, Recover, RecoveryPolicy, Regroup, Reply, Reprotect,
-                             Restore, SendTo, Snapshot, Step, Telemetry)
+from batched_forward import BlockCosts
+from device_protocol import (DRIVER, Address, BatchForward, BatchKV, Broadcast, Cancel, Describe, DeviceInfo,
+                             Envelope, Forward, Inherit, Keep, LeaderChanged, LeaderRecord, NewEpoch, PoolSpec,
+                             Prepare, Rebuild, RebuildBatch, Recover, RecoveryPolicy, Regroup, Reply, ReportPagedKV,
+                             Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit, Telemetry)
 from device_network import POLL_S, StepAbandoned, Transport
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
-from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_rebuild, strategy_info
+from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_batch_rebuild, plan_rebuild, strategy_info
+from request_scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from task_reassign import ReassignmentPlan, make_strategy
 
 
@@ -66,7 +76,7 @@ class Recovery:
     weight_load_s: float
     rebuild_s: float
     attempts: int                 # more than 1 when another failure interrupted the recovery
-    context_tokens: int           # positions whose KV was rebuilt
+    context_tokens: int           # positions whose KV was rebuilt (for a batch: over every request in flight)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,17 @@ class StepResult:
     epoch: int
     assignment: Assignment
     resumed_from: int | None = None  # the layer this step, abandoned by a failure, was resumed from
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A planned rebuild of the batch: the scheduler and pool it leads to, what runs (full
+    recompute: packed steps; a reuse strategy: one order per survivor), the requests it preempts."""
+
+    scheduler: Scheduler
+    pool: PoolSpec
+    work: Any
+    preempted: list[int]
 
 
 class StepFailed(StepAbandoned):
@@ -98,7 +119,8 @@ class Leader:
 
     def __init__(self, host: int, transport: Transport, epoch: int, members: Sequence[int], assignment: Assignment,
                  policy: RecoveryPolicy, heartbeat: HeartbeatConfig, monitor: HeartbeatMonitor,
-                 host_context: Callable[[], list[int]]):
+                 host_context: Callable[[], list[int]], scheduling: SchedulerConfig = SchedulerConfig(),
+                 block_costs: BlockCosts = BlockCosts(1, 1), record: LeaderRecord | None = None):
         self.host, self._transport = host, transport
         self.epoch, self.members, self.assignment = epoch, tuple(members), assignment
         self.policy, self._heartbeat, self._monitor = policy, heartbeat, monitor
@@ -117,6 +139,15 @@ class Leader:
         self._fence_s = 0.0                      # spent fencing devices declared since the last preparation
         self._resumable: PostFailure | None = None  # the last recovery's state: its abandoned step may resume
         self._stopping = threading.Event()
+        self._scheduling, self._block_costs = scheduling, block_costs
+        self._scheduler: Scheduler | None = None  # made with the first request (many in flight)
+        self._pool = PoolSpec(0, 0, scheduling.block_size)
+        self._keeping = (False, False)  # (hidden states, replication): what the devices were told to keep
+        self._preempted_by_recovery: list[int] = []  # told to the driver with the next step served
+        self._last_served: ServedStep | None = None
+        if record is not None:  # the predecessor's, as of the last step it served: its requests go on here
+            self._scheduler, self._pool, self._last_served = record.scheduler, record.pool, record.last_served
+            self._keeping = (record.pool.hidden_states, record.pool.replication)
 
     def start(self) -> None:
         self._transport.start_thread(f"Device-{self.host}-leader", self._serve)
@@ -218,8 +249,22 @@ class Leader:
 
     def _on_Broadcast(self, request: Broadcast) -> dict[int, Any]:
         if isinstance(request.command, Keep):
-            self._replication = request.command.replication
+            self._keep(request.command)
         return self._run_group({m: request.command for m in self.members})
+
+    def _keep(self, keep: Keep) -> None:
+        """What the devices keep is paged with the batch's KV and costs its blocks: a pool that holds
+        requests keeps what it was made with (refused), an idle one is made anew."""
+        keeping = (keep.hidden_states, keep.replication)
+        if self._scheduler is not None and keeping != self._keeping:
+            if self._scheduler.running:
+                raise ValueError("what is kept for recovery is paged with the requests' KV: change it before "
+                                 "requests are in flight, or once none is running")
+            self._keeping = keeping
+            self._pool = self._new_pool()
+            self._scheduler.restart_pool(self._pool.num_blocks)
+            self._hand_on_record()
+        self._replication, self._keeping = keep.replication, keeping
 
     def _on_SendTo(self, request: SendTo) -> Any:
         if request.device not in self.members:
@@ -227,21 +272,143 @@ class Leader:
         return self._run_group({request.device: request.command})[request.device]
 
     # ---------------------------------------------------------------------------------------
+    # Many requests in flight
+
+    def _on_Submit(self, request: Submit) -> None:
+        if self.policy.hold:
+            raise ValueError("a held recovery (strategies compared from one state) serves one sequence; "
+                             "many requests in flight recover on their own")
+        known = self._batch().requests.get(request.request_id)
+        if known is None or known.prompt_ids != request.prompt_ids:  # the same, sent again to a new leader
+            self._batch().add(request.request_id, request.prompt_ids, request.max_new_tokens, request.eos_token_ids)
+        self._hand_on_record()
+
+    def _on_Cancel(self, request: Cancel) -> bool:
+        cancelled = self._batch().cancel(request.request_id)
+        self._hand_on_record()
+        return cancelled
+
+    def _on_ServeStep(self, request: ServeStep) -> ServedStep:
+        """Schedule a step, run it on every member, and apply it; a failure meanwhile is recovered
+        (every running request's KV rebuilt) and the step scheduled again."""
+        served_so_far = 0 if self._last_served is None else self._last_served.step
+        if request.seen == served_so_far - 1:  # served by the old leader just before it died
+            return self._last_served
+        if request.seen != served_so_far:
+            raise ValueError(f"the driver has seen {request.seen} steps; this leader served {served_so_far}")
+        recoveries = []
+        while True:
+            if self._declared:
+                recoveries.append(self._recover(self.policy.strategy, rebuild=self._rebuild_batch))
+            scheduler = self._batch()  # a recovery replaces it
+            step = scheduler.schedule()
+            try:
+                greedy = self._run_batch_step(step) if step.chunks else None
+            except StepAbandoned as abandoned:
+                self._await_declaration(abandoned)
+                continue
+            sampling = [chunk.request_id for chunk in step.chunks if chunk.samples]
+            tokens = dict(zip(sampling, greedy.token_ids)) if greedy else {}
+            margins = dict(zip(sampling, greedy.margins)) if greedy else {}
+            ended = scheduler.finish_step(step, tokens, margins)
+            preempted, self._preempted_by_recovery = tuple(self._preempted_by_recovery) + step.preempted, []
+            self._last_served = ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended},
+                                           preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
+                                           step.num_tokens, len(scheduler.waiting), len(scheduler.running),
+                                           served_so_far + 1)
+            self._hand_on_record()
+            return self._last_served
+
+    def _hand_on_record(self) -> None:
+        """The record to the successor (the lowest-numbered other member, who leads if this host dies),
+        before the driver hears of the change: a copy, since on threads a message is not copied."""
+        successors = [m for m in self.members if m != self.host]
+        if successors:
+            self._send(Address("control", min(successors)),
+                       LeaderRecord(copy.deepcopy(self._scheduler), self._pool, self._last_served))
+
+    def _batch(self) -> Scheduler:
+        if self._scheduler is None:
+            config = self._scheduling
+            self._pool = self._new_pool()
+            self._scheduler = Scheduler(self._pool.num_blocks, config.block_size, config.max_num_seqs,
+                                        config.max_num_batched_tokens)
+        return self._scheduler
+
+    def _new_pool(self) -> PoolSpec:
+        """The spec of a pool made now: this epoch's, sized for the assignment and what is kept."""
+        hidden_states, replication = self._keeping
+        blocks = pool_blocks(self.assignment, self._block_costs, self._scheduling.kv_cache_memory_bytes,
+                             hidden_states, replication)
+        return PoolSpec(self.epoch, blocks, self._scheduling.block_size, hidden_states, replication)
+
+    def _run_batch_step(self, step: ScheduledStep, pool: PoolSpec | None = None):
+        answers = self._run_group({m: BatchForward(step.chunks, pool or self._pool) for m in self.members})
+        return answers[self.members[0]]
+
+    def _rebuild_batch(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
+        """Every running request's lost KV, rebuilt on the new assignment into a new pool, with
+        `strategy` or the first fallback that still works; the newest wait (preempted) while the
+        pool, which holds fewer blocks when a survivor took more KV heads, cannot hold them all."""
+        return self._first_possible(strategy, lambda name: self._plan_batch(name, post), self._run_batch_plan)
+
+    def _plan_batch(self, strategy: str, post: PostFailure) -> BatchPlan:
+        """The rebuild of the batch, on a copy of the scheduler: full recompute gives every running
+        request fresh blocks to recompute; a reuse strategy keeps their blocks (renumbered where the
+        pool shrank) and orders each survivor to fill the KV heads new to it."""
+        trial, pool = copy.deepcopy(self._batch()), self._new_pool()
+        if strategy == "full-recompute":
+            preempted = trial.restart_pool(pool.num_blocks)
+            return BatchPlan(trial, pool, trial.recompute_steps(), preempted)
+        preempted, moves = trial.resize(pool.num_blocks)
+        old_number = {new: old for old, new in moves.items()}
+        blocks = [(old_number.get(b, b), b) for r in trial.running for b in trial.pool.tables[r]]
+        spans = [(tuple(trial.pool.tables[r.request_id]), r.num_computed) for r in trial.in_flight()]
+        steps = [step.chunks for step in trial.recompute_steps()] if strategy == "reuse-replay" else []
+        orders = plan_batch_rebuild(strategy, post.assignment, {d: info.pool for d, info in post.survivors.items()},
+                                    self._pool.generation, pool, blocks, spans, steps)
+        return BatchPlan(trial, pool, orders, preempted)
+
+    def _run_batch_plan(self, strategy: str, plan: BatchPlan) -> tuple[float, int]:
+        """Run it; the leader's scheduler and pool change only once every survivor has done its part."""
+        started = time.perf_counter()
+        if strategy == "full-recompute":
+            for step in plan.work:
+                self._run_batch_step(step, plan.pool)
+            rebuilt = sum(step.num_tokens for step in plan.work)
+        else:
+            self._run_group({d: RebuildBatch(order) for d, order in plan.work.items()})
+            rebuilt = sum(length for _, length in next(iter(plan.work.values())).spans)
+        self._scheduler, self._pool = plan.scheduler, plan.pool
+        self._preempted_by_recovery += plan.preempted
+        return time.perf_counter() - started, rebuilt
+
+    def _on_BatchKV(self, request: BatchKV) -> dict[int, dict]:
+        """Every running request's KV on every device (for checks): request -> (device, layer, KV head) -> (K, V)."""
+        scheduler = self._batch()
+        spans = {r.request_id: (tuple(scheduler.pool.tables[r.request_id]), r.num_computed)
+                 for r in scheduler.in_flight()}
+        answers = self._run_group({m: ReportPagedKV(spans) for m in self.members})
+        return {r: {key: kv for answer in answers.values() for key, kv in answer[r].items()} for r in spans}
+
+    # ---------------------------------------------------------------------------------------
     # Recovery
 
-    def _recover(self, strategy: str, prepared: PostFailure | None = None) -> Recovery:
-        """Prepare (unless already prepared) and rebuild; started again on what is left when another
-        device dies meanwhile."""
+    def _recover(self, strategy: str, prepared: PostFailure | None = None,
+                 rebuild: Callable[..., tuple[str, str | None, float, int]] | None = None) -> Recovery:
+        """Prepare (unless already prepared) and rebuild (the one sequence's KV, or with `rebuild` the
+        batch's); started again on what is left when another device dies meanwhile."""
         while True:
             try:
                 post = prepared if prepared is not None and not self._declared else self._prepare()
-                used, fallback, rebuild_s = self._rebuild(post, strategy, restore=prepared is not None)
+                used, fallback, rebuild_s, rebuilt = (rebuild or self._rebuild)(post, strategy,
+                                                                                restore=prepared is not None)
             except StepAbandoned as abandoned:
                 self._await_declaration(abandoned)
                 prepared = None
                 continue
             recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
-                                self._attempts, len(post.context_ids))
+                                self._attempts, rebuilt)
             self._resumable = post
             if self.policy.hold:  # the driver may rebuild again from the same state
                 self._post, self._recovered = post, True
@@ -291,16 +458,12 @@ class Leader:
                            weight_load_s, sum(answer.bytes_read for answer in readers), regroup_s,
                            bool(readers) and all(answer.from_standby for answer in readers))
 
-    def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float]:
-        """Rebuild with `strategy`, or the first fallback that still works (saying why)."""
-        strategy_info(strategy)
-        reasons = []
-        for name in (strategy, *(n for n in FALLBACKS if n != strategy)):
-            try:
-                orders = plan_rebuild(name, post.assignment, post.survivors, post.context_ids)
-            except RecoveryImpossible as reason:
-                reasons.append(f"{name} impossible ({reason})")
-                continue
+    def _rebuild(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
+        """Rebuild the one sequence's KV with `strategy`, or the first fallback that still works."""
+        def plan(name: str) -> dict:
+            return plan_rebuild(name, post.assignment, post.survivors, post.context_ids)
+
+        def run(name: str, orders: dict) -> tuple[float, int]:
             if restore:
                 self._run_group({d: Restore() for d in orders})
             started = time.perf_counter()
@@ -309,7 +472,25 @@ class Leader:
             if self._replication:
                 self._run_group({d: Reprotect() for d in orders})
             self._context = list(post.context_ids)
-            return name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s
+            return rebuild_s, len(post.context_ids)
+
+        return self._first_possible(strategy, plan, run)
+
+    @staticmethod
+    def _first_possible(strategy: str, plan: Callable[[str], Any], run: Callable[[str, Any], tuple[float, int]]
+                        ) -> tuple[str, str | None, float, int]:
+        """Plan `strategy`, or the first fallback whose plan is possible (saying why the others were
+        not), and run it: (the strategy used, why it fell back, seconds, positions rebuilt)."""
+        strategy_info(strategy)
+        reasons = []
+        for name in (strategy, *(n for n in FALLBACKS if n != strategy)):
+            try:
+                planned = plan(name)
+            except RecoveryImpossible as reason:
+                reasons.append(f"{name} impossible ({reason})")
+                continue
+            rebuild_s, rebuilt = run(name, planned)
+            return name, "; ".join(reasons + [f"fell back to {name}"]) if reasons else None, rebuild_s, rebuilt
         raise AssertionError("full-recompute needs nothing kept and cannot be impossible")
 
     def _lead_after_failover(self) -> None:
@@ -322,7 +503,8 @@ class Leader:
             infos = self._run_group({m: Describe() for m in self.members})
             self._context = list(_common_prefix([info.cached_ids for info in infos.values()]))
             self._replication = all(info.replication for info in infos.values())  # the old leader knew it
-            recovery = None if self.policy.hold else self._recover(self.policy.strategy)
+            batch = self._rebuild_batch if self._scheduler is not None else None  # requests in flight
+            recovery = None if self.policy.hold else self._recover(self.policy.strategy, rebuild=batch)
         except StepAbandoned:
             self._failover = True  # another device died meanwhile: try again
             return
@@ -399,6 +581,22 @@ class Leader:
 
     def _send(self, to: Address, body: Any, request: int = 0, epoch: int | None = None) -> None:
         self._transport.send(to, Envelope(self.host, self.epoch if epoch is None else epoch, request, body))
+
+
+def pool_blocks(assignment: Assignment, costs: BlockCosts, budget: int, hidden_states: bool, replication: bool) -> int:
+    """Blocks in every device's pool: as many as fit the budget of the device whose block costs
+    most (its KV heads; with what is kept, the layers' inputs and its copy of its ring predecessor's
+    KV heads: keeping state for recovery costs capacity)."""
+    devices = assignment.devices
+
+    def cost(i: int) -> int:
+        copied = len(assignment.kv_heads(devices[i - 1])) if replication and len(devices) > 1 else 0
+        return (len(assignment.kv_heads(devices[i])) + copied) * costs.kv_head + (costs.hidden if hidden_states else 0)
+
+    most = max(cost(i) for i in range(len(devices)))
+    if budget // most < 1:
+        raise ValueError(f"kv_cache_memory_bytes ({budget}) holds no KV block of {most} bytes")
+    return budget // most
 
 
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:

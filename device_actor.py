@@ -21,14 +21,19 @@ from typing import Any, Callable
 import torch
 
 import kv_cache_reused
-from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, Beat, CorruptKV, Declare, Describe, DeviceInfo, Envelope,
-                             Forward, Inherit, Inherited, Keep, NewEpoch, Rebuild, RecoveryPolicy, Regroup, Reply, ReportKV,
-                             Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild, Watch)
+from batched_forward import (BlockCosts, PagedHiddenStates, PagedKVCache, PagedPool, batched_forward, replicate_slots,
+                             step_slots)
+from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, BatchForward, Beat, CorruptKV, Declare, Describe,
+                             DeviceInfo, Envelope, Forward, Inherit, Inherited, Keep, LeaderRecord, NewEpoch,
+                             PoolInfo, PoolSpec, Rebuild, RebuildBatch, RecoveryPolicy, Regroup, Reply, ReportKV,
+                             ReportPagedKV, Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild,
+                             Watch)
 from device_network import POLL_S, EpochCollective, StaleEpoch, StepAbandoned, Transport
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
+from request_scheduler import SchedulerConfig
 from task_reassign import make_strategy
 from tensor_parallel_model import (CPU, DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
                                    extend_shard, load_device_state, load_standby, load_vocab_slice, missing_ranges,
@@ -48,6 +53,7 @@ class DeviceSetup:
     heartbeat: HeartbeatConfig
     policy: RecoveryPolicy
     accelerator: str = "cpu"  # "cuda": the device process computes on the one GPU it is given
+    scheduling: SchedulerConfig = SchedulerConfig()  # many requests in flight: the leader's budgets
 
     @property
     def placement(self) -> torch.device:
@@ -137,6 +143,8 @@ class DeviceActor:
         self._used_group = None  # the collective the command being served used (its sends are flushed after it)
         self._standby: tuple[StandbySlices, ...] = ()  # slices read in advance for a first failure
         self._stale: list[StandbySlices] = []  # given back after the next step (the next token) is done
+        self._paged: PagedPool | None = None  # many requests' KV (and what is kept with it), paged
+        self._leader_record: LeaderRecord | None = None  # the leader's requests, should this device succeed it
 
     # ---------------------------------------------------------------------------------------
     # Lifetime
@@ -162,7 +170,7 @@ class DeviceActor:
 
     def _die(self) -> None:
         """An injected crash: the threads end, and the memory is gone."""
-        self._state = self._snapshot = None
+        self._state = self._snapshot = self._paged = None
         self._stop()
 
     # ---------------------------------------------------------------------------------------
@@ -275,6 +283,60 @@ class DeviceActor:
         release_in_background(stale)
         return logits.cpu() if logits is not None and self.device == endpoint.group.devices[0] else None
 
+    def _on_BatchForward(self, command: BatchForward) -> Any:
+        """A step of many requests: their KV (and, as the pool's spec says, the layers' inputs) in
+        this device's paged pool, the step's new KV copied to the ring buddy when replicating."""
+        began = self.clock()
+        self.faults.new_step()
+        endpoint = self._endpoint()
+        pool = self._pool(command.pool)
+        answer = batched_forward(self._state, pool.kv, command.chunks, endpoint, command.logits, hidden=pool.hidden)
+        ring = self._ring(endpoint)
+        if command.pool.replication and ring is not None:
+            replicate_slots(pool, step_slots(pool.kv, command.chunks), self.device, endpoint, *ring)
+        self._telemetry("compute", began)
+        if self.device != endpoint.group.devices[0]:
+            return None
+        return answer.cpu() if isinstance(answer, torch.Tensor) else answer
+
+    def _pool(self, spec: PoolSpec) -> PagedPool:
+        """The pool of `spec`: made anew, empty, for the KV heads the device holds, unless it is the one held."""
+        if self._paged is None or self._paged.spec != spec:
+            self._paged = None  # the old pool's memory goes first
+            self._paged = self._empty_pool(spec)
+        return self._paged
+
+    def _empty_pool(self, spec: PoolSpec) -> PagedPool:
+        config, placement = self._config, self._setup.placement
+        kv = PagedKVCache(config.num_hidden_layers, self._state.shard.kv_heads, config.head_dim, self._dtype,
+                          spec.num_blocks, spec.block_size, placement)
+        hidden = PagedHiddenStates(config.num_hidden_layers, config.hidden_size, self._dtype, spec.num_blocks,
+                                   spec.block_size, placement) if spec.hidden_states else None
+        return PagedPool(spec, kv, hidden)
+
+    def _on_RebuildBatch(self, command: RebuildBatch) -> float:
+        """Carry the blocks into the order's pool and rebuild the lost heads; the new pool replaces
+        the old only once complete."""
+        self.faults.at_recovery_work()
+        began, order = self.clock(), command.order
+        endpoint = self._endpoint()
+        held = self._paged if self._paged is not None else self._empty_pool(order.pool)
+        self._paged = kv_cache_reused.rebuild_batch(self._state, held, order, endpoint, self._ring(endpoint))
+        self._telemetry(f"rebuild KV: {order.strategy}", began)
+        return self.clock() - began
+
+    def _on_ReportPagedKV(self, command: ReportPagedKV) -> dict:
+        if self._paged is None:
+            raise ValueError(f"Device-{self.device} holds no paged pool: no request has been stepped on it")
+        kv = self._paged.kv
+        report = {}
+        for request_id, (table, length) in command.spans.items():
+            slots = kv.slots(table, 0, length)
+            report[request_id] = {(self.device, layer, g): tuple(t.to(CPU, copy=True)
+                                                                 for t in kv.read_head(layer, g, slots))
+                                  for layer in range(kv.num_layers) for g in kv.kv_heads}
+        return report
+
     def _resumed(self, command: Forward, chunk) -> StepProgress | None:
         """Where an abandoned step resumes (the leader asks only when every member recorded it)."""
         if command.resume_layer is None:
@@ -381,7 +443,14 @@ class DeviceActor:
             state.replica_of, () if replica is None else replica.kv_heads, 0 if replica is None else replica.length,
             0 if replica is None else replica.nbytes, sum(standby.nbytes for standby in self._standby),
             None if state.progress is None or state.progress.resumable_layer is None else
-            (state.progress.start, state.progress.token_ids, state.progress.resumable_layer))
+            (state.progress.start, state.progress.token_ids, state.progress.resumable_layer), self._pool_info())
+
+    def _pool_info(self) -> PoolInfo | None:
+        pool = self._paged
+        if pool is None:
+            return None
+        return PoolInfo(pool.spec.generation, pool.kv.kv_heads, pool.hidden is not None, pool.replica_of,
+                        () if pool.replica is None else pool.replica.kv_heads)
 
     def _on_TimeHiddenRebuild(self, command: TimeHiddenRebuild) -> float:
         """The seed's comparison, on a copy: project from the stored inputs every KV head this device
@@ -416,12 +485,21 @@ class DeviceActor:
 
     def _replicate(self, start: int, length: int, endpoint: DeviceEndpoint) -> None:
         """The step's new KV to the next member (a real send); the previous member's into the copy."""
+        ring = self._ring(endpoint)
+        if ring is None:
+            return
+        began = self.clock()
+        replicate_step(self._state, start, length, endpoint, *ring)
+        self._telemetry("replicate", began)
+
+    def _ring(self, endpoint: DeviceEndpoint) -> tuple[int, int] | None:
+        """(buddy, predecessor): the next member, who keeps a copy of this device's KV, and the
+        previous one, whose KV this device copies; None alone."""
         members = endpoint.group.devices
         if len(members) < 2:
-            return
-        began, i = self.clock(), members.index(self.device)
-        replicate_step(self._state, start, length, endpoint, members[(i + 1) % len(members)], members[i - 1])
-        self._telemetry("replicate", began)
+            return None
+        i = members.index(self.device)
+        return members[(i + 1) % len(members)], members[i - 1]
 
     # ---------------------------------------------------------------------------------------
     # The control thread: beats, watching, epochs
@@ -474,6 +552,8 @@ class DeviceActor:
             self._monitor.beat(body.device, body.epoch)
         elif isinstance(body, NewEpoch):
             self._admit(body)
+        elif isinstance(body, LeaderRecord):
+            self._leader_record = body
         elif isinstance(body, Watch):  # every device is up: silences count from now (loading is not silence)
             self._monitor.restart()
             self._judging = True
@@ -528,7 +608,8 @@ class DeviceActor:
         self._monitor = self._watch(watched, epoch=membership.epoch)
         self._leader_id = self.device
         self.leader = Leader(self.device, self._transport, membership.epoch, membership.members, self._assignment,
-                             self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot)
+                             self._setup.policy, self._setup.heartbeat, self._monitor, self._cached_ids_snapshot,
+                             self._setup.scheduling, self._block_costs(), self._leader_record)
         self.leader.start()
         for detection in lost:
             declared = self._monitor.declare(detection.device, detection.signal)
@@ -536,6 +617,13 @@ class DeviceActor:
                     replace(declared, last_beat_at=detection.last_beat_at), failover=True):
                 self._fenced()
                 return
+
+    def _block_costs(self) -> BlockCosts:
+        config, block_size = self._config, self._setup.scheduling.block_size
+        return BlockCosts(PagedKVCache.block_nbytes(config.num_hidden_layers, 1, config.head_dim, block_size,
+                                                    self._dtype),
+                          PagedHiddenStates.block_nbytes(config.num_hidden_layers, config.hidden_size, block_size,
+                                                         self._dtype))
 
     def _cached_ids_snapshot(self) -> list[int]:
         return list(self._cached_ids)

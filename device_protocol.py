@@ -4,11 +4,11 @@ A device is a private world reached only by messages. Who sends what:
 
 | from -> to | inbox | messages |
 |---|---|---|
-| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo` |
+| driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo`; batches: `Submit`, `ServeStep`, `Cancel`, `BatchKV` |
 | leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
-| leader -> device | `commands` | commands: `Forward`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
+| leader -> device | `commands` | commands: `Forward`, `BatchForward`, `RebuildBatch`, `ReportPagedKV`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
-| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed) |
+| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed), `LeaderRecord` (the leader to its successor) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
 | driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing); processes: `Declare` (a device process exited) |
 | device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
@@ -16,8 +16,8 @@ A device is a private world reached only by messages. Who sends what:
 
 Collectives and KV transfers between devices go through the `Collective` (tensor_parallel_model.py),
 never through these inboxes. Every message carries its sender's epoch: a receiver refuses one
-from an ended epoch (fencing). Commands carry batches of sequences (`Chunk`s), each with its own
-KV, although the devices serve one sequence at a time for now.
+from an ended epoch (fencing). One sequence is stepped with `Step`/`Forward`; many requests in flight
+are the leader's to schedule (`Submit`, `ServeStep`), stepped on the devices with `BatchForward`.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ class Forward:
 class Keep:
     """What the device keeps in normal running for recovery: its layers' inputs (reuse-hidden), a
     copy of its KV sent to its buddy every step (replicate). Replication switched on sends what is
-    already cached first, so the copy covers the context."""
+    already cached first, so the copy covers the context. The leader, forwarding it, sizes the
+    batch's pool for what is kept (both are paged with the requests' KV, in the same budget)."""
 
     hidden_states: bool
     replication: bool
@@ -169,6 +170,7 @@ class DeviceInfo:
     replica_bytes: int
     standby_bytes: int = 0           # weight slices read in advance for a failure (`standby_weights`)
     abandoned_step: tuple[int, tuple[int, ...], int] | None = None  # (start, tokens, layer it can resume from)
+    pool: "PoolInfo | None" = None   # its paged pool (many requests in flight), if it has one
 
 
 @dataclass(frozen=True)
@@ -343,3 +345,125 @@ class Telemetry:
 
     events: tuple[tuple[float, int, str, float], ...] = field(default=())
 
+
+
+# --------------------------------------------------------------------------------------------
+# Many requests in flight: the leader schedules them (request_scheduler.py), the devices step them
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The paged pool every device keeps its blocks in. A device that holds no pool of this spec
+    makes one anew, empty, for the KV heads it holds (a full recompute); a reuse strategy carries
+    the survivors' blocks into it (`RebuildBatch`). A `generation` is the epoch the pool was made
+    in, so no two pools share one. With `hidden_states` every block also keeps each layer's input
+    at its positions (reuse-hidden); with `replication` each device also keeps a copy of its ring
+    predecessor's KV heads of every block, sent every step (replicate): both cost the block bytes."""
+
+    generation: int
+    num_blocks: int
+    block_size: int
+    hidden_states: bool = False
+    replication: bool = False
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What a device says of its paged pool: its generation, the KV heads it holds, whether it keeps
+    the layers' inputs, and whose KV heads its replica copies."""
+
+    generation: int
+    kv_heads: tuple[int, ...]
+    hidden_states: bool
+    replica_of: int | None
+    replica_kv_heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RebuildBatch:
+    """After a failure with requests in flight: carry the survivors' blocks into a new pool and
+    rebuild the lost KV heads as `order` says (kv_cache_reused.BatchRebuildOrder)."""
+
+    order: Any
+
+
+@dataclass(frozen=True)
+class ReportPagedKV:
+    """For checks: answered with {request: {(device, layer, KV head): (K, V)}} for each `spans`
+    entry (request -> (block table, positions)), copied."""
+
+    spans: dict
+
+
+@dataclass(frozen=True)
+class BatchKV:
+    """From the driver, for checks: every running request's KV on every device, as `ReportPagedKV`."""
+
+
+@dataclass(frozen=True)
+class BatchForward:
+    """A step over a ragged batch (request_scheduler.ScheduledChunk each: a request's tokens at its
+    positions, in its blocks). The first device of the group answers with the greedy token and its
+    margin for each chunk that samples (batched_forward.Greedy), or with `logits` their rows."""
+
+    chunks: tuple
+    pool: PoolSpec
+    logits: bool = False
+
+
+@dataclass(frozen=True)
+class Submit:
+    """A new request for the leader's scheduler; it waits until the KV pool and the budgets admit it."""
+
+    request_id: int
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a request, waiting or running (its blocks are freed)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class ServeStep:
+    """One scheduler step: continue every running request, admit what fits, retire what ended.
+    `seen`: the steps the driver has been told of; a new leader that took over after the old one
+    served a step the driver never heard of answers with that step instead of running another."""
+
+    seen: int = 0
+
+
+@dataclass(frozen=True)
+class ServedStep:
+    """A scheduler step as it happened: each request's new token (and its logit margin over the
+    runner-up), the requests that ended with it (and why), those preempted to make room or by a
+    recovery whose pool holds fewer (they are recomputed later), and the recoveries the leader ran
+    to get there."""
+
+    tokens: dict[int, int]
+    margins: dict[int, float]
+    ended: dict[int, str]
+    preempted: tuple[int, ...]
+    recoveries: tuple
+    assignment: Assignment
+    leader: int
+    epoch: int
+    batch_tokens: int  # tokens the step computed (prefill chunks and decodes)
+    waiting: int
+    running: int
+    step: int  # steps served so far, this one included
+
+
+@dataclass(frozen=True)
+class LeaderRecord:
+    """The leader's record of every request (request_scheduler.Scheduler: waiting ones included),
+    its KV pool and the last step it served, sent to its successor after every change and before the
+    driver hears of it: a leader's failure loses no request and no step."""
+
+    scheduler: Any
+    pool: PoolSpec
+    last_served: ServedStep | None

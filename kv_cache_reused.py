@@ -11,15 +11,24 @@ what a survivor does with its own state and what it receives. Only orders (plain
 collective's transfers cross between them. `keeps` says what a strategy needs kept during normal
 running; `reuses_kv` whether survivors keep their own KV as it was (the lossless check then
 demands the same bits).
+
+With many requests in flight the same strategies work on paged pools (batched_forward.py): the
+leader's `plan_batch_rebuild` gives each survivor a `BatchRebuildOrder` (the blocks to carry, at
+their new numbers, into the new pool, and the KV heads to fill at every running request's slots),
+and the device's `rebuild_batch` carries them and fills the heads: replay in packed passes, from
+the paged layer inputs, or from a survivor's own KV or its replica. The planning of transfers and
+the exchange are the one sequence's, over slots instead of positions. Full recompute of a batch is
+packed steps on a fresh pool, run by the leader.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from device_protocol import STRATEGY_NAMES, DeviceInfo
+from batched_forward import PagedPool, batched_forward, replicate_slots, rope_at, table_slots
+from device_protocol import STRATEGY_NAMES, DeviceInfo, PoolInfo
 from head_assignment import Assignment
 from tensor_parallel_model import (Collective, DeviceState, HiddenStateStore, KVCache, Rotary, device_forward,
                                    kv_weight_rows, project_kv_heads)
@@ -87,16 +96,27 @@ def plan_rebuild(strategy: str, after: Assignment, survivors: Mapping[int, Devic
     context = tuple(context_ids)
     if strategy_info(strategy).reuses_kv:
         check_kv_covers(survivors, context)
-    missing = {d: tuple(g for g in after.kv_heads(d) if g not in info.kv_heads) for d, info in survivors.items()}
-    if strategy == "full-recompute":
-        missing = {d: after.kv_heads(d) for d in survivors}
+    missing = missing_heads(strategy, after, {d: info.kv_heads for d, info in survivors.items()})
     if strategy == "reuse-hidden":
         check_hidden_states_cover(survivors, len(context))
-    transfers = plan_transfers(survivors, missing, len(context)) if strategy == "replicate" and context else {}
-    return {d: RebuildOrder(strategy, context, after.kv_heads(d), missing[d],
-                            tuple(t for (sender, _), t in transfers.items() if sender == d),
-                            tuple(KVTransfer(t.kv_heads, sender) for (sender, to), t in transfers.items() if to == d))
+    transfers = plan_transfers(survivors, missing, lambda info: info.replica_positions >= len(context)) \
+        if strategy == "replicate" and context else {}
+    return {d: RebuildOrder(strategy, context, after.kv_heads(d), missing[d], *transfers_of(transfers, d))
             for d in survivors}
+
+
+def missing_heads(strategy: str, after: Assignment, held: Mapping[int, Sequence[int]]) -> dict[int, tuple[int, ...]]:
+    """The KV heads each survivor must fill: every one it holds after (full recompute), else those new to it."""
+    if strategy == "full-recompute":
+        return {d: after.kv_heads(d) for d in held}
+    return {d: tuple(g for g in after.kv_heads(d) if g not in heads) for d, heads in held.items()}
+
+
+def transfers_of(transfers: Mapping[tuple[int, int], KVTransfer], device: int
+                 ) -> tuple[tuple[KVTransfer, ...], tuple[KVTransfer, ...]]:
+    """(what `device` sends, what it receives) of the planned transfers."""
+    return (tuple(t for (sender, _), t in transfers.items() if sender == device),
+            tuple(KVTransfer(t.kv_heads, sender) for (sender, to), t in transfers.items() if to == device))
 
 
 def check_kv_covers(survivors: Mapping[int, DeviceInfo], context: tuple[int, ...]) -> None:
@@ -120,29 +140,80 @@ def check_hidden_states_cover(survivors: Mapping[int, DeviceInfo], length: int) 
                                      f"positions (they were switched on after the prefill)")
 
 
-def plan_transfers(survivors: Mapping[int, DeviceInfo], missing: Mapping[int, tuple[int, ...]], length: int
-                   ) -> dict[tuple[int, int], KVTransfer]:
+def plan_transfers(survivors: Mapping[int, Any], missing: Mapping[int, tuple[int, ...]],
+                   replica_covers: Callable[[Any], bool]) -> dict[tuple[int, int], KVTransfer]:
     """(sender, receiver) -> what goes between them: each missing KV head from a survivor that holds
-    it, else from a survivor's copy of a lost device's KV that covers the context (each head with
-    its own source)."""
+    it, else from a survivor's copy of a lost device's KV that covers what is needed (each head with
+    its own source). `survivors`: what each says it holds (`kv_heads`, `replica_of`, `replica_kv_heads`)."""
     transfers: dict[tuple[int, int], KVTransfer] = {}
     for receiver, heads in missing.items():
         for g in heads:
-            sender, source = kv_source(survivors, g, length, receiver)
+            sender, source = kv_source(survivors, g, receiver, replica_covers)
             old = transfers.get((sender, receiver), KVTransfer((), receiver))
             transfers[(sender, receiver)] = KVTransfer(old.kv_heads + (g,), receiver, old.sources + (source,))
     return transfers
 
 
-def kv_source(survivors: Mapping[int, DeviceInfo], kv_head: int, length: int, receiver: int) -> tuple[int, int | None]:
+def kv_source(survivors: Mapping[int, Any], kv_head: int, receiver: int, replica_covers: Callable[[Any], bool]
+              ) -> tuple[int, int | None]:
     """Where a KV head survived: (survivor, None) for its own cache, (survivor, d) for its copy of d's."""
     for device, info in sorted(survivors.items()):
         if device != receiver and kv_head in info.kv_heads:
             return device, None
     for device, info in sorted(survivors.items()):
-        if kv_head in info.replica_kv_heads and info.replica_positions >= length:
+        if kv_head in info.replica_kv_heads and replica_covers(info):
             return device, info.replica_of
     raise RecoveryImpossible(f"KV head {kv_head + 1} survived nowhere (its device and its buddy are both lost)")
+
+
+@dataclass(frozen=True)
+class BatchRebuildOrder:
+    """What one survivor does with its paged pool after a failure with requests in flight: carry
+    every block a running request holds (`blocks`: old number, new) into the pool `pool`, hold
+    `kv_heads` of which `missing` are new to it, and fill those for every running request's computed
+    positions (`spans`: its block table and positions) as the strategy says; replay runs `steps`
+    (packed chunks within the token budget), in which every survivor takes part."""
+
+    strategy: str
+    pool: Any
+    blocks: tuple[tuple[int, int], ...]
+    spans: tuple[tuple[tuple[int, ...], int], ...]
+    kv_heads: tuple[int, ...]
+    missing: tuple[int, ...]
+    sends: tuple[KVTransfer, ...] = ()
+    receives: tuple[KVTransfer, ...] = ()
+    steps: tuple[tuple, ...] = ()
+
+
+def plan_batch_rebuild(strategy: str, after: Assignment, pools: Mapping[int, PoolInfo | None], generation: int,
+                       pool: Any, blocks: Sequence[tuple[int, int]], spans: Sequence[tuple[tuple[int, ...], int]],
+                       steps: Sequence[tuple] = ()) -> dict[int, BatchRebuildOrder]:
+    """One order per survivor for a reuse strategy over a batch, from what the survivors say their
+    pools hold (RecoveryImpossible when what the strategy needs did not survive). The survivors'
+    pools must be of `generation`, the one the leader's block tables describe; `pool` is the new one's spec."""
+    if not strategy_info(strategy).reuses_kv:
+        raise ValueError(f"{strategy} does not keep the survivors' KV: it is run as packed steps")
+    computed = any(length for _, length in spans)
+    if computed:
+        check_pools_hold_the_batch(pools, strategy, generation)
+    held = {d: () if info is None else info.kv_heads for d, info in pools.items()}
+    missing = missing_heads(strategy, after, held)
+    transfers = plan_transfers(pools, missing, lambda info: info.replica_of is not None) \
+        if strategy == "replicate" and computed else {}
+    return {d: BatchRebuildOrder(strategy, pool, tuple(blocks), tuple(spans), after.kv_heads(d), missing[d],
+                                 *transfers_of(transfers, d), steps=tuple(steps) if strategy == "reuse-replay" else ())
+            for d in pools}
+
+
+def check_pools_hold_the_batch(pools: Mapping[int, PoolInfo | None], strategy: str, generation: int) -> None:
+    """The survivors' blocks can be kept only if every pool is the one the block tables describe
+    (a rebuild that another failure cut short leaves a pool of its own), with what the strategy reads."""
+    for device, info in sorted(pools.items()):
+        if info is None or info.generation != generation:
+            held = "no pool" if info is None else f"a pool of generation {info.generation}"
+            raise RecoveryImpossible(f"Device-{device} holds {held}, the batch's block tables are of {generation}")
+    if strategy == "reuse-hidden" and not all(info.hidden_states for info in pools.values()):
+        raise RecoveryImpossible("no hidden states were kept in the pool")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,39 +272,111 @@ def check_store_covers(store: HiddenStateStore | None, length: int) -> None:
 
 def exchange_kv(state: DeviceState, order: RebuildOrder, collective: Collective) -> None:
     """Replicate: send the KV heads others lack (from the own cache or the held copy), then receive
-    and store those this device lacks. A device that holds the copy it needs itself promotes it
-    without a transfer."""
-    length, promoted = state.cache.length, []
-    for transfer in order.sends:
-        payload = kv_heads_payload([source_cache(state, source) for source in transfer.sources], transfer.kv_heads,
-                                   length)
-        if transfer.peer == state.device:
-            promoted.append(payload)
-        else:
-            collective.send(state.device, transfer.peer, payload)
-    for transfer in order.receives:
-        heads, keys, values = promoted.pop(0) if transfer.peer == state.device else \
-            collective.recv(state.device, transfer.peer)
+    and store those this device lacks."""
+    length = state.cache.length
+
+    def payload(transfer: KVTransfer) -> KVPayload:
+        caches = [source_cache(state.cache, state.replica, state.replica_of, source, state.device)
+                  for source in transfer.sources]
+        return kv_heads_payload(transfer.kv_heads, caches[0].num_layers,
+                                lambda i, layer: tuple(t[:length] for t in caches[i].head(layer, transfer.kv_heads[i])))
+
+    def store(heads: tuple[int, ...], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         for layer, (k, v) in enumerate(zip(keys, values)):
             state.cache.put_heads(layer, heads, 0, k, v)
 
+    exchange(state.device, order, collective, payload, store)
 
-def source_cache(state: DeviceState, source: int | None) -> KVCache:
-    """The store a transfer reads a head from: the device's own cache (None), or its copy of `source`'s KV."""
+
+KVPayload = tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]]
+
+
+def exchange(device: int, order: RebuildOrder | BatchRebuildOrder, collective: Collective,
+             payload: Callable[[KVTransfer], KVPayload], store: Callable[..., None]) -> None:
+    """Send every transfer of the order, then receive and store each one this device is owed. A
+    device that holds the copy it needs itself promotes it without a transfer."""
+    promoted = []
+    for transfer in order.sends:
+        if transfer.peer == device:
+            promoted.append(payload(transfer))
+        else:
+            collective.send(device, transfer.peer, payload(transfer))
+    for transfer in order.receives:
+        store(*(promoted.pop(0) if transfer.peer == device else collective.recv(device, transfer.peer)))
+
+
+def source_cache(own, replica, replica_of: int | None, source: int | None, device: int):
+    """The store a transfer reads a head from: the device's own (None), or its copy of `source`'s KV."""
     if source is None:
-        return state.cache
-    if source != state.replica_of or state.replica is None:
-        raise RecoveryImpossible(f"Device-{state.device} holds no copy of Device-{source}'s KV")
-    return state.replica
+        return own
+    if source != replica_of or replica is None:
+        raise RecoveryImpossible(f"Device-{device} holds no copy of Device-{source}'s KV")
+    return replica
 
 
-def kv_heads_payload(caches: Sequence[KVCache], kv_heads: Sequence[int], length: int
-                     ) -> tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]]:
-    """(heads, per-layer K [heads, length, head_dim], per-layer V): copies, for sending; head i is
-    read from caches[i] (a transfer holds at least one head)."""
+def kv_heads_payload(kv_heads: Sequence[int], num_layers: int,
+                     read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]) -> KVPayload:
+    """(heads, per-layer K [heads, positions, head_dim], per-layer V): copies, for sending; `read(i,
+    layer)` gives head i's K and V (a transfer holds at least one head)."""
     def layer_heads(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [cache.head(layer, g) for cache, g in zip(caches, kv_heads, strict=True)]
-        return torch.stack([k[:length] for k, _ in pairs]), torch.stack([v[:length] for _, v in pairs])
+        pairs = [read(i, layer) for i in range(len(kv_heads))]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
 
-    layers = [layer_heads(layer) for layer in range(caches[0].num_layers)]
+    layers = [layer_heads(layer) for layer in range(num_layers)]
     return tuple(kv_heads), [k for k, _ in layers], [v for _, v in layers]
+
+
+# --------------------------------------------------------------------------------------------
+# The device's half, for many requests in flight
+
+
+def rebuild_batch(state: DeviceState, pool: PagedPool, order: BatchRebuildOrder, collective: Collective,
+                  ring: tuple[int, int] | None) -> PagedPool:
+    """The pool of the order's generation: the blocks carried at their new numbers, the missing KV
+    heads filled for every running request as the strategy says, and (replication kept) the new
+    ring predecessor's KV copied at every slot (`ring`: (buddy, predecessor)). The old pool is left
+    as it was: a rebuild cut short by another failure changes nothing."""
+    if set(state.shard.kv_heads) != set(order.kv_heads):
+        raise ValueError(f"Device-{state.device} holds weights for KV heads {state.shard.kv_heads}, the order asks "
+                         f"{order.kv_heads}")
+    trial = pool.carried(order.pool, state.shard.kv_heads, order.blocks)
+    slots = torch.cat([table_slots(table, 0, length, trial.kv.block_size) for table, length in order.spans]
+                      ).to(trial.kv.device) if order.spans else torch.zeros(0, dtype=torch.long, device=trial.kv.device)
+    if order.strategy == "reuse-replay":
+        for chunks in order.steps:
+            batched_forward(state, trial.kv, chunks, collective, fill=order.missing)
+    elif order.strategy == "reuse-hidden":
+        rebuild_paged_from_hidden_states(state, trial, order, slots)
+    else:
+        exchange_paged_kv(state.device, trial, order, slots, collective)
+    if order.pool.replication and ring is not None:
+        replicate_slots(trial, slots, state.device, collective, *ring)
+    return trial
+
+
+def rebuild_paged_from_hidden_states(state: DeviceState, pool: PagedPool, order: BatchRebuildOrder,
+                                     slots: torch.Tensor) -> None:
+    """Project the missing KV heads at every running request's slots from the stored layer inputs."""
+    if not order.missing or not len(slots):
+        return
+    hd = state.config.head_dim
+    positions = torch.cat([torch.arange(length) for _, length in order.spans])
+    rope, rows = rope_at(state.rotary, positions), kv_weight_rows(state.shard, order.missing, hd)
+    for i, layer in enumerate(state.shard.layers):
+        k, v = project_kv_heads(layer, rows, pool.hidden.read(i, slots), rope, hd)
+        pool.kv.write_heads(i, order.missing, slots, k, v)
+
+
+def exchange_paged_kv(device: int, pool: PagedPool, order: BatchRebuildOrder, slots: torch.Tensor,
+                      collective: Collective) -> None:
+    """Replicate over a batch: every running request's entries of the transferred heads, at its slots."""
+    def payload(transfer: KVTransfer) -> KVPayload:
+        caches = [source_cache(pool.kv, pool.replica, pool.replica_of, source, device) for source in transfer.sources]
+        return kv_heads_payload(transfer.kv_heads, pool.kv.num_layers,
+                                lambda i, layer: caches[i].read_head(layer, transfer.kv_heads[i], slots))
+
+    def store(heads: tuple[int, ...], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            pool.kv.write_heads(layer, heads, slots, k, v)
+
+    exchange(device, order, collective, payload, store)

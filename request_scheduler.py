@@ -23,11 +23,30 @@ from enum import Enum
 from typing import Mapping, Sequence
 
 
+DEFAULT_KV_CACHE_MEMORY_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """vLLM's knobs, by vLLM's names: the KV budget of each device (its pool holds as many blocks
+    as the KV heads it holds allow), positions per block, sequences per step, tokens per step."""
+
+    kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_MEMORY_BYTES
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_memory_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
 class Status(str, Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"     # its max_new_tokens produced
-    STOPPED = "stopped"       # it produced its end-of-sequence token
+    STOPPED = "stopped"       # it produced an end-of-sequence token
     CANCELLED = "cancelled"
 
     @property
@@ -42,8 +61,9 @@ class Request:
     request_id: int
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
     output_ids: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)  # each output token's logit margin over the runner-up
     num_computed: int = 0       # leading tokens whose KV the devices hold
     status: Status = Status.WAITING
     preemptions: int = 0
@@ -107,27 +127,28 @@ class BlockPool:
         table.extend(self._free.popleft() for _ in range(max(0, wanted)))
         return True
 
-    @property
-    def held_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
-
     def release(self, request_id: int) -> None:
         self._free.extend(self.tables.pop(request_id, ()))
 
+    @property
+    def held_blocks(self) -> int:
+        return sum(len(table) for table in self.tables.values())
+
     def resize(self, num_blocks: int) -> dict[int, int]:
-        """Hold `num_blocks` from now on (at least the blocks held): the held blocks numbered past the
-        end take free numbers below it. Returns the moves, old number -> new."""
-        if num_blocks < max(1, self.held_blocks):
-            raise ValueError(f"{self.held_blocks} blocks are held; the pool cannot shrink to {num_blocks}")
-        held = {block for table in self.tables.values() for block in table}
-        free = deque(block for block in range(num_blocks) if block not in held)
-        moved = {}
+        """Make the pool `num_blocks` long, keeping every held block's number where it fits: a block
+        held past the new end moves to a free one below it (the caller made sure they all fit).
+        Returns the moves, old number -> new, which every device applies to its own pool."""
+        if self.held_blocks > num_blocks:
+            raise ValueError(f"{self.held_blocks} held blocks cannot fit a pool of {num_blocks}")
+        free = deque(b for b in self._free if b < num_blocks)
+        free.extend(range(self.num_blocks, num_blocks))
+        moves = {}
         for table in self.tables.values():
             for i, block in enumerate(table):
                 if block >= num_blocks:
-                    table[i] = moved[block] = free.popleft()
+                    table[i] = moves[block] = free.popleft()
         self.num_blocks, self._free = num_blocks, free
-        return moved
+        return moves
 
 
 class Scheduler:
@@ -149,7 +170,7 @@ class Scheduler:
     # Requests in and out
 
     def add(self, request_id: int, prompt_ids: Sequence[int], max_new_tokens: int,
-            eos_token_id: int | None = None) -> Request:
+            eos_token_ids: Sequence[int] = ()) -> Request:
         """Queue a request; refused (ValueError) if it could never fit the pool, even alone."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id} exists already")
@@ -159,7 +180,7 @@ class Scheduler:
         if self.pool.blocks_for(longest) > self.pool.num_blocks:
             raise ValueError(f"request {request_id} needs {self.pool.blocks_for(longest)} KV blocks at its longest; "
                              f"the pool has {self.pool.num_blocks}")
-        request = Request(request_id, tuple(prompt_ids), max_new_tokens, eos_token_id)
+        request = Request(request_id, tuple(prompt_ids), max_new_tokens, tuple(eos_token_ids))
         self.requests[request_id] = request
         self.waiting.append(request_id)
         return request
@@ -213,7 +234,8 @@ class Scheduler:
             budget -= length
         return ScheduledStep(tuple(chunks), tuple(preempted))
 
-    def finish_step(self, step: ScheduledStep, sampled: Mapping[int, int]) -> list[Request]:
+    def finish_step(self, step: ScheduledStep, sampled: Mapping[int, int],
+                    margins: Mapping[int, float] | None = None) -> list[Request]:
         """Apply a step the devices have done: each chunk's KV is held, each sampling chunk's request
         has its new token (`sampled[request_id]`). Returns the requests that ended with it."""
         ended = []
@@ -226,7 +248,9 @@ class Scheduler:
                 continue
             token = sampled[chunk.request_id]
             request.output_ids.append(token)
-            if token == request.eos_token_id:
+            if margins is not None:
+                request.margins.append(margins[chunk.request_id])
+            if token in request.eos_token_ids:
                 self._leave(request, Status.STOPPED)
             elif len(request.output_ids) >= request.max_new_tokens:
                 self._leave(request, Status.FINISHED)
@@ -235,17 +259,45 @@ class Scheduler:
             ended.append(request)
         return ended
 
+    def restart_pool(self, num_blocks: int) -> list[int]:
+        """A failure lost KV blocks: a fresh pool of `num_blocks` (after a failure a survivor may hold
+        more KV heads, so fewer blocks fit its budget). Running requests keep their place and get new
+        blocks for every position they had computed, which the recovery recomputes
+        (`recompute_steps`); the newest are preempted while they do not fit. Returns those preempted."""
+        self.pool, preempted = BlockPool(num_blocks, self.pool.block_size), []
+        for request_id in list(self.running):
+            if request_id in self.running and not self.pool.grow(request_id, self.requests[request_id].num_computed):
+                for victim in reversed(self.running[self.running.index(request_id):]):
+                    self._preempt(self.requests[victim])
+                    preempted.append(victim)
+        return preempted
+
     def resize(self, num_blocks: int) -> tuple[list[int], dict[int, int]]:
-        """The pool now holds `num_blocks` (after a failure a survivor may hold more KV heads, so fewer
-        blocks fit its budget): the newest running requests are preempted until the rest fit, and the
-        blocks numbered past the end are renumbered into free ones. Returns the requests preempted and
-        the blocks moved (old number -> new), which the devices apply to what they hold."""
+        """The survivors kept their blocks, but the pool now holds `num_blocks` (a survivor that took
+        more KV heads fits fewer in its budget): the newest running requests are preempted until the
+        rest fit, and blocks past the new end are renumbered. Returns (those preempted, the moves)."""
         preempted = []
-        while self.running and self.pool.held_blocks > num_blocks:
+        while self.pool.held_blocks > num_blocks:
             victim = self.requests[self.running[-1]]
             self._preempt(victim)
             preempted.append(victim.request_id)
         return preempted, self.pool.resize(num_blocks)
+
+    def recompute_steps(self) -> list[ScheduledStep]:
+        """Steps that fill every running request's blocks with the KV of the positions it had computed,
+        within the token budget, sampling nothing (full recompute of the batch after a failure)."""
+        steps, chunks, budget = [], [], self.max_num_batched_tokens
+        for request_id in self.running:
+            request, start = self.requests[request_id], 0
+            while start < request.num_computed:
+                if budget == 0:
+                    steps.append(ScheduledStep(tuple(chunks)))
+                    chunks, budget = [], self.max_num_batched_tokens
+                length = min(request.num_computed - start, budget)
+                chunks.append(ScheduledChunk(request_id, start, request.token_ids[start:start + length],
+                                             tuple(self.pool.tables[request_id]), False))
+                start, budget = start + length, budget - length
+        return steps + ([ScheduledStep(tuple(chunks))] if chunks else [])
 
     # ---------------------------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ import torch
 
 from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
-from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
-                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch)
+from device_protocol import (DRIVER, Address, BatchKV, Broadcast, Cancel, Chunk, Describe, DeviceExited, DeviceInfo,
+                             Envelope, LeaderChanged, RecoveryPolicy, Reply, ReportKV, ServedStep, ServeStep, Step,
+                             Stop, Strike, Submit, Telemetry, Watch)
 from device_network import POLL_S
 from device_threads import CODECS, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
@@ -31,6 +32,7 @@ from llama_model_loader import Checkpoint, CheckpointLocation, Tokenizer, load_t
 from lossless_checks import KVSnapshot
 from process_collective import collective_timeout_s
 from process_launcher import Rendezvous, driver_launcher
+from request_scheduler import SchedulerConfig
 from synthetic_checkpoint import ensure_synthetic_checkpoint
 
 # "threads" (the default); "processes" (one OS process per device, torch.distributed collectives);
@@ -70,7 +72,8 @@ class TensorParallelLlama:
     def __init__(self, checkpoint: Checkpoint, assignment: Assignment, dtype: torch.dtype = torch.float32,
                  progress: bool = False, heartbeat: HeartbeatConfig = HeartbeatConfig(),
                  policy: RecoveryPolicy = RecoveryPolicy(), backend: str = "threads",
-                 rendezvous: Rendezvous | None = None, accelerator: str = "cpu"):
+                 rendezvous: Rendezvous | None = None, accelerator: str = "cpu",
+                 scheduling: SchedulerConfig = SchedulerConfig()):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if accelerator not in ("cpu", "cuda") or (accelerator == "cuda" and backend != "processes"):
@@ -93,8 +96,9 @@ class TensorParallelLlama:
         self._closed = False
         self._progress = progress
         dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy, accelerator)
+        setups = [DeviceSetup(d, checkpoint.folder, dtype_name, assignment, heartbeat, policy, accelerator, scheduling)
                   for d in assignment.devices]
+        self._submitted = self._steps_seen = 0  # requests submitted (their ids), scheduler steps heard of
         if backend == "processes":  # made first: a launch that cannot start has nothing to close
             self.transport = driver_launcher(rendezvous or Rendezvous.from_environment(),
                                              collective_timeout_s(heartbeat.timeout_s))
@@ -117,7 +121,7 @@ class TensorParallelLlama:
              progress: bool = False, log=print, **options) -> "TensorParallelLlama":
         """Find the checkpoint (argument, $LLAMA_CHECKPOINT, HF cache, else synthetic) and split it
         evenly over `devices`. `options` go to the constructor (heartbeat, policy, backend, rendezvous,
-        accelerator)."""
+        accelerator, scheduling)."""
         location, checkpoint, seconds = open_checkpoint(model_dir, log)
         assignment = even_assignment(checkpoint.config, devices)
         return cls.from_checkpoint(location, checkpoint, assignment, dtype, progress, seconds, **options)
@@ -200,6 +204,51 @@ class TensorParallelLlama:
         return new_tokens
 
     # ---------------------------------------------------------------------------------------
+    # Many requests in flight: the leader schedules them; their tokens stream back step by step
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = False) -> int:
+        """Queue a request with the leader's scheduler; its id (its tokens come back from `step`)."""
+        self._check_length(len(prompt_ids) + max_new_tokens)
+        self._submitted += 1
+        eos = tuple(self.config.eos_token_ids) if stop_at_eos else ()
+        self.request(Submit(self._submitted, tuple(int(t) for t in prompt_ids), max_new_tokens, eos))
+        return self._submitted
+
+    def step(self) -> ServedStep:
+        """One scheduler step: every running request's next token, what ended, what was preempted."""
+        served: ServedStep = self.request(ServeStep(self._steps_seen))
+        self._steps_seen = served.step
+        self.recoveries += served.recoveries
+        self.assignment = served.assignment
+        return served
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request wherever it is; False if it had already ended."""
+        return self.request(Cancel(request_id))
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                       stop_at_eos: bool = False,
+                       after_step: Callable[[ServedStep], object] = lambda served: None) -> list[list[int]]:
+        """Greedy continuations of every prompt, served together (the new tokens of each, in order).
+        `after_step(served)` is called after each step: where a run can be observed or interrupted."""
+        counts = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(counts) != len(prompts):
+            raise ValueError(f"{len(counts)} output lengths for {len(prompts)} prompts")
+        ids = [self.submit(prompt, count, stop_at_eos) for prompt, count in zip(prompts, counts)]
+        outputs: dict[int, list[int]] = {request_id: [] for request_id in ids}
+        open_requests = set(ids)
+        while open_requests:
+            served = self.step()
+            if not served.batch_tokens:
+                raise RuntimeError(f"requests {sorted(open_requests)} are open but nothing could be scheduled "
+                                   f"({served.waiting} waiting, {served.running} running)")
+            for request_id, token in served.tokens.items():
+                outputs[request_id].append(token)
+            open_requests -= set(served.ended)
+            after_step(served)
+        return [outputs[request_id] for request_id in ids]
+
+    # ---------------------------------------------------------------------------------------
     # Asking the devices (their tensors stay theirs: each sends what is asked)
 
     def kv_snapshot(self) -> KVSnapshot:
@@ -208,6 +257,11 @@ class TensorParallelLlama:
         for part in self.request(Broadcast(ReportKV())).values():
             snapshot.update(part)
         return snapshot
+
+    def batch_kv_snapshot(self) -> dict[int, KVSnapshot]:
+        """Every running request's KV on every device, copied: request -> (device, layer, KV head) ->
+        (K, V), each [the positions it has computed, head_dim]."""
+        return self.request(BatchKV())
 
     def describe(self) -> dict[int, DeviceInfo]:
         """What each device holds, as it says."""

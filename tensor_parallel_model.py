@@ -677,14 +677,20 @@ def project_kv_heads(layer: LayerShard, rows: KVRows, h: torch.Tensor, rope: tup
     return apply_rope(k.view(T, -1, head_dim).transpose(0, 1), *rope), v.view(T, -1, head_dim).transpose(0, 1)
 
 
+def project_queries(shard: DeviceShard, layer: LayerShard, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    head_dim: int) -> torch.Tensor:
+    """Q (rotated) of the device's query heads alone, [heads, T, head_dim]: replay reads the kept K/V."""
+    T, nq = h.shape[0], len(shard.query_heads)
+    queries = [F.linear(h, block.wqkv[:block.heads(head_dim)[0] * head_dim]) for block in layer.blocks]
+    q = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
+    return apply_rope(q.view(T, nq, head_dim).transpose(0, 1), *rope)
+
+
 def project_queries_and_fill_kv(state: DeviceState, layer_index: int, h: torch.Tensor, start: int,
                                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Replay: Q of own heads, K/V only for the KV heads in `state.kv_to_fill` (the others are cached)."""
-    config, shard, layer = state.config, state.shard, state.shard.layers[layer_index]
-    hd, T, nq = config.head_dim, h.shape[0], len(shard.query_heads)
-    queries = [F.linear(h, block.wqkv[:block.heads(hd)[0] * hd]) for block in layer.blocks]
-    q = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
-    q = apply_rope(q.view(T, nq, hd).transpose(0, 1), *rope)
+    shard, layer, hd = state.shard, state.shard.layers[layer_index], state.config.head_dim
+    q = project_queries(shard, layer, h, rope, hd)
     if state.kv_to_fill:
         k, v = project_kv_heads(layer, kv_weight_rows(shard, state.kv_to_fill, hd), h, rope, hd)
         state.cache.put_heads(layer_index, state.kv_to_fill, start, k, v)

@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-from batched_forward import PagedKVCache, SequenceChunk, batched_forward
+from batched_forward import PagedKVCache, batched_forward
 from device_threads import ThreadCollective
 from head_assignment import even_assignment
 from llama_model_loader import Checkpoint
-from request_scheduler import BlockPool
+from request_scheduler import BlockPool, ScheduledChunk
 from tensor_parallel_model import load_device_state
 
 FP32_RELATIVE = 1e-4
@@ -40,12 +40,11 @@ class PackedCluster:
         chunks = []
         for sequence, (start, tokens) in rows.items():
             assert self.pool.grow(sequence, start + len(tokens))
-            chunks.append(SequenceChunk(start, len(tokens), tuple(self.pool.tables[sequence])))
-        ids = torch.tensor([t for _, tokens in rows.values() for t in tokens])
+            chunks.append(ScheduledChunk(sequence, start, tuple(tokens), tuple(self.pool.tables[sequence]), True))
         answers: dict[int, object] = {}
 
         def run(i: int) -> None:
-            answers[i] = batched_forward(self.states[i], self.caches[i], ids, chunks, self.collective, logits)
+            answers[i] = batched_forward(self.states[i], self.caches[i], chunks, self.collective, logits)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(self.states))]
         for thread in threads:

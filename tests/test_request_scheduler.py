@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import pytest
 
-from request_scheduler import BlockPool, Scheduler, ScheduledStep, Status
+from request_scheduler import Scheduler, ScheduledStep, Status
 
 
 def next_token(tokens) -> int:
@@ -89,7 +89,7 @@ def test_the_end_of_sequence_token_stops_a_request_early():
     scheduler = Scheduler(num_blocks=8, block_size=4)
     prompt = [3, 1, 4]
     eos = alone(prompt, 3)[1]
-    scheduler.add(0, prompt, max_new_tokens=10, eos_token_id=eos)
+    scheduler.add(0, prompt, max_new_tokens=10, eos_token_ids=(eos,))
     run(scheduler)
     assert scheduler.requests[0].status is Status.STOPPED
     assert scheduler.requests[0].output_ids == alone(prompt, 2)
@@ -130,28 +130,74 @@ def test_a_request_that_could_never_fit_the_pool_is_refused_when_added():
         scheduler.add(1, [1], 1)
 
 
-def test_a_smaller_pool_after_a_failure_preempts_the_newest_and_renumbers_the_blocks_past_its_end():
-    scheduler = Scheduler(num_blocks=6, block_size=2)
+def test_after_a_failure_running_requests_get_fresh_blocks_for_what_they_had_and_the_newest_wait_if_too_few():
+    scheduler = Scheduler(num_blocks=9, block_size=2)
     for i in range(3):
         scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
     first = scheduler.schedule()
     scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
-    assert scheduler.pool.held_blocks == 6  # two blocks each
-    preempted, moved = scheduler.resize(4)
-    assert preempted == [2]
-    assert all(new < 4 for new in moved.values()) and all(old >= 4 for old in moved)
-    held = [b for table in scheduler.pool.tables.values() for b in table]
-    assert sorted(held) == sorted(set(held)) and max(held) < 4
+    assert scheduler.restart_pool(5) == [2]  # 2 blocks each for 4 computed positions: only two fit
+    assert scheduler.requests[2].status is Status.WAITING and scheduler.requests[2].num_computed == 0
+    (recompute,) = scheduler.recompute_steps()
+    assert [(c.request_id, c.start, c.token_ids, c.samples) for c in recompute.chunks] == [
+        (0, 0, (1, 1, 1, 1), False), (1, 0, (2, 2, 2, 2), False)]
     run(scheduler)
     for i in range(3):
         assert scheduler.requests[i].output_ids == alone([i + 1] * 4, 3)
 
 
-def test_the_pool_refuses_to_shrink_below_what_it_holds():
-    pool = BlockPool(4, 2)
-    assert pool.grow(0, 5)
-    with pytest.raises(ValueError, match="3 blocks are held"):
-        pool.resize(2)
+def test_the_recompute_after_a_failure_keeps_to_the_token_budget():
+    scheduler = Scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=5)
+    scheduler.add(0, list(range(1, 8)), max_new_tokens=2)
+    scheduler.add(1, [9, 9, 9], max_new_tokens=2)
+    while scheduler.requests[0].num_computed < 7 or scheduler.requests[1].num_computed < 3:
+        step = scheduler.schedule()
+        scheduler.finish_step(step, {c.request_id: next_token(c.token_ids) for c in step.chunks if c.samples})
+    scheduler.restart_pool(16)
+    steps = scheduler.recompute_steps()
+    assert [[(c.request_id, c.start, len(c.token_ids)) for c in s.chunks] for s in steps] == [
+        [(0, 0, 5)], [(0, 5, 2), (1, 0, 3)]]
+    assert all(s.num_tokens <= 5 for s in steps)
+
+
+def test_a_pool_that_shrinks_after_a_failure_keeps_every_block_that_fits_and_renumbers_the_rest():
+    scheduler = Scheduler(num_blocks=8, block_size=2)
+    for i in range(3):
+        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
+    first = scheduler.schedule()
+    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    before = {i: list(scheduler.pool.tables[i]) for i in range(3)}
+    assert before == {0: [0, 1], 1: [2, 3], 2: [4, 5]}
+    scheduler.cancel(1)  # frees blocks 2 and 3, so that block 4 and 5 can move below the new end
+    preempted, moves = scheduler.resize(4)
+    assert preempted == [] and moves == {4: 2, 5: 3}
+    assert scheduler.pool.tables == {0: [0, 1], 2: [2, 3]} and scheduler.pool.free_blocks == 0
+    assert [r.num_computed for r in scheduler.in_flight()] == [4, 4]  # kept: nothing to recompute
+    run(scheduler)
+    assert scheduler.requests[2].output_ids == alone([3] * 4, 3)
+
+
+def test_a_pool_too_small_for_every_running_request_after_a_failure_preempts_the_newest_not_losing_it():
+    scheduler = Scheduler(num_blocks=9, block_size=2)
+    for i in range(3):
+        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
+    first = scheduler.schedule()
+    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    preempted, moves = scheduler.resize(5)
+    assert preempted == [2] and moves == {}
+    assert scheduler.requests[2].status is Status.WAITING and scheduler.requests[2].num_computed == 0
+    assert scheduler.pool.num_blocks == 5 and scheduler.pool.free_blocks == 1
+    run(scheduler)
+    for i in range(3):
+        assert scheduler.requests[i].output_ids == alone([i + 1] * 4, 3)
+
+
+def test_a_pool_that_grows_after_a_failure_keeps_every_block_and_frees_the_new_ones():
+    scheduler = Scheduler(num_blocks=4, block_size=2)
+    scheduler.add(0, [1] * 4, max_new_tokens=2)
+    scheduler.finish_step(scheduler.schedule(), {0: 5})
+    assert scheduler.resize(6) == ([], {})
+    assert scheduler.pool.tables == {0: [0, 1]} and scheduler.pool.free_blocks == 4
 
 
 workload = st.lists(st.tuples(st.integers(0, 12), st.lists(st.integers(0, 96), min_size=1, max_size=20),
