@@ -161,11 +161,12 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
                  recovery: str = "full-recompute", reassign: str = "random", seed: int = 0,
                  hidden: bool = False, replicate: bool = False, new_tokens: int = NEW_TOKENS,
                  prompt: Sequence[int] = PROMPT, before_recover: Hook | None = None,
-                 after_recover: Hook | None = None, fence: bool = True) -> Outcome:
+                 after_recover: Hook | None = None, fence: bool = True,
+                 heartbeat: HeartbeatConfig | None = None) -> Outcome:
     """The run with `failures` on a fresh model, every recovery checked as it happens, against a
     failure-free run of the same assignment."""
     reference, reference_kv = failure_free(checkpoint, assignment, new_tokens, prompt)
-    with new_model(checkpoint, assignment, backend, recovery, reassign, seed, fence=fence) as model:
+    with new_model(checkpoint, assignment, backend, recovery, reassign, seed, heartbeat, fence) as model:
         model.keep(hidden, replicate)
         recoveries: list[Recovery] = []
 
@@ -369,10 +370,14 @@ def test_devices_lost_one_after_another_down_to_one_survivor(tiny, backend, devi
 
 
 def test_slow_device_that_keeps_beating_is_not_declared_dead(tiny, backend):
-    delay = 1.2  # far past the 0.5 s timeout
+    """A compute stall shorter than the no-progress limit (the timeout), but 20 beat intervals long:
+    the device beats on through it, and its peers wait for it: nobody is declared."""
+    delay = 1.0
+    heartbeat = HeartbeatConfig(interval_s=0.05, timeout_s=2.0)
     outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
                            [FailurePlan(2, after_tokens=2, mode="slow", delay_s=delay)], backend,
-                           before_recover=lambda m, f: pytest.fail(f"a recovery was started for {f.events}"))
+                           before_recover=lambda m, f: pytest.fail(f"a recovery was started for {f.events}"),
+                           heartbeat=heartbeat)
     outcome.assert_lossless()
     assert outcome.recoveries == []
     assert "stalled" in outcome.kinds(2) and not any("died" in outcome.kinds(d) for d in range(4))
@@ -438,7 +443,7 @@ def test_a_hung_process_declared_dead_is_killed_by_the_leader(tiny):
 
 def test_a_slow_fault_after_a_hung_device_was_released_still_stalls(tiny, backend):
     """Releasing a hung device must not release every later stall with it: each fault has its own."""
-    delay = 0.6
+    delay = 0.25  # under the 0.5 s no-progress limit: the stalled leader is not declared
     with new_model(tiny, even_assignment(tiny.config, 4), backend) as model:
         tokens = generate_with_failures(model, PROMPT, 3, [FailurePlan(3, after_tokens=1, at_call=2, mode="hang")])
         model.release_hung()
