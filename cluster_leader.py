@@ -356,6 +356,7 @@ class Leader:
         while not self._declared:
             self._refuse_if_host_gone()
             if time.monotonic() > deadline:
+                self._reform()  # the broken group is replaced: the next request finds one that works
                 raise WaitStalled(f"the leader, Device-{self.host}, waited {limit:.1f} s for the device behind an "
                                   f"abandoned step to be declared dead; none was ({abandoned})")
             time.sleep(POLL_S)

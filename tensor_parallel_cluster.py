@@ -263,16 +263,18 @@ class TensorParallelLlama:
 
     def _next_message(self, deadline: float, stalled: Callable[[], str]) -> Envelope:
         """The driver's next message, recording notices (telemetry, strikes) on the way; after the
-        `deadline`, WaitStalled with the message `stalled()` says."""
+        `deadline`, WaitStalled with the message `stalled()` says, once what has come is read (a message
+        already queued may be the progress that keeps the wait going; a stream of notices may not)."""
         while True:
             raise_if_interrupted()
             if self._closed:
                 raise ClusterClosed("the cluster was closed while a request waited for the leader")
-            envelope = self.transport.receive(Address("driver", DRIVER), POLL_S)
+            late = time.monotonic() > deadline
+            envelope = self.transport.receive(Address("driver", DRIVER), 0 if late else POLL_S)
             if envelope is not None:
                 self._record(envelope.body)
                 return envelope
-            if time.monotonic() > deadline:
+            if late:
                 raise WaitStalled(stalled())
 
     def _record(self, notice: Any) -> None:
