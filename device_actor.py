@@ -81,31 +81,43 @@ class Ready:
 
 
 class ComputeProgress:
-    """What the compute thread is doing, for the beats (`Progress`): counters reset per command. Only
-    the compute thread changes it, each change a new frozen value, so the control thread that sends
-    it always reads a whole one."""
+    """What the compute thread is doing, for the beats (`Progress`), and since when: counters reset
+    per command. Only the compute thread changes it, each change one new (value, time) pair, so the
+    control thread that sends it always reads a whole one."""
 
     def __init__(self) -> None:
-        self.now = Progress()
+        self._now = (Progress(), time.monotonic())
+
+    @property
+    def now(self) -> Progress:
+        return self._now[0]
+
+    def read(self) -> tuple[Progress, float]:
+        """The progress, and how long it has stood (seconds)."""
+        progress, since = self._now
+        return progress, time.monotonic() - since
 
     def start(self, envelope: Envelope) -> None:
-        self.now = Progress(type(envelope.body).__name__, envelope.request, envelope.epoch)
+        self._set(Progress(type(envelope.body).__name__, envelope.request, envelope.epoch))
 
     def idle(self) -> None:
-        self.now = Progress()
+        self._set(Progress())
 
     def tick(self) -> None:
         """A piece of long local work done (a layer, a block): a long command is not a stuck one."""
-        self.now = replace(self.now, ticks=self.now.ticks + 1)
+        self._set(replace(self.now, ticks=self.now.ticks + 1))
 
     @contextmanager
     def calling(self) -> Iterator[None]:
         """A wait on the peers: counted on entry, and marked as inside a call until it returns."""
-        self.now = replace(self.now, entered=self.now.entered + 1, in_call=True)
+        self._set(replace(self.now, entered=self.now.entered + 1, in_call=True))
         try:
             yield
         finally:
-            self.now = replace(self.now, in_call=False)
+            self._set(replace(self.now, in_call=False))
+
+    def _set(self, progress: Progress) -> None:
+        self._now = (progress, time.monotonic())
 
 
 class DeviceEndpoint:
@@ -507,7 +519,7 @@ class DeviceActor:
             if now - looked_at > 2 * POLL_S:  # this thread did not look meanwhile (stalled, hung, busy in
                 self._monitor.excuse(now - looked_at - POLL_S)  # a handler): no one is blamed for that time
             looked_at = now
-            self._monitor.observe(self.device, self._progress.now)
+            self._monitor.observe(self.device, *self._progress.read())
             for detection in self._judged():
                 self._on_declared(detection)
 
@@ -526,7 +538,7 @@ class DeviceActor:
 
     def _beat(self) -> None:
         membership = self._membership
-        beat = Beat(self.device, membership.epoch, self._progress.now)
+        beat = Beat(self.device, membership.epoch, *self._progress.read())
         targets = [m for m in membership.members if m != self.device] if self.leader else [self._leader_id]
         for device in targets:
             self._send(Address("control", device), beat)
@@ -536,7 +548,7 @@ class DeviceActor:
         if isinstance(body, Stop):  # obeyed at once, whatever the device is doing, as SIGTERM is
             self._stop()
         elif isinstance(body, Beat):
-            self._monitor.beat(body.device, body.epoch, body.progress)
+            self._monitor.beat(body.device, body.epoch, body.progress, body.progress_age_s)
         elif isinstance(body, NewEpoch):
             self._admit(body)
         elif isinstance(body, Watch):  # every device is up: silences count from now (loading is not silence)

@@ -225,9 +225,13 @@ class Progress:
 
 @dataclass(frozen=True)
 class Beat:
+    """`progress_age_s`: how long the progress has stood, by the beater's own clock (a duration, so
+    clocks are never compared): the watcher dates the last change, not the beat that told of it."""
+
     device: int
     epoch: int
     progress: Progress = Progress()
+    progress_age_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -219,9 +219,10 @@ class HeartbeatMonitor:
             self._epoch += 1
             return self._epoch
 
-    def beat(self, device: int, epoch: int = 0, progress: Progress | None = None) -> BeatVerdict:
-        """Record a beat now (and the progress it carries), unless fenced: a stale epoch or a device
-        declared dead must not come back to life."""
+    def beat(self, device: int, epoch: int = 0, progress: Progress | None = None, age_s: float = 0.0
+             ) -> BeatVerdict:
+        """Record a beat now (and the progress it carries, which has stood for `age_s`), unless fenced:
+        a stale epoch or a device declared dead must not come back to life."""
         with self._lock:
             if epoch < self._epoch:
                 verdict = BeatVerdict.STALE_EPOCH
@@ -237,7 +238,7 @@ class HeartbeatMonitor:
                 self._last[device], self._excused[device] = beat_at, 0.0
                 self._heard.add(device)
                 if progress is not None:
-                    self._record(device, progress, beat_at)
+                    self._record(device, progress, beat_at - age_s)
             if verdict is not BeatVerdict.ACCEPTED:
                 self._refused[(device, epoch, verdict)] += 1
                 return verdict
@@ -245,20 +246,23 @@ class HeartbeatMonitor:
             self._on_beat(device, beat_at)
         return verdict
 
-    def observe(self, device: int, progress: Progress) -> None:
+    def observe(self, device: int, progress: Progress, age_s: float = 0.0) -> None:
         """The watcher's own progress, known directly (it is judged beside the watched devices')."""
         with self._lock:
-            self._record(device, progress, self._clock())
+            self._record(device, progress, self._clock() - age_s)
 
-    def _record(self, device: int, progress: Progress, now: float) -> None:
+    def _record(self, device: int, progress: Progress, changed_at: float) -> None:
+        """A change of progress, dated when it happened (never before the last one, nor before a
+        restart of the watching: what came before a new epoch is no one's fault)."""
         seen = self._seen.get(device)
         if seen is not None and seen.progress == progress:
             return
+        changed_at = max(changed_at, self._started if seen is None else seen.changed_at)
         if self.config.detector == "phi" and device not in self._progress_phi:
             self._progress_phi[device] = PhiAccrual(self.config.interval_s)
         if seen is not None and seen.progress.busy and seen.excused == 0.0 and device in self._progress_phi:
-            self._progress_phi[device].observe(now - seen.changed_at)  # a gap in busy work, seen whole
-        self._seen[device] = SeenProgress(progress, now)
+            self._progress_phi[device].observe(changed_at - seen.changed_at)  # a gap in busy work, seen whole
+        self._seen[device] = SeenProgress(progress, changed_at)
 
     def progressed_at(self, device: int) -> float:
         """Clock time of the device's last progress seen (of the start of watching, if none was)."""

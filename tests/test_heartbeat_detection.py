@@ -379,3 +379,18 @@ def test_a_stall_while_the_watcher_itself_was_stalled_is_excused():
     assert monitor.check_progress() == []
     clock.advance(0.4)
     assert [d.device for d in monitor.check_progress()] == [1]
+
+
+def test_a_beat_dates_the_last_progress_by_its_age_not_by_its_own_arrival():
+    """The beater says how long its progress has stood: a wedge is timed from when it struck, not
+    from the next beat that told of it (up to an interval later)."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([1], HeartbeatConfig(interval_s=0.2, timeout_s=0.5), clock)
+    clock.advance(1.0)
+    monitor.beat(1, progress=busy(3, False), age_s=0.19)  # changed 0.19 s before this beat
+    assert monitor.progressed_at(1) == pytest.approx(0.81)
+    clock.advance(0.3)
+    assert monitor.check_progress() == []
+    clock.advance(0.02)  # 0.51 s since the change
+    (detection,) = monitor.check_progress()
+    assert detection.last_beat_at == pytest.approx(0.81) and detection.silence_s == pytest.approx(0.51)
