@@ -33,7 +33,7 @@ from device_network import POLL_S, StaleEpoch, StepAbandoned, WaitStalled
 from device_threads import ThreadCollective
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
-from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
+from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
 from task_reassign import make_strategy
 from tensor_parallel_model import (CPU, DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
@@ -523,7 +523,7 @@ class DeviceActor:
             for detection in self._judged():
                 self._on_declared(detection)
 
-    def _judged(self) -> list:
+    def _judged(self) -> list[Detection]:
         """The watched devices declared now: silent ones, and stuck ones (their progress beside this
         device's own), once judging has begun."""
         if not self._judging:

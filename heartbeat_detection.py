@@ -272,15 +272,21 @@ class HeartbeatMonitor:
 
     def check_progress(self) -> list[Detection]:
         """Declare each watched device stuck with work in hand (`culprits`): no progress for longer
-        than the detector tolerates silence. Each is reported once."""
+        than the detector tolerates silence. Each is reported once. The stall is counted only as far
+        as the beats vouch for it (one interval past the last): a device that fell silent is the
+        silence's to declare (a hang is not a wedge)."""
         with self._lock:
             now = self._clock()
             alive = {d: seen.progress for d, seen in self._seen.items() if d not in self._dead}
             stalled = {d: seen.progress for d, seen in self._seen.items()
                        if d in self._last and d not in self._dead and seen.progress.busy and
-                       self._too_long(self._progress_phi.get(d), now - seen.changed_at - seen.excused)}
+                       self._too_long(self._progress_phi.get(d), self._stall_s(d, seen, now))}
             return [self._declare(d, self._seen[d].changed_at, now, "no-progress", stalled[d].command)
                     for d in culprits(stalled, alive)]
+
+    def _stall_s(self, device: int, seen: SeenProgress, now: float) -> float:
+        vouched = min(now, self._last[device] + self.config.interval_s)
+        return vouched - seen.changed_at - seen.excused
 
     def refused(self) -> dict[tuple[int, int, BeatVerdict], int]:
         """Refused beats so far: (device, the epoch it stamped, why) -> how many."""

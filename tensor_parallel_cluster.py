@@ -23,7 +23,8 @@ from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
 from device_processes import Rendezvous, collective_timeout_s, driver_launcher
 from device_protocol import (DRIVER, Address, Broadcast, Chunk, Describe, DeviceExited, DeviceInfo, Envelope,
-                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch, Working)
+                             LeaderChanged, RecoveryPolicy, Reply, ReportKV, Step, Stop, Strike, Telemetry, Watch,
+                             Working)
 from device_network import WaitStalled
 from device_threads import CODECS, POLL_S, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
@@ -255,11 +256,12 @@ class TensorParallelLlama:
 
     def _progressed(self, envelope: Envelope, request: int) -> bool:
         """Does the message show progress on `request`: work on it, a new leader, or a new leader's
-        recovery (its epoch is newer: it does not know the request yet)?"""
+        recovery (another device, in a newer epoch: it does not know the request yet)?"""
         message = envelope.body
         if isinstance(message, LeaderChanged):
             return True
-        return isinstance(message, Working) and (message.request == request or envelope.epoch > self.epoch)
+        taking_over = envelope.sender != self.leader and envelope.epoch > self.epoch
+        return isinstance(message, Working) and (message.request == request or taking_over)
 
     def _next_message(self, deadline: float, stalled: Callable[[], str]) -> Envelope:
         """The driver's next message, recording notices (telemetry, strikes) on the way; after the

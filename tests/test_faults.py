@@ -553,6 +553,8 @@ def test_a_wedged_device_is_declared_for_its_lack_of_progress_and_recovered_loss
     assert "wedged" in outcome.kinds(device) and "beat" in outcome.kinds(device)
     if backend == "processes":
         assert exit_codes == {device: -signal.SIGKILL}
+    else:  # it read the new epoch without it, and stepped down (a leader: no second one)
+        assert "fenced out" in outcome.kinds(device)
     assert_no_project_threads()
 
 

@@ -375,9 +375,10 @@ def test_a_stall_while_the_watcher_itself_was_stalled_is_excused():
     monitor.beat(1, progress=busy(0, False))
     clock.advance(0.8)
     monitor.excuse(0.6)
-    monitor.beat(1, progress=busy(0, False))
+    monitor.beat(1, progress=busy(0, False), age_s=0.8)
     assert monitor.check_progress() == []
     clock.advance(0.4)
+    monitor.beat(1, progress=busy(0, False), age_s=1.2)
     assert [d.device for d in monitor.check_progress()] == [1]
 
 
@@ -389,8 +390,25 @@ def test_a_beat_dates_the_last_progress_by_its_age_not_by_its_own_arrival():
     clock.advance(1.0)
     monitor.beat(1, progress=busy(3, False), age_s=0.19)  # changed 0.19 s before this beat
     assert monitor.progressed_at(1) == pytest.approx(0.81)
-    clock.advance(0.3)
+    clock.advance(0.2)
+    monitor.beat(1, progress=busy(3, False), age_s=0.39)  # it beats on, stuck
+    clock.advance(0.1)
     assert monitor.check_progress() == []
     clock.advance(0.02)  # 0.51 s since the change
     (detection,) = monitor.check_progress()
     assert detection.last_beat_at == pytest.approx(0.81) and detection.silence_s == pytest.approx(0.51)
+
+
+def test_a_device_that_fell_silent_while_busy_is_declared_by_its_silence_not_its_progress():
+    """A hang stops the beats with the compute: its last beat said "busy", but a stall the beats no
+    longer vouch for is the silence's to judge, so the signal says what happened."""
+    clock = FakeClock()
+    config = HeartbeatConfig(interval_s=0.1, timeout_s=0.5)
+    monitor = HeartbeatMonitor([1], config, clock)
+    clock.advance(1.0)
+    monitor.beat(1, progress=busy(3, False), age_s=0.05)
+    found = []
+    while not found:
+        clock.advance(0.01)
+        found = monitor.check() + monitor.check_progress()
+    assert [(d.device, d.signal) for d in found] == [(1, "heartbeat")]
