@@ -269,6 +269,8 @@ def _declared_by(f: dict) -> str:
            "collective": "a peer's failed collective (its connection closed)",
            "no-progress": f"its lack of progress (it beat on, but its compute was stuck{stuck})"
            }.get(f["declared_by"], f["declared_by"])
+    if f.get("mode") == "wedge":
+        return how + "; the fault was a really blocked compute thread (no signal)"
     return how + (f"; the fault was a real {signal}" if signal else "; the fault was simulated inside its threads")
 
 

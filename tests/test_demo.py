@@ -171,7 +171,8 @@ def test_a_wedged_device_is_declared_by_its_lack_of_progress_and_the_report_says
     assert_every_row_lossless(saved, ["reuse-replay"])
     text = report.read_text()
     assert "Device-1 wedged in the middle of the step" in text
-    assert "its lack of progress (it beat on, but its compute was stuck in Forward)" in text
+    assert "its lack of progress (it beat on, but its compute was stuck in Forward); the fault was a really " \
+           "blocked compute thread (no signal)" in text
 
 
 def test_a_run_abandoned_by_what_was_not_injected_says_what_happened(tiny_checkpoint, tmp_path, capsys, monkeypatch):
