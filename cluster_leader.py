@@ -19,6 +19,10 @@ scheduler's copy is resized to the pool the new assignment fits, and either ever
 is recomputed in packed steps (full recompute) or each survivor is sent a `RebuildBatch` that
 carries its blocks into the new pool and fills the KV heads new to it (the reuse strategies,
 planned from what each says its pool holds). The scheduler changes only once that has succeeded.
+
+Every wait ends: on the devices' answers, or when the devices awaited have made no progress (as
+their beats report it) for the wait limit (`WaitStalled`, naming them and the command). The driver
+is told of progress on its request (`Working`): that, not a beat, keeps its own wait alive.
 """
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ from batched_forward import BlockCosts
 from device_protocol import (DRIVER, Address, BatchForward, BatchKV, Broadcast, Cancel, Describe, DeviceInfo,
                              Envelope, Forward, Inherit, Keep, LeaderChanged, LeaderRecord, NewEpoch, PoolSpec,
                              Prepare, Rebuild, RebuildBatch, Recover, RecoveryPolicy, Regroup, Reply, ReportPagedKV,
-                             Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit, Telemetry)
-from device_network import POLL_S, StepAbandoned, Transport
+                             Reprotect, Restore, SendTo, ServedStep, ServeStep, Snapshot, Step, Submit, Telemetry,
+                             Working)
+from device_network import POLL_S, StepAbandoned, Transport, WaitStalled
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_batch_rebuild, plan_rebuild, strategy_info
@@ -136,6 +141,8 @@ class Leader:
         self._replication = False
         self._failover = False
         self._requests = 0
+        self._serving = 0                        # the driver's request in hand (0: none, or a failover)
+        self._told_at = 0.0                      # the progress the driver was last told of (`Working`)
         self._fence_s = 0.0                      # spent fencing devices declared since the last preparation
         self._resumable: PostFailure | None = None  # the last recovery's state: its abandoned step may resume
         self._stopping = threading.Event()
@@ -206,10 +213,12 @@ class Leader:
             envelope = self._transport.receive(Address("leader", self.host), POLL_S)
             if envelope is None:
                 continue
+            self._serving = envelope.request
             try:
                 reply = Reply(getattr(self, f"_on_{type(envelope.body).__name__}")(envelope.body))
             except BaseException as error:  # noqa: BLE001 - handed back to the driver
                 reply = Reply(error=error)
+            self._serving = 0
             if self._stopping.is_set():
                 return  # the host died meanwhile: a dead leader answers nothing
             self._send(Address("driver", DRIVER), reply, envelope.request)
@@ -505,6 +514,8 @@ class Leader:
             self._replication = all(info.replication for info in infos.values())  # the old leader knew it
             batch = self._rebuild_batch if self._scheduler is not None else None  # requests in flight
             recovery = None if self.policy.hold else self._recover(self.policy.strategy, rebuild=batch)
+        except WaitStalled as stalled:  # nobody to blame: trying again would stall again
+            error = stalled
         except StepAbandoned:
             self._failover = True  # another device died meanwhile: try again
             return
@@ -518,31 +529,38 @@ class Leader:
             return list(self._declared)
 
     def _await_declaration(self, abandoned: StepAbandoned) -> None:
-        """A step was abandoned: wait (bounded) until the device behind it has been declared dead."""
-        deadline = time.monotonic() + 4 * self._heartbeat.timeout_s
+        """A step was abandoned: wait until the device behind it has been declared dead, as long as a
+        detection may take (the wait limit). A stalled wait is raised as it is: it outlasted every
+        detector, and no device was to blame."""
+        if isinstance(abandoned, WaitStalled) and not self._declared:
+            raise abandoned
+        limit = self._heartbeat.wait_limit_s
+        deadline = time.monotonic() + limit
         while not self._declared:
             self._refuse_if_host_gone()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"a step was abandoned but no device was declared dead within "
-                                   f"{4 * self._heartbeat.timeout_s:.1f} s ({abandoned})")
+                self._reform()  # the broken group is replaced: the next request finds one that works
+                raise WaitStalled(f"the leader, Device-{self.host}, waited {limit:.1f} s for the device behind an "
+                                  f"abandoned step to be declared dead; none was ({abandoned})")
             time.sleep(POLL_S)
 
     # ---------------------------------------------------------------------------------------
     # Commands and answers
 
-    def _run_group(self, commands: Mapping[int, Any], bound_s: float | None = None) -> dict[int, Any]:
+    def _run_group(self, commands: Mapping[int, Any]) -> dict[int, Any]:
         """Send each device its command and wait for every answer. Once the step is known to be broken
         (a device answered with an error, or one of them was declared dead), the others' answers are
         awaited for one heartbeat interval only: a crashed device never answers, and a late answer is
-        ignored. Any error is then raised: a device's own error first (in device order), never the
-        StepAbandoned its peers got from it."""
+        ignored. Until then the wait lasts as long as the devices awaited make progress; stalled for
+        the wait limit, it ends (`_refuse_if_stalled`). Any error is then raised: a device's own error
+        first (in device order), never the StepAbandoned its peers got from it."""
         self._requests += 1
         request, epoch = self._requests, self.epoch
         for device, command in commands.items():
             self._send(Address("commands", device), command, request, epoch)
         answers: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
-        deadline = None if bound_s is None else time.monotonic() + bound_s
+        deadline, answered_at = None, time.monotonic()
         while True:
             waiting = [d for d in commands if d not in answers and d not in errors and d in self.members]
             if (errors or len(waiting) < len(commands) - len(answers) - len(errors)) and deadline is None:
@@ -550,9 +568,11 @@ class Leader:
             if not waiting or (deadline is not None and time.monotonic() > deadline):
                 break
             self._refuse_if_host_gone()
+            self._refuse_if_stalled(waiting, commands, answered_at)
             envelope = self._transport.receive(Address("results", self.host), POLL_S)
             if envelope is None or envelope.request != request:
                 continue  # nothing yet, or a late answer to an earlier request (a fenced device's)
+            answered_at = time.monotonic()
             reply: Reply = envelope.body
             if reply.error is None:
                 answers[envelope.sender] = reply.value
@@ -573,6 +593,21 @@ class Leader:
             raise StepAbandoned(f"epoch {epoch}: " + "; ".join(said + ([f"no answer from {', '.join(silent)}"]
                                                                       if silent else [])))
         return answers
+
+    def _refuse_if_stalled(self, waiting: Sequence[int], commands: Mapping[int, Any], answered_at: float) -> None:
+        """The devices awaited made no progress (nor answered) for the wait limit: the wait ends, and a
+        new epoch releases them from the calls they may be stuck in. Progress is told to the driver."""
+        progressed = max([answered_at, *(self._monitor.progressed_at(d) for d in waiting)])
+        if progressed - self._told_at >= self._heartbeat.interval_s:
+            self._told_at = progressed
+            self._send(Address("driver", DRIVER), Working(self._serving))
+        limit = self._heartbeat.wait_limit_s
+        if time.monotonic() - progressed <= limit:
+            return
+        self._reform()
+        names = ", ".join(sorted({type(commands[d]).__name__ for d in waiting}))
+        raise WaitStalled(f"the leader, Device-{self.host}, waited {limit:.1f} s on "
+                          f"{', '.join(f'Device-{d}' for d in waiting)} in {names}: no progress")
 
     def _refuse_if_host_gone(self) -> None:
         """The host device died or was fenced out: whatever this leader was doing ends with it."""

@@ -15,6 +15,7 @@ from recovery_report import check_writable
 
 DEFAULT_PROMPT = "The history of fault tolerance in distributed computing begins with"
 DEFAULT_REPORT = Path("/tmp/kv_cache_performance_report.txt")
+FAULTS = ("crash", "hang", "wedge")  # what the demo's device suffers (fault_injection.py says what each is)
 
 
 class UsageError(Exception):
@@ -44,6 +45,7 @@ class Options:
     phi_threshold: float = 8.0
     standby_weights: bool = False
     accelerator: str = "cpu"
+    fault: str = "crash"
 
     @property
     def heartbeat(self) -> HeartbeatConfig:
@@ -69,6 +71,8 @@ def check_options(o: Options) -> None:
         raise UsageError(f"--context-tokens must not be negative, got {o.context_tokens}")
     if o.accelerator == "cuda" and o.backend != "processes":
         raise UsageError("--accelerator cuda needs --backend processes (one GPU per device process)")
+    if o.fault not in FAULTS:
+        raise UsageError(f"--fault {o.fault!r}: choose from {', '.join(FAULTS)}")
     if o.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {o.repeats}")
     try:

@@ -1,4 +1,4 @@
-"""The demo's scenario: a failure-free reference, the same generation with a crash, every recovery
+"""The demo's scenario: a failure-free reference, the same generation with a fault, every recovery
 strategy from one post-failure state, and the report's dict of what was measured.
 
 The command line (execution_optimization_algorithm_demo.py) imports this only once the arguments
@@ -16,6 +16,7 @@ import torch
 from cluster_leader import StepFailed
 from demo_options import Options, check_against_model
 from device_actor import DTYPES
+from device_network import StepAbandoned, WaitStalled
 from device_protocol import RecoveryPolicy
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
@@ -30,6 +31,9 @@ from synthetic_checkpoint import is_synthetic_checkpoint, synthetic_name
 from tensor_parallel_cluster import open_checkpoint
 
 PREFILL_REPEATS = 2  # warm prefills per keeping mode in the cost of keeping state (each is a whole prefill)
+FAULT_VERBS = {"crash": "crashes", "hang": "hangs", "wedge": "wedges"}
+SIGNAL_WORDS = {"heartbeat": "it missed its heartbeats", "no-progress": "it beat on but made no progress",
+                "process-exit": "its process exited", "collective": "a peer's collective with it failed"}
 
 
 def build_prompt(tokenizer, prompt: str, context_tokens: int | None) -> list[int]:
@@ -77,7 +81,8 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     reference = failure_free_run(model, prompt_ids, o.new_tokens, o.fail_after)
 
     keeping = keep_state_for(model, o.recovery)
-    log(f"run with a failure: Device-{o.fail_device} crashes after {o.fail_after} tokens (keeping {keeping})")
+    log(f"run with a failure: Device-{o.fail_device} {FAULT_VERBS[o.fault]} after {o.fail_after} tokens "
+        f"(keeping {keeping})")
     before, prefill_keeping_s = generate_until_failure(model, prompt_ids, o, log)
     if before != reference.tokens[:o.fail_after]:
         raise RuntimeError("the run diverged from the failure-free run before the failure")
@@ -104,7 +109,7 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
     comparison = comparison_rows(outcomes, {"detection_s": detection_s, "regroup_s": post.regroup_s,
                                             "weights_s": post.weight_load_s})
     pictures = {"timeline": picture_path(o.report, "timeline"), "phases": picture_path(o.report, "phases")}
-    what = (f"Device-{event.device} crashes after {o.fail_after} tokens; {o.reassign} reassignment; "
+    what = (f"Device-{event.device} {FAULT_VERBS[o.fault]} after {o.fail_after} tokens; {o.reassign} reassignment; "
             f"{len(post.context_ids)}-token context; {o.backend}, {o.devices} devices")
     plot_timeline(list(model.events), pictures["timeline"],
                   f"{what} ({started_at[:10]})\nafter the failure: each strategy's rebuild, {o.repeats}x each from the "
@@ -117,11 +122,12 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                 "options": o.to_json()},
         "model": describe_model(model, o.dtype),
         "system": system,
-        "failure": {"device": event.device, "mode": "crash", "after_tokens": o.fail_after,
+        "failure": {"device": event.device, "mode": o.fault, "after_tokens": o.fail_after,
                     "signal": next((s.signal for s in model.strikes if s.device == event.device), None),
                     "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
                     "detector": o.detector, "phi_threshold": o.phi_threshold if o.detector == "phi" else None,
-                    "detection_latency_s": detection_s, "declared_by": event.detection.signal, "leader": event.leader,
+                    "detection_latency_s": detection_s, "declared_by": event.detection.signal,
+                    "stuck_in": event.detection.stuck_in, "leader": event.leader,
                     "reassign": o.reassign, "plan": plan.describe(), "regroup_seconds": post.regroup_s,
                     "weight_load_seconds": post.weight_load_s, "weight_bytes_inherited": post.weight_bytes,
                     "standby_weights": o.standby_weights, "weights_from_standby": post.weights_from_standby,
@@ -148,21 +154,37 @@ def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:
 
 def generate_until_failure(model: FaultTolerantLlama, prompt_ids: list[int], o: Options,
                            log: Callable[[str], None]) -> tuple[list[int], float]:
-    """Generate `fail_after` tokens, then run the step in which the armed device crashes."""
+    """Generate `fail_after` tokens, then run the step in which the armed device fails."""
     started = time.perf_counter()
     logits = model.prefill(prompt_ids)
     prefill_s = time.perf_counter() - started
     tokens = [int(logits.argmax())]
     while len(tokens) < o.fail_after:
         tokens.append(int(model.decode(tokens[-1]).argmax()))
-    model.arm(FailurePlan(o.fail_device, o.fail_after))
-    log(f"Device-{o.fail_device} crashes in this step; waiting for its death to be declared "
+    model.arm(FailurePlan(o.fail_device, o.fail_after, mode=o.fault))
+    log(f"Device-{o.fail_device} {FAULT_VERBS[o.fault]} in this step; waiting for its death to be declared "
         f"(heartbeat timeout {o.heartbeat_timeout} s; a process's exit is seen at once)...")
     try:
         model.decode(tokens[-1])
     except StepFailed:
         return tokens, prefill_s
     raise RuntimeError("the injected failure did not abandon the step")
+
+
+def explain_abandoned(error: StepAbandoned) -> str:
+    """What stopped a run that had no more faults to survive, in words: the device declared dead and
+    on what evidence (no failure was injected there), or the wait that stalled, or the step given up."""
+    if isinstance(error, StepFailed):
+        return "; ".join(f"Device-{e.device} was declared dead because {why_declared(e.detection)}, with no "
+                         f"failure injected there (a loaded machine? raise --heartbeat-timeout)" for e in error.events)
+    if isinstance(error, WaitStalled):
+        return f"a wait stalled: {error}"
+    return f"a step was abandoned: {error}"
+
+
+def why_declared(detection) -> str:
+    why = SIGNAL_WORDS.get(detection.signal, detection.signal)
+    return why + (f" in {detection.stuck_in}" if detection.stuck_in else "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,17 +6,21 @@ leader's `results` inbox. Its control thread beats, watches, and handles `contro
 new epoch (which aborts the collective a step may be waiting in), a declaration. The device that
 leads also hosts the leader (cluster_leader.py) on a third thread; its control thread then
 watches every member, where the others watch only the leader. When the leader is declared dead,
-the lowest-numbered survivor becomes the leader. Nothing outside this module holds a device's
-tensors: the leader and the driver learn what they need by asking (`Describe`, `ReportKV`).
+the lowest-numbered survivor becomes the leader. Every beat carries the compute thread's progress
+(`ComputeProgress`: the command in hand, the collective calls entered, ticks of long local work),
+so that a wedged compute thread behind a live control thread is found too. Nothing outside this
+module holds a device's tensors: the leader and the driver learn what they need by asking
+(`Describe`, `ReportKV`).
 """
 from __future__ import annotations
 
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -25,13 +29,13 @@ from batched_forward import (BlockCosts, PagedHiddenStates, PagedKVCache, PagedP
                              step_slots)
 from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, BatchForward, Beat, CorruptKV, Declare, Describe,
                              DeviceInfo, Envelope, Forward, Inherit, Inherited, Keep, LeaderRecord, NewEpoch,
-                             PoolInfo, PoolSpec, Rebuild, RebuildBatch, RecoveryPolicy, Regroup, Reply, ReportKV,
-                             ReportPagedKV, Reprotect, Restore, Snapshot, Stop, Strike, Telemetry, TimeHiddenRebuild,
-                             Watch)
-from device_network import POLL_S, EpochCollective, StaleEpoch, StepAbandoned, Transport
+                             PoolInfo, PoolSpec, Progress, Rebuild, RebuildBatch, RecoveryPolicy, Regroup, Reply,
+                             ReportKV, ReportPagedKV, Reprotect, Restore, Snapshot, Stop, Strike, Telemetry,
+                             TimeHiddenRebuild, Watch)
+from device_network import POLL_S, EpochCollective, StaleEpoch, StepAbandoned, Transport, WaitStalled
 from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
-from heartbeat_detection import HeartbeatConfig, HeartbeatMonitor
+from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
 from request_scheduler import SchedulerConfig
 from task_reassign import make_strategy
@@ -80,41 +84,92 @@ class Ready:
     error: BaseException | None = None
 
 
-class DeviceEndpoint:
-    """This device's side of its epoch's collective: each call is counted by the fault switch and
-    refused when the device's own epoch is not the collective's (a fenced device reaches no one)."""
+class ComputeProgress:
+    """What the compute thread is doing, for the beats (`Progress`), and since when: counters reset
+    per command. Only the compute thread changes it, each change one new (value, time) pair, so the
+    control thread that sends it always reads a whole one."""
 
-    def __init__(self, device: int, group: EpochCollective, own_epoch: Callable[[], int], faults: FaultSwitch):
+    def __init__(self) -> None:
+        self._now = (Progress(), time.monotonic())
+
+    @property
+    def now(self) -> Progress:
+        return self._now[0]
+
+    def read(self) -> tuple[Progress, float]:
+        """The progress, and how long it has stood (seconds)."""
+        progress, since = self._now
+        return progress, time.monotonic() - since
+
+    def start(self, envelope: Envelope) -> None:
+        self._set(Progress(type(envelope.body).__name__, envelope.request, envelope.epoch))
+
+    def idle(self) -> None:
+        self._set(Progress())
+
+    def tick(self) -> None:
+        """A piece of long local work done (a layer, a block): a long command is not a stuck one."""
+        self._set(replace(self.now, ticks=self.now.ticks + 1))
+
+    @contextmanager
+    def calling(self) -> Iterator[None]:
+        """A wait on the peers: counted on entry, and marked as inside a call until it returns."""
+        self._set(replace(self.now, entered=self.now.entered + 1, in_call=True))
+        try:
+            yield
+        finally:
+            self._set(replace(self.now, in_call=False))
+
+    def _set(self, progress: Progress) -> None:
+        self._now = (progress, time.monotonic())
+
+
+class DeviceEndpoint:
+    """This device's side of its epoch's collective: each call is counted by the fault switch (which
+    strikes before the call is entered) and by the progress, and refused when the device's own
+    epoch is not the collective's (a fenced device reaches no one)."""
+
+    def __init__(self, device: int, group: EpochCollective, own_epoch: Callable[[], int], faults: FaultSwitch,
+                 progress: ComputeProgress):
         self.device, self.group, self._own_epoch, self._faults = device, group, own_epoch, faults
+        self._progress = progress
 
     def all_reduce(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        return self._enter().all_reduce(self.device, tensor)
+        with self._enter() as group:
+            return group.all_reduce(self.device, tensor)
 
     def own_rows(self, device: int, length: int) -> slice:
         return self.group.own_rows(self.device, length)
 
     def reduce_scatter(self, device: int, tensor: torch.Tensor) -> torch.Tensor:
-        return self._enter().reduce_scatter(self.device, tensor)
+        with self._enter() as group:
+            return group.reduce_scatter(self.device, tensor)
 
     def all_gather_rows(self, device: int, rows: torch.Tensor, length: int) -> torch.Tensor:
-        return self._enter().all_gather_rows(self.device, rows, length)
+        with self._enter() as group:
+            return group.all_gather_rows(self.device, rows, length)
 
     def all_gather(self, device: int, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return self._enter().all_gather(self.device, tensor)
+        with self._enter() as group:
+            return group.all_gather(self.device, tensor)
 
     def send(self, device: int, to: int, payload: object) -> None:
-        self._enter().send(self.device, to, payload)
+        with self._enter() as group:
+            group.send(self.device, to, payload)
 
     def recv(self, device: int, source: int) -> object:
-        return self._enter().recv(self.device, source)
+        with self._enter() as group:
+            return group.recv(self.device, source)
 
-    def _enter(self) -> EpochCollective:
+    @contextmanager
+    def _enter(self) -> Iterator[EpochCollective]:
         self._faults.at_collective_call()
         epoch = self._own_epoch()
         if epoch != self.group.epoch:
             raise StaleEpoch(f"Device-{self.device} called with epoch {epoch} into epoch {self.group.epoch}'s "
                              f"collective: refused")
-        return self.group
+        with self._progress.calling():
+            yield self.group
 
 
 class DeviceActor:
@@ -134,6 +189,7 @@ class DeviceActor:
         self._leader_id = min(self._membership.members)
         self._epoch_changed = threading.Condition()
         self._stopping = threading.Event()
+        self._progress = ComputeProgress()
         self.faults = FaultSwitch(self.device, self._config.num_hidden_layers, self._tell_strike,
                                   transport.released(self.device), signals=transport.real_signals)
         self._monitor = self._watch(self._watched())
@@ -205,28 +261,36 @@ class DeviceActor:
             except BaseException as error:  # noqa: BLE001 - handed back to the leader
                 reply = Reply(error=_with_trace(error))
             self._answer(envelope, reply)
+            self._progress.idle()
 
     def _execute(self, envelope: Envelope) -> Any:
-        if not self._await_epoch(envelope.epoch):
-            raise StaleEpoch(f"Device-{self.device} is in epoch {self._membership.epoch}: a command of epoch "
-                             f"{envelope.epoch} is refused")
+        self._await_epoch(envelope)
+        self._progress.start(envelope)
         body = envelope.body
         handler = getattr(self, f"_on_{type(body).__name__}")
         return handler(body)
 
-    def _await_epoch(self, epoch: int) -> bool:
-        """A command of a newer epoch may overtake the NewEpoch message: wait for it (bounded)."""
+    def _await_epoch(self, envelope: Envelope) -> None:
+        """A command of a newer epoch may overtake the NewEpoch message: wait for it, as long as the
+        news of an epoch may take (the wait limit); a command of an ended epoch is refused."""
+        limit, epoch = self._setup.heartbeat.wait_limit_s, envelope.epoch
         with self._epoch_changed:
-            self._epoch_changed.wait_for(lambda: self._membership.epoch >= epoch or self._stopping.is_set(),
-                                         timeout=10 * self._setup.heartbeat.timeout_s)
-            return self._membership.epoch == epoch
+            news = self._epoch_changed.wait_for(lambda: self._membership.epoch >= epoch or self._stopping.is_set(),
+                                                timeout=limit)
+        if not news:
+            raise WaitStalled(f"Device-{self.device} waited {limit:.1f} s for the news of epoch {epoch} from "
+                              f"Device-{envelope.sender} before serving {type(envelope.body).__name__}: none came")
+        if self._membership.epoch != epoch:
+            raise StaleEpoch(f"Device-{self.device} is in epoch {self._membership.epoch}: a command of epoch "
+                             f"{epoch} is refused")
 
     def _flushed(self, reply: Reply) -> Reply:
         """A command is done only when the KV it sent was taken (processes: a send completes when received)."""
         group, self._used_group = self._used_group, None
         try:
             if group is not None:
-                group.flush()
+                with self._progress.calling():  # a wait on the receivers
+                    group.flush()
         except StepAbandoned as error:  # the receiver is gone, or a newer epoch began meanwhile
             return Reply(error=error)
         return reply
@@ -248,6 +312,7 @@ class DeviceActor:
         started = self.clock()
         self._state = load_device_state(self._checkpoint, self._assignment, self.device, self._dtype,
                                         on_layer=lambda: self._telemetry("loaded layer"))
+        self._state.on_tick = self._progress.tick
         self._telemetry("load weights", started)
         if self._setup.policy.standby_weights:
             started = self.clock()
@@ -365,7 +430,8 @@ class DeviceActor:
     def _on_Regroup(self, command: Regroup) -> None:
         began = self.clock()
         group = self._used_group = self._collective()
-        group.all_reduce(self.device, torch.zeros(1, device=self._setup.placement))
+        with self._progress.calling():
+            group.all_reduce(self.device, torch.zeros(1, device=self._setup.placement))
         self._telemetry("regroup", began)
 
     def _on_Inherit(self, command: Inherit) -> Inherited:
@@ -380,7 +446,7 @@ class DeviceActor:
         before = shard.nbytes + state.vocab.nbytes
         if heads or columns:
             state.shard = extend_shard(shard, self._checkpoint, heads, columns, self._dtype,
-                                       blocks=standby.layers if standby else None)
+                                       blocks=standby.layers if standby else None, on_layer=self._progress.tick)
         if rows != state.vocab.rows:
             state.vocab = load_vocab_slice(self._checkpoint, rows, self._dtype, held=state.vocab,
                                            standby=standby.vocab if standby else ())
@@ -476,7 +542,7 @@ class DeviceActor:
 
     def _endpoint(self) -> DeviceEndpoint:
         group = self._used_group = self._collective()
-        return DeviceEndpoint(self.device, group, lambda: self._membership.epoch, self.faults)
+        return DeviceEndpoint(self.device, group, lambda: self._membership.epoch, self.faults, self._progress)
 
     def _collective(self) -> EpochCollective:
         """The group of this device's epoch: the membership read once, epoch and members together."""
@@ -529,8 +595,17 @@ class DeviceActor:
             if now - looked_at > 2 * POLL_S:  # this thread did not look meanwhile (stalled, hung, busy in
                 self._monitor.excuse(now - looked_at - POLL_S)  # a handler): no one is blamed for that time
             looked_at = now
-            for detection in self._monitor.check() if self._judging else ():
+            self._monitor.observe(self.device, *self._progress.read())
+            for detection in self._judged():
                 self._on_declared(detection)
+
+    def _judged(self) -> list[Detection]:
+        """The watched devices declared now: silent ones, and stuck ones (their progress beside this
+        device's own), once judging has begun."""
+        if not self._judging:
+            return []
+        monitor = self._monitor
+        return monitor.check() + monitor.check_progress()
 
     def _drain_control(self) -> None:
         while not self._stopping.is_set() and (envelope := self._transport.receive(
@@ -539,7 +614,7 @@ class DeviceActor:
 
     def _beat(self) -> None:
         membership = self._membership
-        beat = Beat(self.device, membership.epoch)
+        beat = Beat(self.device, membership.epoch, *self._progress.read())
         targets = [m for m in membership.members if m != self.device] if self.leader else [self._leader_id]
         for device in targets:
             self._send(Address("control", device), beat)
@@ -549,7 +624,7 @@ class DeviceActor:
         if isinstance(body, Stop):  # obeyed at once, whatever the device is doing, as SIGTERM is
             self._stop()
         elif isinstance(body, Beat):
-            self._monitor.beat(body.device, body.epoch)
+            self._monitor.beat(body.device, body.epoch, body.progress, body.progress_age_s)
         elif isinstance(body, NewEpoch):
             self._admit(body)
         elif isinstance(body, LeaderRecord):
@@ -614,7 +689,8 @@ class DeviceActor:
         for detection in lost:
             declared = self._monitor.declare(detection.device, detection.signal)
             if declared is not None and not self.leader.declared(
-                    replace(declared, last_beat_at=detection.last_beat_at), failover=True):
+                    replace(declared, last_beat_at=detection.last_beat_at, stuck_in=detection.stuck_in),
+                    failover=True):
                 self._fenced()
                 return
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from device_protocol import Address, Envelope
 
 POLL_S = 0.05  # how often a waiting thread looks at aborts, the monitor's verdicts and Ctrl-C
-WAIT_LIMIT_S = HeartbeatConfig().wait_limit_s  # the default heartbeats' limit, for a collective made without one
+WAIT_LIMIT_S = HeartbeatConfig().call_limit_s  # the default heartbeats' bound on a call, for a collective made without one
 
 
 class StepAbandoned(Exception):

@@ -51,7 +51,7 @@ def run_device(master: tuple[str, int], device: int, node_addr: str) -> None:
     store = connect_store(master)
     setup = pickle.loads(store.get(f"setup/{device}"))
     transport = ProcessTransport(master, device, collective_timeout_s(setup.heartbeat.timeout_s), node_addr,
-                                 setup.placement, wait_limit_s=setup.heartbeat.wait_limit_s)
+                                 setup.placement, wait_limit_s=setup.heartbeat.call_limit_s)
     store.set(f"pid/{device}", f"{socket.gethostname()}:{os.getpid()}")
     DeviceActor(setup, transport).start()
     while transport.join(timeout_s=0.5):

@@ -5,10 +5,10 @@ A device is a private world reached only by messages. Who sends what:
 | from -> to | inbox | messages |
 |---|---|---|
 | driver -> leader | `leader` | requests: `Step`, `Prepare`, `Recover`, `Broadcast`, `SendTo`; batches: `Submit`, `ServeStep`, `Cancel`, `BatchKV` |
-| leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged` |
+| leader -> driver | `driver` | one `Reply` per request; notices: `LeaderChanged`, `Working` (its request made progress) |
 | leader -> device | `commands` | commands: `Forward`, `BatchForward`, `RebuildBatch`, `ReportPagedKV`, `Keep`, `Inherit`, `Rebuild`, `Reprotect`, `Snapshot`, `Restore`, `ReportKV`, `Describe`, `TimeHiddenRebuild`, `Arm`, `CorruptKV` |
 | device -> leader | `results` | one `Reply` per command |
-| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed), `LeaderRecord` (the leader to its successor) |
+| every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device; each carries the beater's compute `Progress`), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed), `LeaderRecord` (the leader to its successor) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
 | driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing); processes: `Declare` (a device process exited) |
 | device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
@@ -200,9 +200,40 @@ class CorruptKV:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """What a device's compute thread is doing, sent with every beat: liveness alone cannot tell a
+    wedged compute thread from a busy one. `command` is the command in hand ("idle": none), from the
+    leader's request `request` of epoch `epoch`; for it the device has entered `entered` collective
+    calls (counted on entry: when one device is stuck, its peers wait for it inside the next call,
+    one call ahead of it), is inside one now or not (`in_call`), and has ticked `ticks` times from
+    inside long local work (a layer of a prefill or a rebuild, a block of an inheritance)."""
+
+    command: str = "idle"
+    request: int = 0
+    epoch: int = 0
+    entered: int = 0
+    in_call: bool = False
+    ticks: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.command != "idle"
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The request it works on: devices on the same one wait for each other in its collectives."""
+        return self.epoch, self.request
+
+
+@dataclass(frozen=True)
 class Beat:
+    """`progress_age_s`: how long the progress has stood, by the beater's own clock (a duration, so
+    clocks are never compared): the watcher dates the last change, not the beat that told of it."""
+
     device: int
     epoch: int
+    progress: Progress = Progress()
+    progress_age_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -318,6 +349,14 @@ class LeaderChanged:
     recovery: Any
     failures: tuple = ()
     error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Working:
+    """The leader to the driver: the commands serving `request` made progress (the driver's wait on
+    a request is kept alive by this, never by a beat: a live control thread proves no progress)."""
+
+    request: int
 
 
 @dataclass(frozen=True)

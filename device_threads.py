@@ -8,7 +8,7 @@ is (threads share memory; senders pass copies), or as bytes (`BytesCodec`: every
 collective payload pickled and unpickled, so that any shortcut through shared memory breaks: the
 test-only "serialising" backend). A step in which a device dies is abandoned (its epoch's
 collective is aborted, every waiting device gets `StepAbandoned`) and redone after recovery. No
-wait in a collective outlasts its limit (`HeartbeatConfig.wait_limit_s`): a peer that never comes
+wait in a collective outlasts its limit (`HeartbeatConfig.call_limit_s`): a peer that never comes
 ends it with `WaitStalled`. What the thread backend shares with the processes backend (the epoch
 groups' life cycle, inboxes, the threads it keeps) is in device_network.py.
 """

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from demo_options import DEFAULT_PROMPT, DEFAULT_REPORT, Options, UsageError, check_against_model, check_options
+from demo_options import (DEFAULT_PROMPT, DEFAULT_REPORT, FAULTS, Options, UsageError, check_against_model,
+                          check_options)
 from device_protocol import DTYPE_NAMES, STRATEGY_NAMES
 from heartbeat_detection import DETECTORS
 from llama_config import CheckpointError, LlamaConfig, resolve_checkpoint
@@ -48,8 +49,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--accelerator", choices=("cpu", "cuda"), default="cpu",
         help="cpu (default), or cuda with --backend processes: every device process computes on a GPU of its "
              "own, collectives on NCCL (docs/backends.md: written for GPUs, not yet run on one)")
-    add("--fail-device", type=int, default=1, help="the device that crashes (default 1)")
-    add("--fail-after", type=int, default=4, help="generated tokens before the crash (default 4)")
+    add("--fail-device", type=int, default=1, help="the device that fails (default 1)")
+    add("--fail-after", type=int, default=4, help="generated tokens before the failure (default 4)")
+    add("--fault", choices=FAULTS, default="crash",
+        help="what the device suffers mid-step: crash (its threads end; processes: SIGKILL; the default), hang "
+             "(everything stops, beats included; processes: SIGSTOP), wedge (its compute blocks for good while its "
+             "beats go on: found by its lack of progress)"),
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt text")
     add("--context-tokens", type=int, default=512,
         help="pad the prompt (repeating it) to this many tokens, to time recovery at a chosen length (default 512; "
@@ -84,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                       STRATEGY_NAMES if args.recovery == "all" else (args.recovery,),
                       args.heartbeat_interval, args.heartbeat_timeout, args.dtype, args.repeats, args.report,
                       args.seed, args.quiet, args.backend, args.detector, args.phi_threshold, args.standby_weights,
-                      args.accelerator)
+                      args.accelerator, args.fault)
     check_options(options)
     return options
 
@@ -115,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(options: Options, argv: list[str]) -> int:
     """The run itself, once nothing in the arguments or the config refuses it (torch from here on)."""
-    from demo_scenario import run_scenario
+    from demo_scenario import explain_abandoned, run_scenario
     from device_network import StepAbandoned
     from device_threads import interrupts_at_wait_points
     from process_launcher import LaunchError
@@ -129,9 +134,8 @@ def run(options: Options, argv: list[str]) -> int:
     except (UsageError, CheckpointError, LaunchError) as bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2
-    except StepAbandoned:  # a device went silent although no failure was injected there
-        print("error: a device missed its heartbeats without an injected failure (the machine is too loaded "
-              "for this timeout: raise --heartbeat-timeout); no report written", file=sys.stderr)
+    except StepAbandoned as abandoned:  # a failure that was not injected, or a wait that stalled
+        print(f"error: {explain_abandoned(abandoned)}; no report written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: stopped every device, no report written", file=sys.stderr)

@@ -6,8 +6,12 @@ recovery. "crash": the device's threads end and its memory is gone. "hang": the 
 (no compute, no beats, no messages handled) until it is released from outside, as a stopped
 process is continued; then it goes on with its stale step, which the fencing must refuse.
 "slow": its compute stalls for a while, its heartbeats go on (it must not be declared dead).
-With `signals` (the processes backend) the faults are real: a crash is the process's own SIGKILL,
-a hang its own SIGSTOP (continued by SIGCONT from the launcher).
+"wedge": its compute thread blocks and never returns, while its process, its control thread and
+its beats live on (a driver stuck in a kernel, a deadlocked library): only the lack of progress
+the beats report reveals it. With `signals` (the processes backend) crash and hang are real: a
+crash is the process's own SIGKILL, a hang its own SIGSTOP (continued by SIGCONT from the
+launcher); a wedge is a really blocked thread there too, no signal. A thread cannot be killed:
+a wedged one is released when its device stops (fenced, or the cluster closing).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-FAILURE_MODES = ("crash", "hang", "slow")
+FAILURE_MODES = ("crash", "hang", "slow", "wedge")
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class FaultSwitch:
             self._fire(plan)
 
     def close(self) -> None:
-        """The device is stopping: a stall or a hang in progress ends now."""
+        """The device is stopping: a stall, a hang or a wedge in progress ends now."""
         self._closing.set()
 
     def _fire(self, plan: FailurePlan) -> None:
@@ -96,6 +100,8 @@ class FaultSwitch:
         self._strike_told(self.device, plan.mode, self._clock(), None if real is None else real.name)
         if plan.mode == "slow":
             self._closing.wait(plan.delay_s)
+        elif plan.mode == "wedge":
+            self._closing.wait()  # the fault itself: blocked until the device stops, whatever else runs
         elif real is not None:
             os.kill(os.getpid(), real)  # the kernel does the rest; a stopped process goes on when continued
         elif plan.mode == "hang":

@@ -262,6 +262,7 @@ def rebuild_from_hidden_states(state: DeviceState, kv_heads: Sequence[int]) -> N
     for i, layer in enumerate(state.shard.layers):
         k, v = project_kv_heads(layer, rows, store.layer_inputs(i, cache.length), rope, config.head_dim)
         cache.put_heads(i, kv_heads, 0, k, v)
+        state.on_tick()
 
 
 def check_store_covers(store: HiddenStateStore | None, length: int) -> None:

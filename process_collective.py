@@ -5,7 +5,7 @@ Every sum a collective returns is taken by each device in member order from ever
 (gathered, or exchanged all-to-all for a reduce-scatter), never by the library's ring, whose order
 of additions depends on the group's size: processes give the thread backend's bits. Where the
 shapes are known in advance (an all-reduce, an all-gather of rows) that is one gloo call per sum.
-No call waits past the wait limit (`HeartbeatConfig.wait_limit_s`): it ends with WaitStalled.
+No call waits past its limit (`HeartbeatConfig.call_limit_s`): it ends with WaitStalled.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from provenance import strict_json
 Report = dict[str, Any]
 
 
+FAULT_PAST = {"crash": "crashed", "hang": "hung", "wedge": "wedged"}  # failure.mode, as the report says it
 PHASES = (("detection_s", "detect"), ("regroup_s", "regroup"), ("weights_s", "weights"), ("rebuild_s", "rebuild"),
           ("redo_s", "redo"))
 
@@ -141,7 +142,8 @@ def render_interruption(r: Report) -> str:
     if not rows:
         return ""
     full = next((row for row in rows if row["name"] == "full-recompute"), None)
-    lines = [_heading(f"What losing Device-{f['device']} cost: from the crash to the next token"), measured_on(r),
+    fault = f.get("mode", "crash")
+    lines = [_heading(f"What losing Device-{f['device']} cost: from the {fault} to the next token"), measured_on(r),
              f"{'strategy':<16}" + "".join(f"{label:>9}" for _, label in PHASES) + f"{'total s':>10}"
              + ("   saved against full recompute" if full else "")]
     for row in rows:
@@ -151,7 +153,7 @@ def render_interruption(r: Report) -> str:
             saved = f"   {full['interruption_s'] - row['interruption_s']:.3f} s ({_percent(row)})"
         lines.append(f"{row['name']:<16}" + "".join(f"{phases[key]:>9.3f}" for key, _ in PHASES)
                      + f"{row['interruption_s']:>10.3f}{saved}")
-    lines.append(f"detect: crash to declared dead ({f.get('detector', 'timeout')} detector; declared by "
+    lines.append(f"detect: {fault} to declared dead ({f.get('detector', 'timeout')} detector; declared by "
                  f"{f['declared_by']}); regroup: fencing, the survivors' first call on the new group and their "
                  f"agreeing on the context; weights: the new owners' slices; rebuild: the KV cache; redo: the "
                  f"abandoned step, redone, which gives the next token. Seconds, each measured in this run.")
@@ -230,7 +232,8 @@ def _processes(processes: list[dict], model: dict) -> list[str]:
 def _failure(r: Report) -> str:
     f = r["failure"]
     lines = [_heading("3. Failure detection and recovery"),
-             f"injected          Device-{f['device']} {f['mode']}ed in the middle of the step after "
+             f"injected          Device-{f['device']} {FAULT_PAST.get(f['mode'], f['mode'])} in the middle of the "
+             f"step after "
              f"{f['after_tokens']} generated tokens",
              f"heartbeats        every {f['heartbeat_interval_s']} s; {_detector(f)}",
              f"detection         {f['detection_latency_s']:.3f} s from failure to declaration",
@@ -261,8 +264,13 @@ def _detector(f: dict) -> str:
 def _declared_by(f: dict) -> str:
     signal = f.get("signal")
     silence = "phi accrual" if f.get("detector") == "phi" else "heartbeat timeout"
+    stuck = f" in {f['stuck_in']}" if f.get("stuck_in") else ""
     how = {"heartbeat": f"its silence ({silence})", "process-exit": "the launcher seeing its process exit",
-           "collective": "a peer's failed collective (its connection closed)"}.get(f["declared_by"], f["declared_by"])
+           "collective": "a peer's failed collective (its connection closed)",
+           "no-progress": f"its lack of progress (it beat on, but its compute was stuck{stuck})"
+           }.get(f["declared_by"], f["declared_by"])
+    if f.get("mode") == "wedge":
+        return how + "; the fault was a really blocked compute thread (no signal)"
     return how + (f"; the fault was a real {signal}" if signal else "; the fault was simulated inside its threads")
 
 

@@ -23,8 +23,8 @@ from cluster_leader import Recovery, StepFailed, StepResult
 from device_actor import DTYPES, DeviceActor, DeviceSetup, Ready
 from device_protocol import (DRIVER, Address, BatchKV, Broadcast, Cancel, Chunk, Describe, DeviceExited, DeviceInfo,
                              Envelope, LeaderChanged, RecoveryPolicy, Reply, ReportKV, ServedStep, ServeStep, Step,
-                             Stop, Strike, Submit, Telemetry, Watch)
-from device_network import POLL_S
+                             Stop, Strike, Submit, Telemetry, Watch, Working)
+from device_network import POLL_S, WaitStalled
 from device_threads import CODECS, ThreadTransport, raise_if_interrupted
 from head_assignment import Assignment, even_assignment
 from heartbeat_detection import HeartbeatConfig
@@ -103,7 +103,7 @@ class TensorParallelLlama:
             self.transport = driver_launcher(rendezvous or Rendezvous.from_environment(),
                                              collective_timeout_s(heartbeat.timeout_s))
         else:
-            self.transport = ThreadTransport(CODECS[backend])
+            self.transport = ThreadTransport(CODECS[backend], wait_limit_s=heartbeat.call_limit_s)
         try:
             if backend == "processes":
                 self.transport.launch(setups, _bytes_per_device(checkpoint, dtype, len(setups)))
@@ -141,10 +141,12 @@ class TensorParallelLlama:
 
     def _await_ready(self) -> None:
         """Every device has loaded its slices (or one could not: its error is raised)."""
-        waiting = set(self.assignment.devices)
+        waiting, limit = set(self.assignment.devices), max(600.0, self.heartbeat.wait_limit_s)
         with _progress_bar(len(waiting) * self.config.num_hidden_layers, self._progress) as bar:
             while waiting:
-                envelope = self._next_message(bound_s=max(600.0, 4 * self.heartbeat.timeout_s))
+                envelope = self._next_message(time.monotonic() + limit, lambda: (
+                    f"the driver waited {limit:.1f} s for Device-{', Device-'.join(map(str, sorted(waiting)))} "
+                    f"to load its slices: no word"))
                 if isinstance(envelope.body, Ready):
                     if envelope.body.error is not None:
                         raise envelope.body.error
@@ -276,13 +278,20 @@ class TensorParallelLlama:
 
     def request(self, body: Any) -> Any:
         """Send a request to the leader and wait for its answer (following the leadership if the
-        leader dies meanwhile). Waits are bounded by the cluster's silence, and Ctrl-C is acted on here."""
+        leader dies meanwhile), and Ctrl-C is acted on here. The wait lasts while the request makes
+        progress (`Working`, from its leader or from a new one recovering); without any for twice the
+        wait limit (the leader's own waits end within one), it ends (WaitStalled)."""
         self._requests += 1
-        request = self._requests
+        request, limit = self._requests, 2 * self.heartbeat.wait_limit_s
         self.transport.send(Address("leader", self.leader), Envelope(DRIVER, self.epoch, request, body))
+        deadline = time.monotonic() + limit
         while True:
-            envelope = self._next_message(bound_s=4 * self.heartbeat.timeout_s)
+            envelope = self._next_message(deadline, lambda: (
+                f"the driver waited {limit:.1f} s for its request {type(body).__name__} to the leader, "
+                f"Device-{self.leader}: no progress on it"))
             message = envelope.body
+            if self._progressed(envelope, request):
+                deadline = time.monotonic() + limit
             if isinstance(message, LeaderChanged) and message.epoch > self.epoch:
                 self.leader, self.epoch = message.leader, message.epoch
                 if message.recovery is not None:
@@ -299,29 +308,38 @@ class TensorParallelLlama:
                     raise message.error
                 return message.value
 
-    def _next_message(self, bound_s: float) -> Envelope:
-        """The driver's next message, recording notices (telemetry, strikes) on the way. The wait is
-        bounded by the leader's silence: its beats come as telemetry, and a new leader says so."""
-        deadline = time.monotonic() + bound_s
+    def _progressed(self, envelope: Envelope, request: int) -> bool:
+        """Does the message show progress on `request`: work on it, a new leader, or a new leader's
+        recovery (another device, in a newer epoch: it does not know the request yet)?"""
+        message = envelope.body
+        if isinstance(message, LeaderChanged):
+            return True
+        taking_over = envelope.sender != self.leader and envelope.epoch > self.epoch
+        return isinstance(message, Working) and (message.request == request or taking_over)
+
+    def _next_message(self, deadline: float, stalled: Callable[[], str]) -> Envelope:
+        """The driver's next message, recording notices (telemetry, strikes) on the way; after the
+        `deadline`, WaitStalled with the message `stalled()` says, once what has come is read (a message
+        already queued may be the progress that keeps the wait going; a stream of notices may not)."""
         while True:
             raise_if_interrupted()
             if self._closed:
                 raise ClusterClosed("the cluster was closed while a request waited for the leader")
-            envelope = self.transport.receive(Address("driver", DRIVER), POLL_S)
+            late = time.monotonic() > deadline
+            envelope = self.transport.receive(Address("driver", DRIVER), 0 if late else POLL_S)
             if envelope is not None:
                 self._record(envelope.body)
-                if envelope.sender == self.leader or isinstance(envelope.body, LeaderChanged):
-                    deadline = time.monotonic() + bound_s
                 return envelope
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the leader, Device-{self.leader}, was not heard from for {bound_s:.1f} s")
+            if late:
+                raise WaitStalled(stalled())
 
     def _record(self, notice: Any) -> None:
         if isinstance(notice, Telemetry):
             self.events.extend(notice.events)
         elif isinstance(notice, Strike):
             self.strikes.append(notice)
-            self.events.append((notice.at, notice.device, "stalled" if notice.mode == "slow" else "died", 0.0))
+            kind = {"slow": "stalled", "wedge": "wedged"}.get(notice.mode, "died")
+            self.events.append((notice.at, notice.device, kind, 0.0))
         elif isinstance(notice, DeviceExited):
             self.events.append((notice.at, notice.device, "process exited", 0.0))
 

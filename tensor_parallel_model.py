@@ -276,16 +276,21 @@ def load_device_shard(checkpoint: Checkpoint, assignment: Assignment, device: in
 
 
 def extend_shard(shard: DeviceShard, checkpoint: Checkpoint, heads: Sequence[int], mlp: Sequence[Range],
-                 dtype: torch.dtype, blocks: Sequence[LayerShard] | None = None) -> DeviceShard:
+                 dtype: torch.dtype, blocks: Sequence[LayerShard] | None = None,
+                 on_layer: Callable[[], object] = lambda: None) -> DeviceShard:
     """The shard plus inherited query heads and MLP columns: one new block per layer, read from the
-    checkpoint (only the new slices), or `blocks` already held (standby slices).
+    checkpoint (only the new slices), or `blocks` already held (standby slices). `on_layer` is
+    called after each block is read (the device's progress).
 
     Attention and the MLP do not depend on the order of heads or columns, only on Q rows, Wo
     columns and KV slots agreeing: the new heads come after the old ones, their new KV heads too.
     """
     new_kv = tuple(sorted({h // shard.group_size for h in heads} - set(shard.kv_heads)))
     if blocks is None:
-        blocks = [load_layer_shard(checkpoint, i, heads, new_kv, mlp, dtype) for i in range(len(shard.layers))]
+        blocks = []
+        for i in range(len(shard.layers)):
+            blocks.append(load_layer_shard(checkpoint, i, heads, new_kv, mlp, dtype))
+            on_layer()
     layers = [replace(old, inherited=old.inherited + (replace(new, input_norm=old.input_norm,
                                                               post_norm=old.post_norm),))
               for old, new in zip(shard.layers, blocks)]
@@ -558,6 +563,7 @@ class DeviceState:
     replica_of: int | None = None  # the device whose KV copy `replica` is (its ring predecessor)
     replica: KVCache | None = None
     progress: StepProgress | None = None  # the few-token step in progress, or abandoned
+    on_tick: Callable[[], object] = lambda: None  # told after each layer of long work (the device's progress)
 
     @property
     def device(self) -> int:
@@ -813,6 +819,7 @@ def device_forward(state: DeviceState, token_ids: torch.Tensor, start: int, coll
             state.hidden_states.record(i, start, h)
         stream.add(attention_partial(state, i, h, start, rope))
         stream.add(mlp_partial(layer, stream.normed(layer.post_norm)))
+        state.on_tick()
     result = None
     if logits != "none":
         h = stream.normed(state.vocab.final_norm)

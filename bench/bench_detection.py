@@ -1,9 +1,11 @@
-"""How fast each failure detector declares a hung device, and whether it ever declares a live one.
+"""How fast each failure detector declares a hung (or wedged) device, and whether it ever declares a live one.
 
 For each `--backend` and `--detector` (fixed timeout, phi accrual):
   * hang: `--repeats` fresh clusters; in each, a device hangs in the middle of a decode step (on
     processes a real SIGSTOP) and the leader declares it dead on its silence alone; the detection
-    latency (the hang's moment to the declaration) is recorded: min / median / max;
+    latency (the hang's moment to the declaration) is recorded: min / median / max. With `--fault
+    wedge` the device's compute blocks instead while its beats go on, and it must be declared on
+    its lack of progress (`no-progress`; results in detection-wedge.md);
   * load: one cluster prefills a `--load-context`-token context over and over while two extra
     processes keep both cores busy, for `--load-windows` heartbeat intervals; every declaration
     then is a false alarm (nobody failed), and is counted.
@@ -16,6 +18,7 @@ The table is printed and written to docs/results/detection.md (`--results`).
     python bench/bench_detection.py                       # the synthetic 1B, 5 hangs each, 20 windows
     python bench/bench_detection.py --model-dir /tmp/tiny --repeats 3 --load-windows 10
     python bench/bench_detection.py --quick               # smoke run (see --help), writes no results file
+    python bench/bench_detection.py --fault wedge         # a wedged compute thread instead of a hang
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ from results import add_results_options, resolve_results, save_results, script_a
 if TYPE_CHECKING:
     from fault_tolerant_cluster import FaultTolerantLlama
 
-TITLE = "Detecting a hung device: latency, and false alarms under load"
+TITLES = {"hang": "Detecting a hung device: latency, and false alarms under load",
+          "wedge": "Detecting a wedged device (compute stuck, beats on): latency, and false alarms under load"}
+DECLARED_BY = {"hang": "heartbeat", "wedge": "no-progress"}  # the only signal each fault gives
 QUICK = {"backend": ["threads"], "repeats": 1, "load_windows": 2, "load_context": 32, "heartbeat_interval": 0.1,
          "heartbeat_timeout": 0.5}
 
@@ -49,22 +54,23 @@ def new_cluster(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend:
                                    policy=RecoveryPolicy(hold=True), backend=backend)
 
 
-def hang_detection_s(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend: str) -> float:
-    """A device hangs mid-step; seconds from the hang to its declaration."""
+def detection_s(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend: str, fault: str) -> float:
+    """A device hangs (or wedges) mid-step; seconds from the fault to its declaration, which must be
+    on the one signal the fault gives."""
     from cluster_leader import StepFailed
     from demo_scenario import build_prompt
     with new_cluster(folder, devices, heartbeat, backend) as model:
         token = int(model.prefill(build_prompt(model.tokenizer, DEFAULT_PROMPT, 32)).argmax())
-        model.arm(FailurePlan(devices - 1, after_tokens=1, mode="hang"))
+        model.arm(FailurePlan(devices - 1, after_tokens=1, mode=fault))
         try:
             model.decode(token)
         except StepFailed as failure:
             (event,) = failure.events
             model.release_hung()
-            if event.detection.signal != "heartbeat":
-                raise RuntimeError(f"the hang was declared by {event.detection.signal}, not by its silence")
+            if event.detection.signal != DECLARED_BY[fault]:
+                raise RuntimeError(f"the {fault} was declared by {event.detection.signal}, not {DECLARED_BY[fault]}")
             return model.detection_latency_s(event)
-    raise RuntimeError("the hung device was never declared dead")
+    raise RuntimeError(f"the {fault} device was never declared dead")
 
 
 def false_alarms_under_load(folder: Path, devices: int, heartbeat: HeartbeatConfig, backend: str, windows: int,
@@ -85,7 +91,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--devices", type=int, default=4, help="devices per cluster (default 4)")
     add("--backend", nargs="+", choices=("threads", "processes"), default=["threads", "processes"])
     add("--detector", nargs="+", choices=DETECTORS, default=list(DETECTORS))
-    add("--repeats", type=int, default=5, help="hangs per backend and detector (default 5)")
+    add("--fault", choices=tuple(TITLES), default="hang",
+        help="hang (the device stops, beats included; the default) or wedge (its compute blocks, its beats go on)")
+    add("--repeats", type=int, default=5, help="faults per backend and detector (default 5)")
     add("--load-windows", type=int, default=20, help="heartbeat intervals of the load test (default 20)")
     add("--load-context", type=int, default=2048, help="tokens of the prefill repeated under load (default 2048)")
     add("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
@@ -99,6 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeats < 1 or args.load_windows < 0 or args.devices < 2 or args.load_context < 2:
         parser.error("--repeats must be >= 1, --load-windows >= 0, --devices >= 2, --load-context >= 2")
     args.heartbeats = heartbeat_configs(parser, args)
+    if args.fault == "wedge":
+        args.results_default = "detection-wedge"  # beside the hangs' file, not over it
     config = check_model_dir(parser, args.model_dir)
     if config is not None and args.devices > config.num_attention_heads:
         parser.error(f"--devices {args.devices} is more than the model's {config.num_attention_heads} query heads")
@@ -107,15 +117,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def measure(folder: Path, args: argparse.Namespace) -> list[tuple[str, str, list[float], int, int]]:
-    """(backend, detector, hang latencies, false declarations, prefills under load) for each pair."""
+    """(backend, detector, fault latencies, false declarations, prefills under load) for each pair."""
     rows = []
     for backend, detector in itertools.product(args.backend, args.detector):
         heartbeat = args.heartbeats[detector]
         latencies = []
         for repeat in range(args.repeats):
-            latencies.append(hang_detection_s(folder, args.devices, heartbeat, backend))
+            latencies.append(detection_s(folder, args.devices, heartbeat, backend, args.fault))
             gc.collect()  # a cluster's memory goes before the next is loaded (device actors hold cycles)
-            log(f"{backend}, {detector}: hang {repeat + 1} declared after {latencies[-1]:.3f} s")
+            log(f"{backend}, {detector}: {args.fault} {repeat + 1} declared after {latencies[-1]:.3f} s")
         alarms, prefills = (false_alarms_under_load(folder, args.devices, heartbeat, backend, args.load_windows,
                                                     args.load_context) if args.load_windows else (0, 0))
         gc.collect()
@@ -127,10 +137,11 @@ def measure(folder: Path, args: argparse.Namespace) -> list[tuple[str, str, list
 def table(folder: Path, args: argparse.Namespace, rows: Sequence[tuple[str, str, list[float], int, int]],
           seconds: float) -> str:
     lines = [f"Checkpoint `{folder}`; {args.devices} devices; heartbeats every {args.heartbeat_interval} s; fixed "
-             f"timeout {args.heartbeat_timeout} s; phi threshold {args.phi_threshold}; {args.repeats} hangs each; "
+             f"timeout {args.heartbeat_timeout} s; phi threshold {args.phi_threshold}; {args.repeats} {args.fault}s "
+             f"each (declared by {DECLARED_BY[args.fault]}); "
              f"load: {args.load_context}-token prefills again and again plus two processes burning the cores for "
              f"{args.load_windows} intervals; {machine()}; total {seconds:.0f} s.\n",
-             "| backend | detector | hang declared after: min s | median s | max s | / fixed timeout (median) | "
+             f"| backend | detector | {args.fault} declared after: min s | median s | max s | / fixed timeout (median) | "
              "false declarations under load | prefills under load |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for backend, detector, latencies, alarms, prefills in rows:
@@ -147,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = measure(folder, args)
     seconds = time.perf_counter() - started
     body = table(folder, args, rows, seconds)
-    print(f"## {TITLE}\n\n{body}")
-    save_results(args, TITLE, body, script_argv(__file__, argv), seconds)
+    print(f"## {TITLES[args.fault]}\n\n{body}")
+    save_results(args, TITLES[args.fault], body, script_argv(__file__, argv), seconds)
     return 0
 
 

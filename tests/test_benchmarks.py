@@ -147,6 +147,13 @@ def test_detection_quick(tiny_checkpoint, tmp_path):
     assert "| threads | phi |" in text and "in 1 windows" in text
 
 
+def test_detection_of_a_wedge_quick(tiny_checkpoint, tmp_path, capsys):
+    assert bench_detection.main(["--quick", "--model-dir", str(tiny_checkpoint), "--detector", "timeout",
+                                 "--fault", "wedge", "--load-windows", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Detecting a wedged device" in out and "(declared by no-progress)" in out and "| threads | timeout |" in out
+
+
 def test_recovery_quick_writes_its_tables_pictures_and_strict_json(tiny_checkpoint, tmp_path):
     plot, data = tmp_path / "pictures" / "recovery_vs_context.png", tmp_path / "recovery.json"
     assert bench_recovery.main(["--quick", "--model-dir", str(tiny_checkpoint), "--heartbeat-interval", "0.05",

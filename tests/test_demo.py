@@ -23,7 +23,7 @@ FAST = ["--heartbeat-interval", "0.05", "--heartbeat-timeout", "0.25", "--contex
 OPTIONS = ["--model-dir", "--devices", "--fail-device", "--fail-after", "--prompt", "--context-tokens",
            "--new-tokens", "--reassign", "--recovery", "--heartbeat-interval", "--heartbeat-timeout", "--dtype",
            "--repeats", "--report", "--seed", "--quiet", "--backend", "--detector", "--phi-threshold",
-           "--standby-weights"]
+           "--standby-weights", "--fault"]
 
 
 def args(checkpoint: Path, report: Path, *extra: str) -> list[str]:
@@ -159,3 +159,39 @@ def test_subprocess_run_exits_zero_and_prints_the_report_path(tiny_checkpoint, t
     assert result.returncode == 0, result.stderr
     assert str(report) in result.stdout.splitlines()[-1]
     assert report.is_file() and demo.json_path(report).is_file()
+
+
+def test_a_wedged_device_is_declared_by_its_lack_of_progress_and_the_report_says_so(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "wedge.txt"
+    assert demo.main(args(tiny_checkpoint, report, "--fault", "wedge", "--recovery", "reuse-replay", "--quiet")) == 0
+    saved = load_json(report)
+    failure = saved["failure"]
+    assert (failure["mode"], failure["declared_by"], failure["stuck_in"]) == ("wedge", "no-progress", "Forward")
+    assert failure["signal"] is None  # a blocked thread, no signal
+    assert_every_row_lossless(saved, ["reuse-replay"])
+    text = report.read_text()
+    assert "Device-1 wedged in the middle of the step" in text
+    assert "its lack of progress (it beat on, but its compute was stuck in Forward); the fault was a really " \
+           "blocked compute thread (no signal)" in text
+
+
+def test_a_run_abandoned_by_what_was_not_injected_says_what_happened(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Not every StepAbandoned is a missed heartbeat: the demo names the device, the evidence and the
+    command, or the wait that stalled."""
+    import demo_scenario
+    from cluster_leader import FailureEvent, StepFailed
+    from device_network import WaitStalled
+    from heartbeat_detection import Detection
+    wedged = FailureEvent(2, Detection(2, 1.0, 2.0, 3, "no-progress", "Rebuild"), 0)
+    silent = FailureEvent(3, Detection(3, 1.0, 2.0, 4), 0)
+    explained = demo_scenario.explain_abandoned(StepFailed([wedged, silent]))
+    assert "Device-2 was declared dead because it beat on but made no progress in Rebuild" in explained
+    assert "Device-3 was declared dead because it missed its heartbeats" in explained
+    stalled = WaitStalled("the leader, Device-0, waited 1.5 s on Device-2 in Forward: no progress")
+
+    def stalls(options, log):
+        raise stalled
+    monkeypatch.setattr(demo_scenario, "run_scenario", stalls)
+    assert demo.main(args(tiny_checkpoint, tmp_path / "stalled.txt")) == 1
+    err = capsys.readouterr().err
+    assert f"error: a wait stalled: {stalled}; no report written" in err and "heartbeats" not in err

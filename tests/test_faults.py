@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import execution_optimization_algorithm_demo as demo
 from cluster_leader import Recovery, StepFailed
-from device_network import StepAbandoned
-from device_protocol import RecoveryPolicy, Regroup
+from device_network import StepAbandoned, WaitStalled
+from device_protocol import DRIVER, Address, Chunk, Describe, Envelope, Forward, RecoveryPolicy, Regroup, SendTo
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from head_assignment import Assignment, custom_assignment, even_assignment
@@ -161,11 +161,12 @@ def run_scenario(checkpoint: Checkpoint, assignment: Assignment, failures: Seque
                  recovery: str = "full-recompute", reassign: str = "random", seed: int = 0,
                  hidden: bool = False, replicate: bool = False, new_tokens: int = NEW_TOKENS,
                  prompt: Sequence[int] = PROMPT, before_recover: Hook | None = None,
-                 after_recover: Hook | None = None, fence: bool = True) -> Outcome:
+                 after_recover: Hook | None = None, fence: bool = True,
+                 heartbeat: HeartbeatConfig | None = None) -> Outcome:
     """The run with `failures` on a fresh model, every recovery checked as it happens, against a
     failure-free run of the same assignment."""
     reference, reference_kv = failure_free(checkpoint, assignment, new_tokens, prompt)
-    with new_model(checkpoint, assignment, backend, recovery, reassign, seed, fence=fence) as model:
+    with new_model(checkpoint, assignment, backend, recovery, reassign, seed, heartbeat, fence) as model:
         model.keep(hidden, replicate)
         recoveries: list[Recovery] = []
 
@@ -369,10 +370,14 @@ def test_devices_lost_one_after_another_down_to_one_survivor(tiny, backend, devi
 
 
 def test_slow_device_that_keeps_beating_is_not_declared_dead(tiny, backend):
-    delay = 1.2  # far past the 0.5 s timeout
+    """A compute stall shorter than the no-progress limit (the timeout), but 20 beat intervals long:
+    the device beats on through it, and its peers wait for it: nobody is declared."""
+    delay = 1.0
+    heartbeat = HeartbeatConfig(interval_s=0.05, timeout_s=2.0)
     outcome = run_scenario(tiny, even_assignment(tiny.config, 4),
                            [FailurePlan(2, after_tokens=2, mode="slow", delay_s=delay)], backend,
-                           before_recover=lambda m, f: pytest.fail(f"a recovery was started for {f.events}"))
+                           before_recover=lambda m, f: pytest.fail(f"a recovery was started for {f.events}"),
+                           heartbeat=heartbeat)
     outcome.assert_lossless()
     assert outcome.recoveries == []
     assert "stalled" in outcome.kinds(2) and not any("died" in outcome.kinds(d) for d in range(4))
@@ -438,7 +443,7 @@ def test_a_hung_process_declared_dead_is_killed_by_the_leader(tiny):
 
 def test_a_slow_fault_after_a_hung_device_was_released_still_stalls(tiny, backend):
     """Releasing a hung device must not release every later stall with it: each fault has its own."""
-    delay = 0.6
+    delay = 0.25  # under the 0.5 s no-progress limit: the stalled leader is not declared
     with new_model(tiny, even_assignment(tiny.config, 4), backend) as model:
         tokens = generate_with_failures(model, PROMPT, 3, [FailurePlan(3, after_tokens=1, at_call=2, mode="hang")])
         model.release_hung()
@@ -513,6 +518,123 @@ def test_a_devices_own_error_is_reported_not_the_step_abandoned_its_peers_got(ti
         with pytest.raises(ValueError, match="would leave a gap"):
             model.forward([7], start=model.position + 3)  # Device-0 (and all) refuse a step past their context
         assert model.generate(PROMPT, 2) == failure_free(tiny, even_assignment(tiny.config, 4), 2)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Wedged devices (the compute blocked for good, the beats on), and every wait ending
+
+
+@pytest.mark.parametrize("device, recovery", [(2, "full-recompute"), (0, "replicate")],
+                         ids=["member-rebuilds", "leader-copies"])
+def test_a_wedged_device_is_declared_for_its_lack_of_progress_and_recovered_losslessly(tiny, backend, device,
+                                                                                       recovery):
+    """The device's compute thread blocks before a collective call of a step while its control thread
+    beats on: only its progress gives it away (its peers wait for it inside that call, one call
+    ahead). It is declared by no-progress, stuck in its Forward, and fenced (processes: SIGKILL by
+    the leader); a wedged leader is declared by the survivors that watch it, the lowest leads, and
+    the old one steps down. Lossless."""
+    exit_codes: dict[int, int] = {}
+
+    def after_recover(model, failure, result):
+        if backend == "processes":
+            wait_until(lambda: not device_running(model, device), timeout_s=5)
+            exit_codes.update({d: code for d, (_, code) in model.transport.exits.items()})
+
+    outcome = run_scenario(tiny, even_assignment(tiny.config, 4), [FailurePlan(device, after_tokens=2, mode="wedge")],
+                           backend, recovery=recovery, replicate=recovery == "replicate", after_recover=after_recover)
+    outcome.assert_lossless()
+    (rec,) = outcome.recoveries
+    (event,) = rec.events
+    assert (event.device, event.detection.signal, event.detection.stuck_in) == (device, "no-progress", "Forward")
+    assert event.detection.silence_s > heartbeat_for(backend).timeout_s
+    assert event.leader == outcome.leader == (1 if device == 0 else 0)
+    assert rec.strategy == recovery and rec.fallback_reason is None
+    assert "wedged" in outcome.kinds(device) and "beat" in outcome.kinds(device)
+    if backend == "processes":
+        assert exit_codes == {device: -signal.SIGKILL}
+    else:  # it read the new epoch without it, and stepped down (a leader: no second one)
+        assert "fenced out" in outcome.kinds(device)
+    assert_no_project_threads()
+
+
+SHORT = HeartbeatConfig(interval_s=0.05, timeout_s=0.2)  # waits end after SHORT.wait_limit_s = 0.6 s
+
+
+def test_a_command_whose_epoch_never_comes_is_refused_after_the_wait_limit(tiny):
+    """DeviceActor._await_epoch: a command stamped with an epoch whose news never arrives ends, naming
+    the device, the sender and the command, instead of holding the compute thread."""
+    with new_model(tiny, even_assignment(tiny.config, 4), "threads", heartbeat=SHORT) as model:
+        started = time.monotonic()
+        model.transport.send(Address("commands", 1), Envelope(DRIVER, model.epoch + 5, 1, Describe()))
+        envelope = model.transport.receive(Address("results", DRIVER), timeout=SHORT.wait_limit_s + 5)
+        waited = time.monotonic() - started
+        assert envelope is not None, "the command was never answered"
+        assert isinstance(envelope.body.error, WaitStalled), envelope.body
+        assert re.search(r"Device-1 waited .* epoch 5 from Device--1 before serving Describe", str(envelope.body.error))
+        assert SHORT.wait_limit_s <= waited < SHORT.wait_limit_s + 2
+        assert len(model.describe()) == 4  # the device serves on
+
+
+def test_a_lone_device_waiting_in_a_call_ends_the_leaders_wait_and_the_cluster_goes_on(tiny):
+    """The leader's `_run_group`: Device-1 alone is sent a step and waits inside its first collective
+    for peers that never come. Waiting inside a call, it is nobody's culprit (nobody is declared);
+    the leader's wait ends after the wait limit, naming the device and the command, the driver gets
+    that error, a new epoch releases Device-1, and generation goes on."""
+    with new_model(tiny, even_assignment(tiny.config, 4), "threads", heartbeat=SHORT) as model:
+        reference = model.generate(PROMPT, 2)
+        started = time.monotonic()
+        with pytest.raises(WaitStalled, match=r"the leader, Device-0, waited .* on Device-1 in Forward: no progress"):
+            model.request(SendTo(1, Forward((Chunk(0, (5,), 0),))))
+        assert SHORT.wait_limit_s <= time.monotonic() - started < SHORT.wait_limit_s + 2
+        assert model.failures == [] and model.assignment.devices == (0, 1, 2, 3)
+        assert model.generate(PROMPT, 2) == reference
+
+
+def test_a_step_abandoned_with_no_death_behind_it_ends_the_leaders_wait_for_a_declaration(tiny):
+    """The leader's `_await_declaration`: a step's group is aborted under it (a network fault, nobody
+    dead: Device-2 only stalls, shorter than the limit, to hold the step open); no declaration ever
+    comes, so the wait ends after the wait limit, saying what was abandoned; the next step works."""
+    heartbeat = HeartbeatConfig(interval_s=0.05, timeout_s=0.5)
+    with new_model(tiny, even_assignment(tiny.config, 4), "threads", heartbeat=heartbeat) as model:
+        tokens = model.generate(PROMPT, 2)
+        model.arm(FailurePlan(2, mode="slow", delay_s=0.3, at_call=1))
+        outcome: dict = {}
+
+        def step() -> None:
+            try:
+                model.decode(tokens[-1])
+            except WaitStalled as stalled:
+                outcome["error"] = stalled
+
+        stepping = threading.Thread(target=step, name="stepping", daemon=True)
+        stepping.start()
+        assert wait_until(lambda: bool(model.strikes), timeout_s=10)
+        started = time.monotonic()
+        model.transport.abort_epoch(model.epoch)
+        stepping.join(timeout=heartbeat.wait_limit_s + 5)
+        assert not stepping.is_alive(), "the leader waited for ever for a declaration"
+        assert heartbeat.wait_limit_s - 0.1 <= time.monotonic() - started < heartbeat.wait_limit_s + 2
+        assert re.search(r"to be declared dead; none was \(epoch \d+", str(outcome.get("error"))), outcome
+        assert model.failures == []
+        model.decode(tokens[-1])
+
+
+def test_the_drivers_wait_is_kept_alive_by_progress_on_its_request_not_by_beats(tiny, monkeypatch):
+    """TensorParallelLlama.request: the leader's thread is stuck in a request (planted) while every
+    control thread beats on and sends telemetry. The driver's wait ends after twice the wait limit
+    without progress on its request, naming it and the leader."""
+    import cluster_leader
+    stuck = threading.Event()
+    monkeypatch.setattr(cluster_leader.Leader, "_on_Broadcast", lambda self, request: stuck.wait(30))
+    with new_model(tiny, even_assignment(tiny.config, 4), "threads", heartbeat=SHORT) as model:
+        started = time.monotonic()
+        try:
+            with pytest.raises(WaitStalled, match=r"the driver waited .* Broadcast to the leader, Device-0: no progress"):
+                model.describe()
+        finally:
+            stuck.set()
+        assert 2 * SHORT.wait_limit_s <= time.monotonic() - started < 2 * SHORT.wait_limit_s + 2
+        assert any(kind == "beat" for _, _, kind, _ in model.events), "the devices beat on meanwhile"
 
 
 # --------------------------------------------------------------------------------------------

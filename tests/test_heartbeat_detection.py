@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from heartbeat_detection import BeatVerdict, Detection, FakeClock, HeartbeatConfig, HeartbeatMonitor
+from device_protocol import Progress
+from heartbeat_detection import BeatVerdict, Detection, FakeClock, HeartbeatConfig, HeartbeatMonitor, culprits
 
 
 
@@ -304,3 +305,110 @@ def test_phi_never_tolerates_more_silence_than_the_fixed_timeout():
     monitor = HeartbeatMonitor([0], HeartbeatConfig(interval_s=1.0, timeout_s=3.0, detector="phi"), clock)
     beat_with_gaps(monitor, clock, [0.5, 2.5] * 20)
     assert 3.0 < declared_after(monitor, clock) < 3.02
+
+
+# --- progress: a wedged compute thread behind live beats ---------------------------------------------
+
+
+def busy(entered: int, in_call: bool, ticks: int = 0, request: int = 7) -> Progress:
+    return Progress("Forward", request, 0, entered, in_call, ticks)
+
+
+def test_the_culprit_is_the_device_outside_a_call_or_behind_its_peers_and_level_waiters_are_nobodys():
+    wedged, waiting = busy(4, in_call=False), busy(5, in_call=True)
+    assert culprits({1: wedged, 2: waiting}, {0: waiting, 1: wedged, 2: waiting}) == [1]
+    assert culprits({0: waiting, 2: waiting}, {0: waiting, 2: waiting}) == []  # level inside one call
+    assert culprits({3: busy(2, in_call=True)}, {0: busy(3, in_call=True), 3: busy(2, in_call=True)}) == [3]
+    assert culprits({3: busy(2, in_call=True)}, {0: busy(3, in_call=True, request=8), 3: busy(2, True)}) == []
+    assert culprits({1: wedged}, {1: wedged, 0: Progress()}) == [1]  # lone and busy, outside any call
+
+
+def wedge_scene(config: HeartbeatConfig, seconds: float, step_s: float = 0.1) -> tuple[list[Detection], float]:
+    """Device 0 watches 1, 2, 3 and computes itself; device 2 wedges outside a call at t=1 (beating on),
+    the others wait for it inside the next call; the others tick until then. Detections and their time."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([1, 2, 3], config, clock)
+    ticks = 0
+    while clock() < seconds:
+        clock.advance(step_s)
+        ticks += 1
+        stuck = clock() > 1.0
+        for device in (0, 1, 2, 3):
+            progress = busy(5, True) if stuck and device != 2 else busy(4, False, 0 if stuck else ticks)
+            if device == 0:
+                monitor.observe(0, progress)
+            else:
+                monitor.beat(device, progress=progress)
+        found = monitor.check() + monitor.check_progress()
+        if found:
+            return found, clock()
+    return [], clock()
+
+
+def test_a_wedged_device_that_beats_on_is_declared_for_its_lack_of_progress_and_only_it():
+    config = HeartbeatConfig(interval_s=0.1, timeout_s=0.5)
+    (detection,), at = wedge_scene(config, 5.0)
+    assert (detection.device, detection.signal, detection.stuck_in) == (2, "no-progress", "Forward")
+    assert detection.silence_s > config.timeout_s and at <= 1.1 + config.timeout_s + 0.2
+
+
+def test_phi_accrual_on_progress_declares_a_wedge_sooner_than_the_timeout():
+    config = HeartbeatConfig(interval_s=0.1, timeout_s=2.0, detector="phi")
+    (detection,), at = wedge_scene(config, 5.0)
+    assert detection.device == 2 and detection.signal == "no-progress"
+    assert at - 1.0 < config.timeout_s / 2
+
+
+def test_a_device_that_ticks_or_is_idle_is_never_declared_however_long_its_command():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([1, 2], HeartbeatConfig(interval_s=0.1, timeout_s=0.5), clock)
+    for step in range(1, 200):
+        clock.advance(0.1)
+        monitor.beat(1, progress=busy(0, False, ticks=step // 3))  # a long prefill: a layer every 0.3 s
+        monitor.beat(2, progress=Progress())  # idle all along
+        assert monitor.check() + monitor.check_progress() == []
+
+
+def test_a_stall_while_the_watcher_itself_was_stalled_is_excused():
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([1], HeartbeatConfig(interval_s=0.1, timeout_s=0.5), clock)
+    monitor.beat(1, progress=busy(0, False))
+    clock.advance(0.8)
+    monitor.excuse(0.6)
+    monitor.beat(1, progress=busy(0, False), age_s=0.8)
+    assert monitor.check_progress() == []
+    clock.advance(0.4)
+    monitor.beat(1, progress=busy(0, False), age_s=1.2)
+    assert [d.device for d in monitor.check_progress()] == [1]
+
+
+def test_a_beat_dates_the_last_progress_by_its_age_not_by_its_own_arrival():
+    """The beater says how long its progress has stood: a wedge is timed from when it struck, not
+    from the next beat that told of it (up to an interval later)."""
+    clock = FakeClock()
+    monitor = HeartbeatMonitor([1], HeartbeatConfig(interval_s=0.2, timeout_s=0.5), clock)
+    clock.advance(1.0)
+    monitor.beat(1, progress=busy(3, False), age_s=0.19)  # changed 0.19 s before this beat
+    assert monitor.progressed_at(1) == pytest.approx(0.81)
+    clock.advance(0.2)
+    monitor.beat(1, progress=busy(3, False), age_s=0.39)  # it beats on, stuck
+    clock.advance(0.1)
+    assert monitor.check_progress() == []
+    clock.advance(0.02)  # 0.51 s since the change
+    (detection,) = monitor.check_progress()
+    assert detection.last_beat_at == pytest.approx(0.81) and detection.silence_s == pytest.approx(0.51)
+
+
+def test_a_device_that_fell_silent_while_busy_is_declared_by_its_silence_not_its_progress():
+    """A hang stops the beats with the compute: its last beat said "busy", but a stall the beats no
+    longer vouch for is the silence's to judge, so the signal says what happened."""
+    clock = FakeClock()
+    config = HeartbeatConfig(interval_s=0.1, timeout_s=0.5)
+    monitor = HeartbeatMonitor([1], config, clock)
+    clock.advance(1.0)
+    monitor.beat(1, progress=busy(3, False), age_s=0.05)
+    found = []
+    while not found:
+        clock.advance(0.01)
+        found = monitor.check() + monitor.check_progress()
+    assert [(d.device, d.signal) for d in found] == [(1, "heartbeat")]
