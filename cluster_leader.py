@@ -560,7 +560,8 @@ class Leader:
             self._send(Address("commands", device), command, request, epoch)
         answers: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
-        deadline, answered_at = None, time.monotonic()
+        deadline = None
+        answered_at = looked_at = time.monotonic()
         while True:
             waiting = [d for d in commands if d not in answers and d not in errors and d in self.members]
             if (errors or len(waiting) < len(commands) - len(answers) - len(errors)) and deadline is None:
@@ -568,11 +569,17 @@ class Leader:
             if not waiting or (deadline is not None and time.monotonic() > deadline):
                 break
             self._refuse_if_host_gone()
-            self._refuse_if_stalled(waiting, commands, answered_at)
             envelope = self._transport.receive(Address("results", self.host), POLL_S)
-            if envelope is None or envelope.request != request:
-                continue  # nothing yet, or a late answer to an earlier request (a fenced device's)
-            answered_at = time.monotonic()
+            now = time.monotonic()
+            if now - looked_at > 2 * POLL_S:  # this thread did not run meanwhile (a loaded machine):
+                answered_at += now - looked_at - POLL_S  # the devices are not blamed for that time
+            looked_at = now
+            if envelope is None:
+                self._refuse_if_stalled(waiting, commands, answered_at)  # judged only with nothing to read
+                continue
+            if envelope.request != request:
+                continue  # a late answer to an earlier request (a fenced device's)
+            answered_at = now
             reply: Reply = envelope.body
             if reply.error is None:
                 answers[envelope.sender] = reply.value
