@@ -8,10 +8,11 @@ strategies keep the survivors' blocks: the same bits as the failure-free run's, 
 within the project's bound."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import pytest
 import torch
-
-from dataclasses import dataclass
 
 from batched_forward import BlockCosts, PagedHiddenStates
 from cluster_leader import pool_blocks
@@ -131,16 +132,19 @@ class Served:
 
 def serve(tiny, strategy: str, crash: int | None = None, devices: int = 4, backend: str = "threads",
           scheduling: SchedulerConfig | None = None, strike_step: int = STRIKE_STEP,
-          keeping: tuple[bool, bool] | None = None) -> Served:
-    """The prompts served with what `strategy` keeps; `crash` fails after `strike_step` steps. The
-    running requests' KV is taken after that step (failure-free) or after the next, which recovered."""
+          keeping: tuple[bool, bool] | None = None, failures: Sequence[FailurePlan] = ()) -> Served:
+    """The prompts served with what `strategy` keeps; device `crash` (or the `failures` planned)
+    fails after `strike_step` steps. The running requests' KV is taken after that step
+    (failure-free) or after the next, which recovered."""
     steps, kv = [], {}
+    plans = list(failures) or ([FailurePlan(crash)] if crash is not None else [])
 
     def after_step(served: ServedStep) -> None:
         steps.append(served)
-        if len(steps) == strike_step and crash is not None:
-            model.arm(FailurePlan(crash))
-        if len(steps) == strike_step + (crash is not None):
+        if len(steps) == strike_step:
+            for plan in plans:
+                model.arm(plan)
+        if len(steps) == strike_step + bool(plans):
             kv.update(model.batch_kv_snapshot())
 
     with FaultTolerantLlama(tiny, even_assignment(tiny.config, devices), heartbeat=HEARTBEAT, backend=backend,
@@ -215,41 +219,16 @@ def test_a_leader_crash_with_requests_in_flight_is_rebuilt_from_the_hidden_state
 
 def test_two_devices_lost_together_are_rebuilt_from_the_replica_that_survived(tiny, references):
     """Devices 2 and 3 held KV head 2 (and each other's copy); Device-0's copy of Device-3's survives."""
-    steps = []
-
-    def strike_two(served: ServedStep) -> None:
-        steps.append(served)
-        if len(steps) == STRIKE_STEP:
-            model.arm(FailurePlan(2))
-            model.arm(FailurePlan(3))
-
-    with FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), heartbeat=HEARTBEAT,
-                            scheduling=in_flight_budget(tiny, "replicate"),
-                            policy=RecoveryPolicy(strategy="replicate")) as model:
-        model.keep(*KEEPING["replicate"])
-        outputs = model.generate_batch(prompts(), NEW_TOKENS, after_step=strike_two)
-        recoveries = list(model.recoveries)
-    assert outputs == references
-    assert sorted(e.device for r in recoveries for e in r.events) == [2, 3]
-    assert [(r.strategy, r.fallback_reason) for r in recoveries] == [("replicate", None)] * len(recoveries)
+    failed = serve(tiny, "replicate", failures=[FailurePlan(2), FailurePlan(3)])
+    assert failed.outputs == references
+    assert sorted(e.device for r in failed.recoveries for e in r.events) == [2, 3]
+    assert [(r.strategy, r.fallback_reason) for r in failed.recoveries] == [("replicate", None)] * len(failed.recoveries)
 
 
 def test_a_device_lost_while_the_batch_is_recovered_is_recovered_with_it_from_the_hidden_states(tiny, references):
-    steps = []
-
-    def strike(served: ServedStep) -> None:
-        steps.append(served)
-        if len(steps) == STRIKE_STEP:
-            model.arm(FailurePlan(1))
-            model.arm(FailurePlan(2, during_recovery=True))
-
-    with FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), heartbeat=HEARTBEAT,
-                            scheduling=in_flight_budget(tiny, "reuse-hidden"),
-                            policy=RecoveryPolicy(strategy="reuse-hidden")) as model:
-        model.keep(*KEEPING["reuse-hidden"])
-        outputs = model.generate_batch(prompts(), NEW_TOKENS, after_step=strike)
-        (recovery,) = model.recoveries
-    assert outputs == references
+    failed = serve(tiny, "reuse-hidden", failures=[FailurePlan(1), FailurePlan(2, during_recovery=True)])
+    (recovery,) = failed.recoveries
+    assert failed.outputs == references
     assert [e.device for e in recovery.events] == [1, 2] and recovery.attempts == 2
     assert (recovery.strategy, recovery.fallback_reason) == ("reuse-hidden", None)
 

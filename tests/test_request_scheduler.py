@@ -55,6 +55,16 @@ def run(scheduler: Scheduler, arrivals=(), max_steps: int = 10_000) -> list[Sche
     return steps
 
 
+def three_after_their_prefill(num_blocks: int) -> Scheduler:
+    """Three requests of four prompt tokens, in blocks of two positions, each past its prefill step."""
+    scheduler = Scheduler(num_blocks=num_blocks, block_size=2)
+    for i in range(3):
+        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
+    first = scheduler.schedule()
+    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    return scheduler
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget_and_samples_only_at_its_end():
     scheduler = Scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=5)
     scheduler.add(0, list(range(1, 13)), max_new_tokens=2)
@@ -131,11 +141,7 @@ def test_a_request_that_could_never_fit_the_pool_is_refused_when_added():
 
 
 def test_after_a_failure_running_requests_get_fresh_blocks_for_what_they_had_and_the_newest_wait_if_too_few():
-    scheduler = Scheduler(num_blocks=9, block_size=2)
-    for i in range(3):
-        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
-    first = scheduler.schedule()
-    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    scheduler = three_after_their_prefill(num_blocks=9)
     assert scheduler.restart_pool(5) == [2]  # 2 blocks each for 4 computed positions: only two fit
     assert scheduler.requests[2].status is Status.WAITING and scheduler.requests[2].num_computed == 0
     (recompute,) = scheduler.recompute_steps()
@@ -161,11 +167,7 @@ def test_the_recompute_after_a_failure_keeps_to_the_token_budget():
 
 
 def test_a_pool_that_shrinks_after_a_failure_keeps_every_block_that_fits_and_renumbers_the_rest():
-    scheduler = Scheduler(num_blocks=8, block_size=2)
-    for i in range(3):
-        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
-    first = scheduler.schedule()
-    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    scheduler = three_after_their_prefill(num_blocks=8)
     before = {i: list(scheduler.pool.tables[i]) for i in range(3)}
     assert before == {0: [0, 1], 1: [2, 3], 2: [4, 5]}
     scheduler.cancel(1)  # frees blocks 2 and 3, so that block 4 and 5 can move below the new end
@@ -178,11 +180,7 @@ def test_a_pool_that_shrinks_after_a_failure_keeps_every_block_that_fits_and_ren
 
 
 def test_a_pool_too_small_for_every_running_request_after_a_failure_preempts_the_newest_not_losing_it():
-    scheduler = Scheduler(num_blocks=9, block_size=2)
-    for i in range(3):
-        scheduler.add(i, [i + 1] * 4, max_new_tokens=3)
-    first = scheduler.schedule()
-    scheduler.finish_step(first, {c.request_id: next_token(c.token_ids) for c in first.chunks})
+    scheduler = three_after_their_prefill(num_blocks=9)
     preempted, moves = scheduler.resize(5)
     assert preempted == [2] and moves == {}
     assert scheduler.requests[2].status is Status.WAITING and scheduler.requests[2].num_computed == 0
