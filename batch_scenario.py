@@ -362,7 +362,7 @@ def batch_failure(o: Options, first: FailedRun, in_flight: dict, before: Assignm
     return describe_failure(o, recovery.events[0], first.detection_s, first.signal, recovery.plans[-1], before,
                             recovery.regroup_s, recovery.weight_load_s, None, None) | {
         "after_tokens": None, "after_steps": o.fail_after, "running": in_flight["running_at_failure"],
-        "waiting": in_flight["waiting_at_failure"]}
+        "waiting": in_flight["waiting_at_failure"], "seen_in": f"the first {o.recovery[0]} run"}
 
 
 def describe_request(i: int, spec: RequestSpec, before: list[int], reference: BatchRun,

@@ -291,6 +291,7 @@ def _failure(r: Report) -> str:
              f"injected          Device-{f['device']} {FAULT_PAST.get(f['mode'], f['mode'])} in the middle of the "
              f"step after "
              f"{_when(f)}",
+             *([f"seen in           {f['seen_in']} (each strategy's runs: the first screen)"] if f.get("seen_in") else []),
              f"heartbeats        every {f['heartbeat_interval_s']} s; {_detector(f)}",
              f"detection         {f['detection_latency_s']:.3f} s from failure to declaration",
              f"declared by       {_declared_by(f)}",

@@ -254,7 +254,9 @@ def test_many_requests_join_at_different_steps_and_every_strategy_keeps_every_on
     assert batch["running_at_failure"] >= 2, "the failure strikes with several requests in flight"
     assert batch["kv_blocks_in_flight"] > 0 and batch["scheduling"]["block_size"] == 4
     assert batch["reference_preemptions"] > 0, "the budget was sized so that the scheduler preempts"
-    assert saved["failure"]["after_steps"] == 3 and saved["failure"]["after_tokens"] is None
+    failure = saved["failure"]
+    assert (failure["after_steps"], failure["after_tokens"], failure["running"]) == (3, None, batch["running_at_failure"])
+    assert failure["seen_in"] == "the first full-recompute run"
     rows = {row["name"]: row for row in saved["comparison"]}
     assert rows["full-recompute"]["capacity_requests"] >= rows["replicate"]["capacity_requests"] \
         >= rows["reuse-hidden"]["capacity_requests"] >= 1  # keeping state costs capacity
