@@ -17,19 +17,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from request_scheduler import ScheduledChunk
+from request_scheduler import ScheduledChunk, hidden_block_bytes, kv_block_bytes
 from tensor_parallel_model import (CPU, Collective, DeviceState, ResidualStream, Rotary, blocks_linear,
                                    causal_attention, kv_weight_rows, logits_partial, mlp_partial, project_kv_heads,
                                    project_qkv, project_queries)
-
-
-@dataclass(frozen=True)
-class BlockCosts:
-    """What one block costs a device: per KV head it holds (K and V of every layer; a replicated
-    head costs as much again), and for the layers' inputs when hidden states are kept."""
-
-    kv_head: int
-    hidden: int
 
 
 Blocks = Sequence[tuple[int, int]]  # (old block number, new one) for every block carried into a new pool
@@ -54,7 +45,7 @@ class PagedKVCache:
     @staticmethod
     def block_nbytes(num_layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         """What one block costs on a device holding `kv_heads` KV heads: K and V of every layer."""
-        return 2 * num_layers * kv_heads * block_size * head_dim * dtype.itemsize
+        return kv_block_bytes(num_layers, kv_heads, head_dim, block_size, dtype.itemsize)
 
     def slots(self, block_table: Sequence[int], start: int, length: int) -> torch.Tensor:
         """The cache slots of positions start..start+length of the sequence with this block table."""
@@ -107,7 +98,7 @@ class PagedHiddenStates:
 
     @staticmethod
     def block_nbytes(num_layers: int, hidden_size: int, block_size: int, dtype: torch.dtype) -> int:
-        return num_layers * block_size * hidden_size * dtype.itemsize
+        return hidden_block_bytes(num_layers, hidden_size, block_size, dtype.itemsize)
 
     def write(self, layer: int, slots: torch.Tensor, h: torch.Tensor) -> None:
         self.x[layer].index_copy_(0, slots, h)

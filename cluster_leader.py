@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from batched_forward import BlockCosts
 from device_protocol import (DRIVER, Address, BatchForward, BatchKV, Broadcast, Cancel, Describe, DeviceInfo,
                              Envelope, Forward, Inherit, Keep, LeaderChanged, LeaderRecord, NewEpoch, PoolSpec,
                              Prepare, Rebuild, RebuildBatch, Recover, RecoveryPolicy, Regroup, Reply, ReportPagedKV,
@@ -42,7 +41,7 @@ from device_network import POLL_S, StepAbandoned, Transport, WaitStalled
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_batch_rebuild, plan_rebuild, strategy_info
-from request_scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from request_scheduler import BlockCosts, ScheduledStep, Scheduler, SchedulerConfig, pool_blocks
 from task_reassign import ReassignmentPlan, make_strategy
 
 
@@ -82,6 +81,7 @@ class Recovery:
     rebuild_s: float
     attempts: int                 # more than 1 when another failure interrupted the recovery
     context_tokens: int           # positions whose KV was rebuilt (for a batch: over every request in flight)
+    regroup_s: float = 0.0        # fencing, the survivors' first call on the new group, cutting to the context
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Leader:
         self._scheduler: Scheduler | None = None  # made with the first request (many in flight)
         self._pool = PoolSpec(0, 0, scheduling.block_size)
         self._keeping = (False, False)  # (hidden states, replication): what the devices were told to keep
-        self._preempted_by_recovery: list[int] = []  # told to the driver with the next step served
+        self._preempted_unreported: list[int] = []  # told to the driver with the next step served
         self._last_served: ServedStep | None = None
         if record is not None:  # the predecessor's, as of the last step it served: its requests go on here
             self._scheduler, self._pool, self._last_served = record.scheduler, record.pool, record.last_served
@@ -311,20 +311,22 @@ class Leader:
                 recoveries.append(self._recover(self.policy.strategy, rebuild=self._rebuild_batch))
             scheduler = self._batch()  # a recovery replaces it
             step = scheduler.schedule()
+            started = time.perf_counter()
             try:
                 greedy = self._run_batch_step(step) if step.chunks else None
             except StepAbandoned as abandoned:
+                self._preempted_unreported += step.preempted  # scheduling them took effect; the step did not
                 self._await_declaration(abandoned)
                 continue
             sampling = [chunk.request_id for chunk in step.chunks if chunk.samples]
             tokens = dict(zip(sampling, greedy.token_ids)) if greedy else {}
             margins = dict(zip(sampling, greedy.margins)) if greedy else {}
             ended = scheduler.finish_step(step, tokens, margins)
-            preempted, self._preempted_by_recovery = tuple(self._preempted_by_recovery) + step.preempted, []
+            preempted, self._preempted_unreported = tuple(self._preempted_unreported) + step.preempted, []
             self._last_served = ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended},
                                            preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
                                            step.num_tokens, len(scheduler.waiting), len(scheduler.running),
-                                           served_so_far + 1)
+                                           served_so_far + 1, time.perf_counter() - started)
             self._hand_on_record()
             return self._last_served
 
@@ -389,7 +391,7 @@ class Leader:
             self._run_group({d: RebuildBatch(order) for d, order in plan.work.items()})
             rebuilt = sum(length for _, length in next(iter(plan.work.values())).spans)
         self._scheduler, self._pool = plan.scheduler, plan.pool
-        self._preempted_by_recovery += plan.preempted
+        self._preempted_unreported += plan.preempted
         return time.perf_counter() - started, rebuilt
 
     def _on_BatchKV(self, request: BatchKV) -> dict[int, dict]:
@@ -417,7 +419,7 @@ class Leader:
                 prepared = None
                 continue
             recovery = Recovery(post.events, post.plans, used, fallback, post.weight_load_s, rebuild_s,
-                                self._attempts, rebuilt)
+                                self._attempts, rebuilt, post.regroup_s)
             self._resumable = post
             if self.policy.hold:  # the driver may rebuild again from the same state
                 self._post, self._recovered = post, True
@@ -623,22 +625,6 @@ class Leader:
 
     def _send(self, to: Address, body: Any, request: int = 0, epoch: int | None = None) -> None:
         self._transport.send(to, Envelope(self.host, self.epoch if epoch is None else epoch, request, body))
-
-
-def pool_blocks(assignment: Assignment, costs: BlockCosts, budget: int, hidden_states: bool, replication: bool) -> int:
-    """Blocks in every device's pool: as many as fit the budget of the device whose block costs
-    most (its KV heads; with what is kept, the layers' inputs and its copy of its ring predecessor's
-    KV heads: keeping state for recovery costs capacity)."""
-    devices = assignment.devices
-
-    def cost(i: int) -> int:
-        copied = len(assignment.kv_heads(devices[i - 1])) if replication and len(devices) > 1 else 0
-        return (len(assignment.kv_heads(devices[i])) + copied) * costs.kv_head + (costs.hidden if hidden_states else 0)
-
-    most = max(cost(i) for i in range(len(devices)))
-    if budget // most < 1:
-        raise ValueError(f"kv_cache_memory_bytes ({budget}) holds no KV block of {most} bytes")
-    return budget // most
 
 
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from cluster_leader import StepFailed
-from demo_options import Options, check_against_model
+from demo_options import Options, check_against_model, keeping
 from device_actor import DTYPES
 from device_network import StepAbandoned, WaitStalled
 from device_protocol import RecoveryPolicy
@@ -122,17 +122,8 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
                 "options": o.to_json()},
         "model": describe_model(model, o.dtype),
         "system": system,
-        "failure": {"device": event.device, "mode": o.fault, "after_tokens": o.fail_after,
-                    "signal": next((s.signal for s in model.strikes if s.device == event.device), None),
-                    "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
-                    "detector": o.detector, "phi_threshold": o.phi_threshold if o.detector == "phi" else None,
-                    "detection_latency_s": detection_s, "declared_by": event.detection.signal,
-                    "stuck_in": event.detection.stuck_in, "leader": event.leader,
-                    "reassign": o.reassign, "plan": plan.describe(), "regroup_seconds": post.regroup_s,
-                    "weight_load_seconds": post.weight_load_s, "weight_bytes_inherited": post.weight_bytes,
-                    "standby_weights": o.standby_weights, "weights_from_standby": post.weights_from_standby,
-                    "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
-                    "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}},
+        "failure": describe_failure(o, event, detection_s, model.fault_signal(event), plan, initial, post.regroup_s,
+                                    post.weight_load_s, post.weight_bytes, post.weights_from_standby),
         "comparison_meta": {"repeats": o.repeats, "context_tokens": len(post.context_ids)},
         "comparison": comparison,
         "device_level": device_level_row(device_level),
@@ -146,8 +137,12 @@ def run_on_model(o: Options, model: FaultTolerantLlama, started_at: str, log: Ca
 
 def keep_state_for(model: FaultTolerantLlama, strategies: Sequence[str]) -> str:
     """Switch on, before the failure, what the chosen strategies need kept during normal running."""
-    hidden, replication = "reuse-hidden" in strategies, "replicate" in strategies
+    hidden, replication = keeping(strategies)
     model.keep(hidden, replication)
+    return keeping_words(hidden, replication)
+
+
+def keeping_words(hidden: bool, replication: bool) -> str:
     return " and ".join(name for name, on in (("hidden states", hidden), ("KV replica", replication)) if on) \
         or "nothing"
 
@@ -189,6 +184,21 @@ def why_declared(detection) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Describing the run for the report
+
+
+def describe_failure(o: Options, event, detection_s: float, signal: str | None, plan, initial, regroup_s: float,
+                     weight_load_s: float, weight_bytes: int | None, weights_from_standby: bool | None) -> dict:
+    """The report's `failure`: the fault, its detection, the plan and the shared phases of the recovery."""
+    return {"device": event.device, "mode": o.fault, "after_tokens": o.fail_after, "signal": signal,
+            "heartbeat_interval_s": o.heartbeat_interval, "heartbeat_timeout_s": o.heartbeat_timeout,
+            "detector": o.detector, "phi_threshold": o.phi_threshold if o.detector == "phi" else None,
+            "detection_latency_s": detection_s, "declared_by": event.detection.signal,
+            "stuck_in": event.detection.stuck_in, "leader": event.leader,
+            "reassign": o.reassign, "plan": plan.describe(), "regroup_seconds": regroup_s,
+            "weight_load_seconds": weight_load_s, "weight_bytes_inherited": weight_bytes,
+            "standby_weights": o.standby_weights, "weights_from_standby": weights_from_standby,
+            "initial_assignment": {d: list(h) for d, h in initial.heads.items()},
+            "assignment_after": {d: list(h) for d, h in plan.after.heads.items()}}
 
 
 def describe_model(model: FaultTolerantLlama, dtype: str) -> dict:

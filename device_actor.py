@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import kv_cache_reused
-from batched_forward import (BlockCosts, PagedHiddenStates, PagedKVCache, PagedPool, batched_forward, replicate_slots,
-                             step_slots)
+from batched_forward import PagedHiddenStates, PagedKVCache, PagedPool, batched_forward, replicate_slots, step_slots
 from device_protocol import (DRIVER, DTYPE_NAMES, Address, Arm, BatchForward, Beat, CorruptKV, Declare, Describe,
                              DeviceInfo, Envelope, Forward, Inherit, Inherited, Keep, LeaderRecord, NewEpoch,
                              PoolInfo, PoolSpec, Progress, Rebuild, RebuildBatch, RecoveryPolicy, Regroup, Reply,
@@ -37,7 +36,7 @@ from fault_injection import DeviceCrashed, FaultSwitch
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from llama_model_loader import Checkpoint
-from request_scheduler import SchedulerConfig
+from request_scheduler import BlockCosts, SchedulerConfig
 from task_reassign import make_strategy
 from tensor_parallel_model import (CPU, DeviceState, HiddenStateStore, StandbySlices, StepProgress, device_forward,
                                    extend_shard, load_device_state, load_standby, load_vocab_slice, missing_ranges,
@@ -696,10 +695,7 @@ class DeviceActor:
 
     def _block_costs(self) -> BlockCosts:
         config, block_size = self._config, self._setup.scheduling.block_size
-        return BlockCosts(PagedKVCache.block_nbytes(config.num_hidden_layers, 1, config.head_dim, block_size,
-                                                    self._dtype),
-                          PagedHiddenStates.block_nbytes(config.num_hidden_layers, config.hidden_size, block_size,
-                                                         self._dtype))
+        return BlockCosts.for_model(config, block_size, self._dtype.itemsize)
 
     def _cached_ids_snapshot(self) -> list[int]:
         return list(self._cached_ids)

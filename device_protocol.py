@@ -495,6 +495,7 @@ class ServedStep:
     waiting: int
     running: int
     step: int  # steps served so far, this one included
+    forward_s: float = 0.0  # the devices' work on the step, as the leader timed it (after a recovery: the redo)
 
 
 @dataclass(frozen=True)

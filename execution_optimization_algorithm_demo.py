@@ -22,7 +22,7 @@ from demo_options import (DEFAULT_PROMPT, DEFAULT_REPORT, FAULTS, Options, Usage
 from device_protocol import DTYPE_NAMES, STRATEGY_NAMES
 from heartbeat_detection import DETECTORS
 from llama_config import CheckpointError, LlamaConfig, resolve_checkpoint
-from recovery_report import Report, json_path, render, render_comparison, render_interruption, write_report
+from recovery_report import Report, json_path, render, render_summary, write_report
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 
 __all__ = ["DEFAULT_PROMPT", "main", "parse_args"]
@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="cpu (default), or cuda with --backend processes: every device process computes on a GPU of its "
              "own, collectives on NCCL (docs/backends.md: written for GPUs, not yet run on one)")
     add("--fail-device", type=int, default=1, help="the device that fails (default 1)")
-    add("--fail-after", type=int, default=4, help="generated tokens before the failure (default 4)")
+    add("--fail-after", type=int, default=4,
+        help="generated tokens before the failure (default 4); with --requests > 1, scheduler steps")
     add("--fault", choices=FAULTS, default="crash",
         help="what the device suffers mid-step: crash (its threads end; processes: SIGKILL; the default), hang "
              "(everything stops, beats included; processes: SIGSTOP), wedge (its compute blocks for good while its "
@@ -83,13 +84,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
              "(.json, .timeline.png, .phases.png)")
     add("--seed", type=int, default=0, help="seed of the random reassignment (default 0)")
     add("--quiet", action="store_true", help="print only the report's path and the comparison table")
+    add("--requests", type=int, default=1,
+        help="requests served together (default 1: the one sequence); with more, request i joins at step i, "
+             "the first is --prompt padded to --context-tokens, the others shorter, with fewer new tokens")
+    add("--prompts-file", type=Path, help="with --requests > 1: the other requests' prompts, one per line "
+                                          "(default: a built-in set)")
+    add("--max-num-batched-tokens", type=int, help="with --requests > 1: tokens per scheduler step (default 2048)")
+    add("--max-num-seqs", type=int, help="with --requests > 1: running requests at most (default 256)")
+    add("--block-size", type=int, help="with --requests > 1: positions per KV block (default 16)")
+    add("--kv-cache-memory-bytes", type=int,
+        help="with --requests > 1: each device's KV budget, what is kept for recovery included (default 512 MiB)")
     args = parser.parse_args(argv)
     options = Options(args.model_dir, args.devices, args.fail_device, args.fail_after, args.prompt,
                       args.context_tokens or None, args.new_tokens, args.reassign,
                       STRATEGY_NAMES if args.recovery == "all" else (args.recovery,),
                       args.heartbeat_interval, args.heartbeat_timeout, args.dtype, args.repeats, args.report,
                       args.seed, args.quiet, args.backend, args.detector, args.phi_threshold, args.standby_weights,
-                      args.accelerator, args.fault)
+                      args.accelerator, args.fault, args.requests, args.prompts_file, args.max_num_batched_tokens,
+                      args.max_num_seqs, args.block_size, args.kv_cache_memory_bytes)
     check_options(options)
     return options
 
@@ -103,7 +115,7 @@ def check_config(o: Options) -> None:
 
 
 def print_summary(report: Report, path: Path) -> None:
-    print(render_interruption(report) + "\n\n" + render_comparison(report))
+    print(render_summary(report))
     print(f"\nreport: {path} (and {json_path(path)})")
 
 
@@ -120,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(options: Options, argv: list[str]) -> int:
     """The run itself, once nothing in the arguments or the config refuses it (torch from here on)."""
+    from batch_scenario import run_batch_scenario
     from demo_scenario import explain_abandoned, run_scenario
     from device_network import StepAbandoned
     from device_threads import interrupts_at_wait_points
@@ -128,7 +141,7 @@ def run(options: Options, argv: list[str]) -> int:
     log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr))
     try:
         with interrupts_at_wait_points():  # Ctrl-C stops the run where the leader waits, never inside a lock
-            report = run_scenario(options, log)
+            report = (run_batch_scenario if options.requests > 1 else run_scenario)(options, log)
             report["run"]["argv"] = argv
             write_report(options.report, report)
     except (UsageError, CheckpointError, LaunchError) as bad:

@@ -51,6 +51,10 @@ class FaultTolerantLlama(TensorParallelLlama):
         struck = [s.at for s in self.strikes if s.device == event.device and s.at <= event.detection.declared_at]
         return max(struck, default=event.detection.last_beat_at)
 
+    def fault_signal(self, event: FailureEvent) -> str | None:
+        """The real signal the fault behind `event` was (SIGKILL, SIGSTOP), or None where it was simulated."""
+        return next((s.signal for s in self.strikes if s.device == event.device), None)
+
     def detection_latency_s(self, event: FailureEvent) -> float:
         return event.detection.declared_at - self.failed_at(event)
 

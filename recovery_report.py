@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from provenance import strict_json
 
@@ -24,10 +24,17 @@ def interruption(shared_phases: dict[str, float], rebuilds: Sequence[float], red
     """A strategy's whole interruption (JSON fields): the phases every strategy shares (detection,
     regroup, weights: one sample each), its own rebuild (the median of its timed runs) and redo (one
     sample), their sum, and how many samples stand behind each phase."""
-    phases = {**shared_phases, "rebuild_s": statistics.median(rebuilds), "redo_s": redo_s}
-    samples = {key: {"samples": 1, "min_s": value, "max_s": value} for key, value in phases.items()}
-    samples["rebuild_s"] = {"samples": len(rebuilds), "min_s": min(rebuilds), "max_s": max(rebuilds)}
-    return {"interruption_phases": phases, "interruption_s": sum(phases.values()), "interruption_samples": samples}
+    return interruption_of({**{key: [value] for key, value in shared_phases.items()}, "rebuild_s": rebuilds,
+                            "redo_s": [redo_s]})
+
+
+def interruption_of(samples: Mapping[str, Sequence[float]]) -> dict:
+    """The whole interruption from every phase's samples (seconds): each phase is their median, the
+    whole their sum; how many samples stand behind each phase, and their range."""
+    phases = {key: statistics.median(values) for key, values in samples.items()}
+    return {"interruption_phases": phases, "interruption_s": sum(phases.values()),
+            "interruption_samples": {key: {"samples": len(values), "min_s": min(values), "max_s": max(values)}
+                                     for key, values in samples.items()}}
 
 
 def add_interruption_ratios(rows: list[dict], strategy_key: str) -> None:
@@ -106,13 +113,25 @@ def check_writable(report_path: Path) -> None:
 
 
 def render(report: Report) -> str:
+    if report.get("batch"):
+        from batch_report import batch_lossless, render_batch  # it builds on this module's helpers
+        middle = [render_batch(report), batch_lossless(report)]
+    else:
+        middle = [render_comparison(report), _device_level(report), _overhead(report), _lossless(report), _text(report)]
     sections = [_title(report), render_interruption(report), _model(report), _system(report), _failure(report),
-                render_comparison(report),
-                _device_level(report), _overhead(report), _lossless(report), _text(report), _environment(report)]
+                *middle, _environment(report)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
-def _heading(title: str) -> str:
+def render_summary(report: Report) -> str:
+    """What --quiet prints: the first screen and the table of the strategies (the rebuild's, or the batch's)."""
+    if report.get("batch"):
+        from batch_report import render_batch
+        return render_interruption(report) + "\n\n" + render_batch(report)
+    return render_interruption(report) + "\n\n" + render_comparison(report)
+
+
+def heading(title: str) -> str:
     return f"{title}\n{'-' * len(title)}"
 
 
@@ -130,8 +149,16 @@ def measured_on(r: Report) -> str:
     cpu = e["cpu"] + (f" with {e['cpu_features']}" if e.get("cpu_features") else "")
     return (f"Measured on: {m.get('name', Path(m['path']).name)} ({kind}), {r['run']['backend']} backend, "
             f"{s['devices']} devices, {r['failure'].get('detector', 'timeout')} detector, {m['compute_dtype']}, "
-            f"{r['comparison_meta']['context_tokens']}-token context at the failure; {cpu}, {e['cores']} cores; commit {r['run'].get('commit', 'unknown')}; "
+            f"{_context_at_failure(r)}; {cpu}, {e['cores']} cores; commit {r['run'].get('commit', 'unknown')}; "
             f"{r['run']['started'][:10]}")
+
+
+def _context_at_failure(r: Report) -> str:
+    b = r.get("batch")
+    if b:
+        return (f"{b['requests']} requests, {b['running_at_failure']} running and {b['kv_positions_in_flight']} "
+                f"positions ({b['kv_blocks_in_flight']} KV blocks) in flight at the failure")
+    return f"{r['comparison_meta']['context_tokens']}-token context at the failure"
 
 
 def render_interruption(r: Report) -> str:
@@ -143,7 +170,9 @@ def render_interruption(r: Report) -> str:
         return ""
     full = next((row for row in rows if row["name"] == "full-recompute"), None)
     fault = f.get("mode", "crash")
-    lines = [_heading(f"What losing Device-{f['device']} cost: from the {fault} to the next token"), measured_on(r),
+    batch = bool(r.get("batch"))
+    lines = [heading(f"What losing Device-{f['device']} cost: from the {fault} to the next "
+                     f"{'step of the batch' if batch else 'token'}"), measured_on(r),
              f"{'strategy':<16}" + "".join(f"{label:>9}" for _, label in PHASES) + f"{'total s':>10}"
              + ("   saved against full recompute" if full else "")]
     for row in rows:
@@ -156,8 +185,9 @@ def render_interruption(r: Report) -> str:
     lines.append(f"detect: {fault} to declared dead ({f.get('detector', 'timeout')} detector; declared by "
                  f"{f['declared_by']}); regroup: fencing, the survivors' first call on the new group and their "
                  f"agreeing on the context; weights: the new owners' slices; rebuild: the KV cache; redo: the "
-                 f"abandoned step, redone, which gives the next token. Seconds, each measured in this run.")
-    lines.append(_samples(rows))
+                 f"abandoned step, redone, which gives "
+                 f"{'every running request its next token' if batch else 'the next token'}. Seconds, each measured in this run.")
+    lines.append(_batch_samples(rows) if batch else _samples(rows))
     return "\n".join(lines)
 
 
@@ -168,13 +198,25 @@ def _percent(row: dict) -> str:
     return f"{saved:.0%} shorter" if saved >= 0 else f"{-saved:.0%} longer"
 
 
+def _batch_samples(rows: list[dict]) -> str:
+    """With many requests every strategy has runs of its own: each phase is their median."""
+    runs = rows[0]["interruption_samples"]["rebuild_s"]["samples"]
+    text = (f"Samples: each strategy served the same workload, failing after the same step, {runs} time"
+            f"{'s' if runs != 1 else ''} on a fresh cluster; each phase is the median of its runs")
+    return text + (f" (rebuild min-max: {_rebuild_ranges(rows)})." if runs > 1 else ".")
+
+
+def _rebuild_ranges(rows: list[dict]) -> str:
+    return ", ".join(f"{row['name']} {row['interruption_samples']['rebuild_s']['min_s']:.3f}-"
+                     f"{row['interruption_samples']['rebuild_s']['max_s']:.3f}"
+                     for row in rows if row.get("interruption_samples"))
+
+
 def _samples(rows: list[dict]) -> str:
     """How many samples stand behind each phase, and the rebuild's range where it has several."""
     counts = rows[0].get("interruption_samples") or {}
     rebuild = counts.get("rebuild_s", {}).get("samples", 1)
-    ranges = ", ".join(f"{row['name']} {row['interruption_samples']['rebuild_s']['min_s']:.3f}-"
-                       f"{row['interruption_samples']['rebuild_s']['max_s']:.3f}"
-                       for row in rows if row.get("interruption_samples"))
+    ranges = _rebuild_ranges(rows)
     text = ("Samples: detect, regroup and weights are one each, shared by every strategy; redo is one per "
             f"strategy; rebuild is the median of {rebuild} alternating run{'s' if rebuild != 1 else ''}")
     return text + (f" (min-max: {ranges})." if rebuild > 1 and ranges else ".")
@@ -185,7 +227,7 @@ def _model(r: Report) -> str:
     c = m["config"]
     kind = "SYNTHETIC (random weights, real shapes)" if m["synthetic"] else "real checkpoint"
     return "\n".join([
-        _heading("1. Model loading"),
+        heading("1. Model loading"),
         f"checkpoint        {m['path']}",
         f"kind              {kind}: {m['reason']}",
         f"architecture      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
@@ -203,18 +245,32 @@ def _system(r: Report) -> str:
     backend, accelerator = r["run"].get("backend", "threads"), r["run"].get("accelerator", "cpu")
     collectives = "nccl, one GPU each" if accelerator == "cuda" else "gloo"
     kind = f"OS processes (torch.distributed, {collectives})" if backend == "processes" else "threads of one process"
-    lines = [_heading("2. System initialisation"),
+    lines = [heading("2. System initialisation"),
              f"devices           {s['devices']} {kind}; leader Device-{s['leader']}",
-             f"context           {s['context_tokens']} tokens; {s['new_tokens']} new tokens to generate"]
+             _workload(r)]
     for d in s["assignment"]:
         standby = f" + {d['standby_bytes'] / 1e6:.1f} MB standby" if d.get("standby_bytes") else ""
         lines.append(f"  Device-{d['device']}: query heads {d['heads']}, KV heads {d['kv_heads']}, "
                      f"MLP columns {d['mlp']}, {d['weight_bytes'] / 1e6:.1f} MB of weight slices{standby}")
     lines.append(f"KV heads held twice: {s['duplicated_kv'] or 'none'}")
     lines += _processes(s.get("processes") or [], r["model"])
-    lines.append(f"KV cache filled by the prefill: {s['prefill_seconds']:.3f} s (the failure-free run: the "
-                 f"process's first prefill, cold; section 6 compares warm prefills)")
+    if "prefill_seconds" in s:
+        lines.append(f"KV cache filled by the prefill: {s['prefill_seconds']:.3f} s (the failure-free run: the "
+                     f"process's first prefill, cold; section 6 compares warm prefills)")
     return "\n".join(lines)
+
+
+def _workload(r: Report) -> str:
+    s, b = r["system"], r.get("batch")
+    if not b:
+        return f"context           {s['context_tokens']} tokens; {s['new_tokens']} new tokens to generate"
+    prompts = [len(q["prompt_ids"]) for q in r["requests"]]
+    c = b["scheduling"]
+    return (f"workload          {b['requests']} requests, one joining per step: prompts of {min(prompts)}-"
+            f"{max(prompts)} tokens, {min(q['new_tokens'] for q in r['requests'])}-{s['new_tokens']} new tokens; "
+            f"budgets: {c['max_num_batched_tokens']} tokens and {c['max_num_seqs']} sequences per step, "
+            f"{b['pool_blocks']} KV blocks of {c['block_size']} positions per device "
+            f"({c['kv_cache_memory_bytes'] / 2**20:.1f} MiB each, with what is kept)")
 
 
 def _processes(processes: list[dict], model: dict) -> list[str]:
@@ -231,10 +287,11 @@ def _processes(processes: list[dict], model: dict) -> list[str]:
 
 def _failure(r: Report) -> str:
     f = r["failure"]
-    lines = [_heading("3. Failure detection and recovery"),
+    lines = [heading("3. Failure detection and recovery"),
              f"injected          Device-{f['device']} {FAULT_PAST.get(f['mode'], f['mode'])} in the middle of the "
              f"step after "
-             f"{f['after_tokens']} generated tokens",
+             f"{_when(f)}",
+             *([f"seen in           {f['seen_in']} (each strategy's runs: the first screen)"] if f.get("seen_in") else []),
              f"heartbeats        every {f['heartbeat_interval_s']} s; {_detector(f)}",
              f"detection         {f['detection_latency_s']:.3f} s from failure to declaration",
              f"declared by       {_declared_by(f)}",
@@ -251,6 +308,12 @@ def _failure(r: Report) -> str:
     if r.get("files", {}).get("timeline"):
         lines.append(f"timeline          {r['files']['timeline']} (every device's work, beats and the failure)")
     return "\n".join(lines)
+
+
+def _when(f: dict) -> str:
+    if f.get("after_steps") is not None:
+        return f"{f['after_steps']} scheduler steps, {f['running']} requests running and {f['waiting']} waiting"
+    return f"{f['after_tokens']} generated tokens"
 
 
 def _detector(f: dict) -> str:
@@ -276,7 +339,7 @@ def _declared_by(f: dict) -> str:
 
 def render_comparison(r: Report) -> str:
     rows = r["comparison"]
-    lines = [_heading("4. KV-cache rebuild: every strategy from the same post-failure state"),
+    lines = [heading("4. KV-cache rebuild: every strategy from the same post-failure state"),
              f"{r['comparison_meta']['repeats']} alternating runs each; context {r['comparison_meta']['context_tokens']} "
              f"tokens; FLOPs counted from shapes",
              f"{'strategy':<16}{'min s':>9}{'median s':>10}{'max s':>9}{'speedup':>9}{'GFLOP':>10}"
@@ -306,7 +369,7 @@ def _device_level(r: Report) -> str:
     if not d:
         return ""
     return "\n".join([
-        _heading("5. Device-level comparison (the seed's): the new owner's rebuild from hidden states"),
+        heading("5. Device-level comparison (the seed's): the new owner's rebuild from hidden states"),
         f"Device-{d['device']} now holds {d['all_query_heads']} query heads ({d['all_kv_heads']} KV heads), "
         f"of which {d['inherited_query_heads']} inherited ({d['inherited_kv_heads']} KV heads)",
         "both project K and V from the stored layer inputs, every layer, every cached position:",
@@ -322,7 +385,7 @@ def _overhead(r: Report) -> str:
     o = r.get("overhead")
     if not o:
         return ""
-    lines = [_heading("6. Cost in normal running (same positions recomputed, modes alternating, warm)")]
+    lines = [heading("6. Cost in normal running (same positions recomputed, modes alternating, warm)")]
     for label, timings, unit, scale in (("prefill of the context", r.get("prefill_overhead"), "s", 1.0),
                                         ("decode step", o, "ms", 1e3)):
         if not timings:
@@ -339,7 +402,7 @@ def _overhead(r: Report) -> str:
 
 
 def _lossless(r: Report) -> str:
-    lines = [_heading("7. Lossless checks (against a failure-free run of the same prompt)"),
+    lines = [heading("7. Lossless checks (against a failure-free run of the same prompt)"),
              "kept KV must be the same bits; each rebuilt (layer, KV head), K and V apart, is bounded relative "
              "to its own largest |value|; each step after the recovery is fed the failure-free token, and its "
              "logits are bounded relative to theirs and its greedy token must be the failure-free one"]
@@ -370,7 +433,7 @@ def _tokens_verdict(row: dict) -> str:
 
 def _text(r: Report) -> str:
     t = r["text"]
-    lines = [_heading("8. Generated text"),
+    lines = [heading("8. Generated text"),
              f"prompt ({len(t['prompt_ids'])} tokens): {t['prompt']!r}",
              f"before the failure:  {t['before_text']!r}",
              f"failure-free run:    {t['reference_text']!r}",
@@ -382,4 +445,5 @@ def _text(r: Report) -> str:
 
 def _environment(r: Report) -> str:
     e = r["environment"]
-    return "\n".join([_heading("9. Environment")] + [f"{k:<17} {v}" for k, v in e.items()])
+    number = 6 if r.get("batch") else 9
+    return "\n".join([heading(f"{number}. Environment")] + [f"{k:<17} {v}" for k, v in e.items()])

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
 
+from head_assignment import Assignment
+
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 * 2**20
 
@@ -40,6 +42,48 @@ class SchedulerConfig:
         for name in ("kv_cache_memory_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """What one block costs a device: per KV head it holds (K and V of every layer; a replicated
+    head costs as much again), and for the layers' inputs when hidden states are kept."""
+
+    kv_head: int
+    hidden: int
+
+    @classmethod
+    def for_model(cls, config, block_size: int, itemsize: int) -> "BlockCosts":
+        """A model's costs (a LlamaConfig), in a dtype of `itemsize` bytes: torch-free, so that the demo
+        can refuse a budget before the engine starts."""
+        return cls(kv_block_bytes(config.num_hidden_layers, 1, config.head_dim, block_size, itemsize),
+                   hidden_block_bytes(config.num_hidden_layers, config.hidden_size, block_size, itemsize))
+
+
+def kv_block_bytes(num_layers: int, kv_heads: int, head_dim: int, block_size: int, itemsize: int) -> int:
+    """One block on a device holding `kv_heads` KV heads: K and V of every layer."""
+    return 2 * num_layers * kv_heads * block_size * head_dim * itemsize
+
+
+def hidden_block_bytes(num_layers: int, hidden_size: int, block_size: int, itemsize: int) -> int:
+    """One block of the layers' inputs (what reuse-hidden keeps)."""
+    return num_layers * block_size * hidden_size * itemsize
+
+
+def pool_blocks(assignment: Assignment, costs: BlockCosts, budget: int, hidden_states: bool, replication: bool) -> int:
+    """Blocks in every device's pool: as many as fit the budget of the device whose block costs
+    most (its KV heads; with what is kept, the layers' inputs and its copy of its ring predecessor's
+    KV heads: keeping state for recovery costs capacity)."""
+    devices = assignment.devices
+
+    def cost(i: int) -> int:
+        copied = len(assignment.kv_heads(devices[i - 1])) if replication and len(devices) > 1 else 0
+        return (len(assignment.kv_heads(devices[i])) + copied) * costs.kv_head + (costs.hidden if hidden_states else 0)
+
+    most = max(cost(i) for i in range(len(devices)))
+    if budget // most < 1:
+        raise ValueError(f"kv_cache_memory_bytes ({budget}) holds no KV block of {most} bytes")
+    return budget // most
 
 
 class Status(str, Enum):

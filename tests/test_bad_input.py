@@ -445,3 +445,18 @@ def test_mistakes_in_arguments_and_config_are_answered_without_importing_torch(c
                                                     str(model), *QUICK, *extra, "--report", str(report_dir / "r.txt"))
     assert_refused(code, out, err, report_dir)
     assert not torch_seen
+
+
+@pytest.mark.parametrize("case, extra, phrase", [
+    ("no-requests", ["--requests", "0"], "--requests must be at least 1"),
+    ("no-sequences", ["--requests", "2", "--max-num-seqs", "0"], "--max-num-seqs must be positive"),
+    ("budget-for-one-request", ["--max-num-seqs", "4"], "--max-num-seqs needs --requests of 2 or more"),
+    ("budget-too-small", ["--requests", "2", "--kv-cache-memory-bytes", "1000"],
+     "--kv-cache-memory-bytes 1000 holds 0 KV blocks of 16 positions per device, the longest request needs 1"),
+    ("no-prompts-file", ["--requests", "2", "--prompts-file", "/nowhere/prompts.txt"], "--prompts-file"),
+])
+def test_bad_batch_options_are_answered_without_importing_torch(case, extra, phrase, good_dir, report_dir):
+    code, torch_seen, out, err = run_watching_torch("execution_optimization_algorithm_demo.py", "--model-dir",
+                                                    str(good_dir), *QUICK, *extra, "--report", str(report_dir / "r.txt"))
+    assert_refused(code, out, err, report_dir, phrase)
+    assert not torch_seen

@@ -14,15 +14,14 @@ from typing import Sequence
 import pytest
 import torch
 
-from batched_forward import BlockCosts, PagedHiddenStates
-from cluster_leader import pool_blocks
+from batched_forward import PagedHiddenStates
 from device_protocol import RecoveryPolicy, ServedStep
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from lossless_checks import check_kv
-from request_scheduler import SchedulerConfig
+from request_scheduler import BlockCosts, SchedulerConfig, pool_blocks
 from tensor_parallel_cluster import TensorParallelLlama
 
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=1.0)

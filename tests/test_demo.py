@@ -23,7 +23,8 @@ FAST = ["--heartbeat-interval", "0.05", "--heartbeat-timeout", "0.25", "--contex
 OPTIONS = ["--model-dir", "--devices", "--fail-device", "--fail-after", "--prompt", "--context-tokens",
            "--new-tokens", "--reassign", "--recovery", "--heartbeat-interval", "--heartbeat-timeout", "--dtype",
            "--repeats", "--report", "--seed", "--quiet", "--backend", "--detector", "--phi-threshold",
-           "--standby-weights", "--fault"]
+           "--standby-weights", "--fault", "--requests", "--prompts-file", "--max-num-batched-tokens",
+           "--max-num-seqs", "--block-size", "--kv-cache-memory-bytes"]
 
 
 def args(checkpoint: Path, report: Path, *extra: str) -> list[str]:
@@ -195,3 +196,99 @@ def test_a_run_abandoned_by_what_was_not_injected_says_what_happened(tiny_checkp
     assert demo.main(args(tiny_checkpoint, tmp_path / "stalled.txt")) == 1
     err = capsys.readouterr().err
     assert f"error: a wait stalled: {stalled}; no report written" in err and "heartbeats" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Many requests in flight (--requests N)
+
+# Prompts of 32, 24, 16 and 8 tokens, 4-position blocks, a budget of 20 blocks per device keeping every
+# strategy's state (9216 bytes a block on the tiny preset in fp32; 10752 on the heir after the failure, 17
+# blocks): three requests run when the failure strikes, the step it abandons preempts the newest, and the
+# longest fits alone before and after
+BATCH = ["--requests", "4", "--prompt", "abc", "--block-size", "4", "--kv-cache-memory-bytes", str(20 * 9216)]
+REQUEST_FIELDS = {"request", "joins_at_step", "prompt", "prompt_ids", "new_tokens", "before_ids", "before_text",
+                  "reference_ids", "reference_text", "reference_after_ids", "after_ids", "after_texts", "lossless"}
+
+
+@pytest.fixture(scope="module")
+def batch_run(tiny_checkpoint, tmp_path_factory):
+    """main() with four requests and every strategy, once for the module: (exit code, stdout, report path)."""
+    report = tmp_path_factory.mktemp("demo-batch") / "batch.txt"
+    capture = pytest.MonkeyPatch()
+    out = io.StringIO()
+    capture.setattr(sys, "stdout", out)
+    capture.setattr(sys, "stderr", io.StringIO())
+    try:
+        code = demo.main(args(tiny_checkpoint, report, *BATCH))
+    finally:
+        capture.undo()
+    return code, out.getvalue(), report
+
+
+def assert_every_request_lossless(saved: dict, names) -> None:
+    assert [row["name"] for row in saved["comparison"]] == list(names)
+    for row in saved["comparison"]:
+        assert row["error"] is None and row["lossless"] and row["verdict"] == "lossless", row
+        assert row["tokens_identical"] and row["kept_heads_max_abs_diff"] == 0.0, row
+        assert row["rebuilt_heads_max_rel_error"] <= row["rebuilt_heads_tolerance"], row
+        assert row["requests_lossless"] == len(saved["requests"]) and row["requests_kv_checked"] >= 2, row
+        assert row["interruption_s"] == pytest.approx(sum(row["interruption_phases"].values()))
+    for request in saved["requests"]:
+        assert REQUEST_FIELDS <= set(request), request
+        assert set(request["after_ids"]) == set(names) and all(request["lossless"].values()), request
+        for name, after in request["after_ids"].items():
+            assert request["before_ids"] + after == request["reference_ids"], (name, request)
+
+
+def test_many_requests_join_at_different_steps_and_every_strategy_keeps_every_one_lossless(batch_run):
+    code, stdout, report = batch_run
+    assert code == 0
+    saved = load_json(report)
+    assert_every_request_lossless(saved, STRATEGIES)
+    requests = saved["requests"]
+    assert [r["joins_at_step"] for r in requests] == [0, 1, 2, 3]
+    assert len({len(r["prompt_ids"]) for r in requests}) == 4 and len({r["new_tokens"] for r in requests}) > 1
+    assert requests[0]["new_tokens"] == 6 and all(len(r["prompt_ids"]) < len(requests[0]["prompt_ids"])
+                                                  for r in requests[1:])
+    batch = saved["batch"]
+    assert batch["running_at_failure"] >= 2, "the failure strikes with several requests in flight"
+    assert batch["kv_blocks_in_flight"] > 0 and batch["scheduling"]["block_size"] == 4
+    assert batch["reference_preemptions"] > 0, "the budget was sized so that the scheduler preempts"
+    failure = saved["failure"]
+    assert (failure["after_steps"], failure["after_tokens"], failure["running"]) == (3, None, batch["running_at_failure"])
+    assert failure["seen_in"] == "the first full-recompute run"
+    rows = {row["name"]: row for row in saved["comparison"]}
+    assert rows["full-recompute"]["capacity_requests"] >= rows["replicate"]["capacity_requests"] \
+        >= rows["reuse-hidden"]["capacity_requests"] >= 1  # keeping state costs capacity
+    assert all(row["preemptions"][0] >= batch["reference_preemptions"] for row in rows.values())
+    assert report.read_text() in stdout
+    for request in requests:  # one line per request in the table, its verdict per strategy
+        assert any(line.split()[:4] == [str(request["request"]), str(request["joins_at_step"]),
+                                        str(len(request["prompt_ids"])), str(len(request["reference_ids"]))]
+                   and line.split()[4:] == ["yes"] * len(STRATEGIES) for line in stdout.splitlines())
+
+
+def test_many_requests_quiet_with_a_prompts_file_prints_the_interruption_and_the_batch_table(
+        tiny_checkpoint, tmp_path, capsys):
+    report, prompts = tmp_path / "batch-quiet.txt", tmp_path / "prompts.txt"
+    prompts.write_text("first other prompt\n\nsecond\n")
+    assert demo.main(args(tiny_checkpoint, report, "--requests", "4", "--prompts-file", str(prompts),
+                          "--recovery", "reuse-hidden", "--quiet")) == 0
+    out = capsys.readouterr().out
+    assert "to the next step of the batch" in out and "4. Many requests" in out and "Environment" not in out
+    saved = load_json(report)
+    assert [r["prompt"] for r in saved["requests"][1:]] == ["first other prompt", "second", "first other prompt"]
+    assert_every_request_lossless(saved, ["reuse-hidden"])
+
+
+@pytest.mark.slow
+def test_many_requests_on_device_processes(tiny_checkpoint, tmp_path):
+    report = tmp_path / "batch-processes.txt"
+    result = subprocess.run([sys.executable, "execution_optimization_algorithm_demo.py",
+                             *args(tiny_checkpoint, report, "--requests", "3", "--backend", "processes",
+                                   "--recovery", "replicate", "--quiet")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    saved = load_json(report)
+    assert saved["failure"]["signal"] == "SIGKILL"
+    assert_every_request_lossless(saved, ["replicate"])
