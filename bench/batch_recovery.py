@@ -13,6 +13,7 @@ kept state does not fit the requests is not run: the table says so.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,9 @@ def serve(folder: Path, args: argparse.Namespace, scheduling: SchedulerConfig, p
                 model.arm(FailurePlan(args.fail_device))
                 armed = True
         outputs = model.generate_batch(prompts, args.batch_new_tokens, after_step=after_step)
-        return Served(outputs, list(model.recoveries), len(preempted))
+        served = Served(outputs, list(model.recoveries), len(preempted))
+    gc.collect()  # the closed cluster's weights are in reference cycles: free them before the next one loads
+    return served
 
 
 def scheduling_for(args: argparse.Namespace, requests: int) -> SchedulerConfig:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import log
+from common import gemv_bandwidth, log, matmul_peak, parameter_count, torch_dtype
 
 RUNNERS = Path(__file__).resolve().parent / "batch_runners.py"
 TARGET_BATCH = 32        # the issue's batch for the throughput targets
@@ -79,15 +79,40 @@ def prefill_share(sides: BatchSides) -> float:
             / sides.median("engine", "one_sequence_prefill_tokens_per_s"))
 
 
-def throughput_rows(measured: list[BatchSides]) -> list[str]:
+@dataclass(frozen=True)
+class Floor:
+    """What bounds a decode step of a batch from below on this machine: streaming every weight once
+    (the measured matrix-vector bandwidth), or the batch's matmuls (2 FLOPs per weight per row, at
+    the measured matmul peak), whichever is longer. Attention at these short contexts is left out."""
+    weight_bytes: int
+    parameters: int
+    bytes_per_s: float
+    flops_per_s: float
+
+    def step_ms(self, batch: int) -> float:
+        return max(self.weight_bytes / self.bytes_per_s, 2 * self.parameters * batch / self.flops_per_s) * 1e3
+
+
+def measure_floor(folder: Path, args: argparse.Namespace, dtype_name: str) -> Floor:
+    """The machine's two yardsticks in the main thread with its default threads (bench_engine's probes)."""
+    from llama_model_loader import Checkpoint
+
+    dtype, probes = torch_dtype(dtype_name), args.probes
+    parameters = parameter_count(Checkpoint(folder))
+    return Floor(parameters * dtype.itemsize, parameters, gemv_bandwidth(dtype, probes.gemv_bytes, probes.gemv_tries),
+                 matmul_peak(dtype, probes.matmul_n, probes.matmul_tries))
+
+
+def throughput_rows(measured: list[BatchSides], floor: Floor) -> list[str]:
     own = {s.batch: s.median("engine", "decode_tokens_per_s") for s in measured}
-    lines = ["| batch | engine step ms | engine tokens/s | reference step ms | reference tokens/s | engine / reference "
-             "| engine vs own batch 1 | packed prefill tokens/s | one sequence tokens/s | packed / one sequence "
-             "| targets |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| batch | floor ms | engine step ms | engine tokens/s | reference step ms | reference tokens/s | "
+             "engine / reference | engine vs own batch 1 | packed prefill tokens/s | one sequence tokens/s | "
+             "packed / one sequence | targets |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for sides in measured:
         engine, reference = own[sides.batch], sides.median("reference", "decode_tokens_per_s")
         scaling = f"{engine / own[1]:.1f}x" if 1 in own else "-"
-        lines.append(f"| {sides.batch} | {sides.median('engine', 'decode_step_ms'):.1f} | {engine:.1f} | "
+        lines.append(f"| {sides.batch} | {floor.step_ms(sides.batch):.1f} | {sides.median('engine', 'decode_step_ms'):.1f} "
+                     f"| {engine:.1f} | "
                      f"{sides.median('reference', 'decode_step_ms'):.1f} | {reference:.1f} | {engine / reference:.2f} "
                      f"| {scaling} | {sides.median('engine', 'prefill_tokens_per_s'):.0f} | "
                      f"{sides.median('engine', 'one_sequence_prefill_tokens_per_s'):.0f} | {prefill_share(sides):.0%} "
@@ -111,6 +136,7 @@ def invariance_lines(result: dict, args: argparse.Namespace) -> list[str]:
 def batch_section(folder: Path, args: argparse.Namespace) -> str:
     """The section's Markdown: the throughput table with its targets, then batch invariance."""
     dtype_name = "bfloat16" if args.dtype == "bfloat16" else "float32"
+    floor = measure_floor(folder, args, dtype_name)
     measured = measure(folder, args, dtype_name)
     lines = ["### many requests in flight: decode throughput by batch size\n",
              f"{dtype_name}; engine on {args.devices} device threads; prompts of {args.batch_prompt} tokens, all "
@@ -121,7 +147,11 @@ def batch_section(folder: Path, args: argparse.Namespace) -> str:
              f"together, prefilled alone by the engine. Targets (issue 21): at batch {TARGET_BATCH} the engine gives "
              f"at least {TARGET_OWN_SCALING}x its own batch-1 tokens/s and at least the reference's; a packed prefill "
              f"at least {TARGET_PREFILL:.0%} of one sequence's token rate.\n",
-             *throughput_rows(measured)]
+             f"Floor: a step streams every weight once ({floor.weight_bytes / 1e9:.2f} GB at the measured "
+             f"matrix-vector bandwidth, {floor.bytes_per_s / 1e9:.1f} GB/s) or does the batch's matmuls (2 FLOPs per "
+             f"weight per request at the measured matmul peak, {floor.flops_per_s / 1e9:.0f} GFLOP/s), whichever is "
+             f"longer: so a batch of B gives at most B x floor(1) / floor(B) times the batch-1 tokens/s.\n",
+             *throughput_rows(measured, floor)]
     if args.invariance_requests:
         log(f"batch invariance: {args.invariance_requests} requests")
         result = run_side("invariance", folder, args, args.invariance_requests, dtype_name, args.invariance_tokens)

@@ -18,6 +18,8 @@ machine, other load moves the numbers):
   demo         the default demo (4 device threads, 512-token context, 3 repeats)          ~2.5 min
   engine       float32 only (the default compute dtype), lengths 128 512, 3 repeats      ~5 min
                then a decode step on processes, threads and bare gloo (tiny and the 1B) ~3 min
+               then many requests in flight at batch 1 8 32, each side in its own process,
+               3 repeats, and batch invariance over 8 requests                          ~9 min
   load_memory  both dtypes, one fresh process each; the first load after a fresh write   ~2 min
   detection    both backends and detectors, 3 hangs each, 10 load windows of 512 tokens ~3.5 min
   recovery     lengths 128 512 2048, 4 devices, threads and processes, timeout detector,
@@ -68,7 +70,7 @@ STEPS = (
     Step("demo", ("execution_optimization_algorithm_demo.py", "--quiet", "--report", str(DEMO_REPORT)), 150,
          f"docs/results/demo.md, docs/timeline.png, docs/phases.png and README.md's blocks {FIRST_SCREEN} and "
          f"{HEADLINE}"),
-    Step("engine", ("bench/bench_engine.py", "--dtype", "float32"), 480, "docs/results/engine.md"),
+    Step("engine", ("bench/bench_engine.py", "--dtype", "float32"), 1020, "docs/results/engine.md"),
     Step("load_memory", ("bench/bench_load_memory.py", "--first-load"), 120, "docs/results/load_memory.md"),
     Step("detection", ("bench/bench_detection.py", "--repeats", "3", "--load-windows", "10", "--load-context", "512"),
          210, "docs/results/detection.md"),
