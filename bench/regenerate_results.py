@@ -12,7 +12,7 @@ Those blocks are never edited by hand. A missing marker stops the run before any
 the README is written atomically and only once the demo has succeeded: a failure leaves it as it was.
 
 What runs, and how long each step was expected to take on a 2-core AMD EPYC (estimated from the
-phase times measured there, not from one whole run; about 23 minutes in all; rerun on a quiet
+phase times measured there, not from one whole run; about 57 minutes in all; rerun on a quiet
 machine, other load moves the numbers):
 
   demo         the default demo (4 device threads, 512-token context, 3 repeats)          ~2.5 min
@@ -24,6 +24,8 @@ machine, other load moves the numbers):
   detection    both backends and detectors, 3 hangs each, 10 load windows of 512 tokens ~3.5 min
   recovery     lengths 128 512 2048, 4 devices, threads and processes, timeout detector,
                random reassignment, 1 rebuild per strategy (the full matrix takes an hour) ~7 min
+               then the batch section, 1 8 32 requests of up to 512 tokens (scaled from a run
+               at 32 tokens, not yet run whole)                                        ~25 min
 
     python bench/regenerate_results.py                    # everything
     python bench/regenerate_results.py --only demo        # the demo and the README blocks
@@ -75,7 +77,7 @@ STEPS = (
     Step("detection", ("bench/bench_detection.py", "--repeats", "3", "--load-windows", "10", "--load-context", "512"),
          210, "docs/results/detection.md"),
     Step("recovery", ("bench/bench_recovery.py", "--lengths", "128", "512", "2048", "--devices", "4", "--backend",
-                      "threads", "processes", "--reassign", "random", "--repeats", "1"), 420,
+                      "threads", "processes", "--reassign", "random", "--repeats", "1"), 1920,
          "docs/results/recovery.md, docs/recovery_vs_context.png, docs/interruption_vs_context.png"),
 )
 

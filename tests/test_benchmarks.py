@@ -119,7 +119,7 @@ def test_engine_quick(tiny_checkpoint, tmp_path):
     assert re.search(r"^- tiny: \d+ calls: .*allgather\(", text, re.MULTILINE)  # recorded from a real step
     assert "### many requests in flight: decode throughput by batch size" in text
     for batch, targets in ((1, "-"), (4, r"prefill >= 90%: (yes|no)")):  # batch 32's targets: not in a quick run
-        assert re.search(rf"^\| {batch} \|( [\d.]+ \|){{5}} [\d.]+x \|( [\d.]+ \|){{2}} \d+% \| {targets} \|$",
+        assert re.search(rf"^\| {batch} \|( [\d.]+ \|){{6}} [\d.]+x \|( [\d.]+ \|){{2}} \d+% \| {targets} \|$",
                          text, re.MULTILINE), batch
     invariance = re.search(r"(\d+) tokens compared, (\d+) requests differ, (\d+) of them first at a near-tie", text)
     assert invariance and int(invariance[1]) == 4 * 6 and invariance[2] == invariance[3]
