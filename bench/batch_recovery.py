@@ -50,18 +50,6 @@ class BatchRecovery:
         return self.weight_load_s + self.rebuild_s
 
 
-def prompt_lengths(requests: int, context: int) -> list[int]:
-    """Up to `context` tokens each, spread from half of it: a ragged batch."""
-    return [context - (i * (context // 2)) // max(requests - 1, 1) for i in range(requests)]
-
-
-def batch_prompts(vocab_size: int, requests: int, context: int, seed: int) -> list[list[int]]:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in prompt_lengths(requests, context)]
-
-
 def requests_held(config: LlamaConfig, assignment: Assignment, dtype: torch.dtype, scheduling: SchedulerConfig,
                   strategy: str, positions: int) -> int:
     """How many requests of `positions` the budget holds on `assignment` with what `strategy` keeps
@@ -125,6 +113,7 @@ def scheduling_for(args: argparse.Namespace, requests: int) -> SchedulerConfig:
 
 def measure(folder: Path, args: argparse.Namespace) -> list[BatchRecovery]:
     """Every (requests, strategy): its capacity, and where the requests fit, its recovery."""
+    from batch_runners import ragged_prompts
     from head_assignment import even_assignment
     from llama_model_loader import Checkpoint
 
@@ -132,8 +121,8 @@ def measure(folder: Path, args: argparse.Namespace) -> list[BatchRecovery]:
     assignment, positions = even_assignment(config, args.devices[0]), args.batch_context + args.batch_new_tokens
     runs = []
     for requests in args.batch_requests:
-        scheduling, prompts = scheduling_for(args, requests), batch_prompts(config.vocab_size, requests,
-                                                                            args.batch_context, args.seed)
+        scheduling = scheduling_for(args, requests)
+        prompts = ragged_prompts(config.vocab_size, requests, args.batch_context, args.seed)
         free = None
         for strategy in args.strategies:
             run = BatchRecovery(requests, strategy, requests_held(config, assignment, torch_dtype(args.dtype),

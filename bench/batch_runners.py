@@ -15,11 +15,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from common import torch_dtype  # first: it puts the repository on sys.path
+
+if TYPE_CHECKING:
+    from request_scheduler import SchedulerConfig
+    from tensor_parallel_cluster import TensorParallelLlama
 
 
 def prompts(vocab_size: int, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -27,7 +31,7 @@ def prompts(vocab_size: int, batch: int, length: int, seed: int) -> torch.Tensor
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def fitting_scheduling(folder: Path, dtype: torch.dtype, batch: int, positions: int):
+def fitting_scheduling(folder: Path, dtype: torch.dtype, batch: int, positions: int) -> SchedulerConfig:
     """Room for `batch` requests of `positions` each, all prefilled in one step, and little more:
     the leader copies its scheduler (its free blocks included) to its successor every step, so a
     pool far larger than the batch needs would be timed too."""
@@ -108,7 +112,7 @@ def ragged_prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[
     return [row[:length - (i * (length // 2)) // max(batch - 1, 1)] for i, row in enumerate(rows)]
 
 
-def served(model, prompts_ids: Sequence[Sequence[int]], steps: int) -> tuple[list[list[int]], list[list[float]]]:
+def served(model: TensorParallelLlama, prompts_ids: Sequence[Sequence[int]], steps: int) -> tuple[list[list[int]], list[list[float]]]:
     """Every prompt served together, greedy: each one's tokens and their margins over the runner-up."""
     ids = [model.submit(prompt, steps) for prompt in prompts_ids]
     tokens: dict[int, list[int]] = {i: [] for i in ids}
