@@ -15,7 +15,10 @@ What it measures, per dtype (float32, then bfloat16, freeing memory in between):
     --dtype bfloat16): `--step-samples` decode steps on each backend, the same device code over the
     processes' collective in plain processes (no actors, leader, driver or messages), and the gloo
     calls such a step makes (recorded from a real step, see step_costs.py) replayed bare; the goal
-    is a processes step within the threads step + 1.5 x the bare calls.
+    is a processes step within the threads step + 1.5 x the bare calls;
+  * many requests in flight (`--batch-sizes`, see batch_table.py): decode tokens/s of the engine and
+    of transformers on a padded batch, each side in a process of its own, alternating; the packed
+    prefill against one sequence of the same total length; the issue's targets; batch invariance.
 
 How: the engine (`--devices` device threads, one intra-op thread each) and the reference
 (`LlamaForCausalLM`, sdpa attention, `use_cache=True`, `torch.inference_mode()`, the main thread's
@@ -71,7 +74,8 @@ class Probes:
 
 
 QUICK = {"lengths": [32], "repeats": 1, "decode_after": 32, "decode_steps": 4, "step_models": ["checkpoint"],
-         "step_samples": 8,
+         "step_samples": 8, "batch_sizes": [1, 4], "batch_prompt": 8, "batch_steps": 3, "invariance_requests": 4,
+         "invariance_tokens": 6,
          "probes": Probes(matmul_n=256, matmul_tries=3, gemv_bytes=16 << 20, gemv_tries=3)}
 
 
@@ -342,6 +346,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-samples", type=int, default=40,
                         help="decode steps timed per backend in that section, after 1 warm-up (default 40; "
                              "with --quick 8)")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8, 32],
+                        help="batch sizes of the section 'many requests in flight' (default 1 8 32; with --quick "
+                             "1 4); none given: no such section")
+    parser.add_argument("--batch-prompt", type=int, default=32,
+                        help="prompt tokens of each request in that section (default 32; with --quick 8)")
+    parser.add_argument("--batch-steps", type=int, default=8,
+                        help="decode steps of the whole batch timed in that section, after 1 untimed (default 8; "
+                             "with --quick 3)")
+    parser.add_argument("--invariance-requests", type=int, default=8,
+                        help="requests served together, then each alone, for batch invariance (default 8; with "
+                             "--quick 4; 0: not measured)")
+    parser.add_argument("--invariance-tokens", type=int, default=16,
+                        help="greedy tokens per request of that measurement (default 16; with --quick 6)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 32, 1 repeat, 4 decode steps after 32 tokens, small matmul and "
                              "bandwidth probes (options given still apply)")
@@ -355,6 +372,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--step-samples must be at least 3 (a p10 and a p90), got {args.step_samples}")
     if args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
+    if min(args.batch_sizes, default=1) < 1 or args.batch_prompt < 1 or args.batch_steps < 1 \
+            or args.invariance_requests < 0 or args.invariance_tokens < 1:
+        parser.error("--batch-sizes, --batch-prompt, --batch-steps and --invariance-tokens must be at least 1, "
+                     "--invariance-requests at least 0")
     config = check_model_dir(parser, args.model_dir)
     if config is not None:
         check_against_config(parser, args, config.num_attention_heads, config.max_position_embeddings)
@@ -368,6 +389,10 @@ def check_against_config(parser: Parser, args: argparse.Namespace, heads: int, p
         parser.error(f"--devices {args.devices} is more than the model's {heads} query heads")
     if total_tokens(args) > positions:
         parser.error(f"{total_tokens(args)} tokens exceed the model's {positions} positions")
+    one_sequence = args.batch_prompt * max(args.batch_sizes, default=0)
+    if one_sequence > positions:
+        parser.error(f"--batch-prompt x the largest --batch-sizes ({one_sequence} tokens, the packed prefill's "
+                     f"one-sequence yardstick) exceed the model's {positions} positions")
 
 
 def total_tokens(args: argparse.Namespace) -> int:
@@ -391,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(bench_dtype(folder, dtype_name, args, ids))
         print("\n" + sections[-1], flush=True)
         gc.collect()
+    if args.batch_sizes:
+        from batch_table import batch_section
+        sections.append(batch_section(folder, args))
+        print("\n" + sections[-1], flush=True)
     if args.step_models:
         sections.append(step_section(step_folders(args.step_models, folder), args))
         print("\n" + sections[-1], flush=True)

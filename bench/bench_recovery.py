@@ -15,7 +15,9 @@ What it measures, for each `--backend`, `--devices` count, `--detector`, `--weig
     after its last rebuild, the abandoned step is redone (the next token), timed;
   * the whole interruption of each strategy: detection (the fault's moment to its declaration) +
     regroup (fencing, the survivors' first call on the new group) + weights (the new owners' slices:
-    read, or taken from standby with `--weights standby`) + its rebuild (median) + the redo.
+    read, or taken from standby with `--weights standby`) + its rebuild (median) + the redo;
+  * many requests in flight (`--batch-requests`, see batch_recovery.py): each strategy's interruption
+    against the tokens in flight, the requests the KV budget holds with its kept state, lossless or not.
 FLOPs are counted from shapes (recovery_flops); "kept" is the state the survivors keep during
 normal running for the strategy (kept_bytes), per token of context.
 
@@ -52,6 +54,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from batch_recovery import batch_section
 from common import (GB, REPO, Parser, check_model_dir, heartbeat_configs, log, machine, memory_status,
                     model_folder, parse_with_quick, torch_dtype)
 from device_protocol import DTYPE_NAMES, STRATEGY_NAMES
@@ -66,7 +69,8 @@ if TYPE_CHECKING:
 
 TITLE = "The whole interruption after a device failure, and the KV rebuild, by context length"
 DEFAULT_PLOT = REPO / "docs" / "recovery_vs_context.png"
-QUICK = {"lengths": [[64, 128]], "devices": [[4]], "repeats": 1, "plot": Path("/tmp/recovery_vs_context_quick.png")}
+QUICK = {"lengths": [[64, 128]], "devices": [[4]], "repeats": 1, "plot": Path("/tmp/recovery_vs_context_quick.png"),
+         "batch_requests": [1, 2, 4], "batch_context": 16, "batch_kv_budget": 0.125}
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,12 +185,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"recovery-vs-context PNG (default {DEFAULT_PLOT.relative_to(REPO)}; with --quick {QUICK['plot']}); "
              f"the whole interruption's goes beside it, 'recovery' in its name replaced by 'interruption'")
     add("--json", type=Path, help="also write every measurement as JSON here (strict: no NaN or Infinity)")
-    add("--quick", action="store_true", help="smoke run: lengths 64 128, 4 devices, 1 repeat (options given still apply)")
+    add("--batch-requests", type=int, nargs="*", default=[1, 8, 32],
+        help="requests in flight of the batch section (default 1 8 32; with --quick 1 2 4); none given: no such "
+             "section")
+    add("--batch-context", type=int, default=512,
+        help="the longest prompt of that section; the others spread down to half of it (default 512; with --quick 16)")
+    add("--batch-new-tokens", type=int, default=4, help="greedy tokens per request of that section (default 4)")
+    add("--batch-kv-budget", type=float, default=512.0,
+        help="each device's KV budget in that section, MiB (default 512, the engine's; with --quick 0.125)")
+    add("--quick", action="store_true", help="smoke run: lengths 64 128, 4 devices, 1 repeat; batch section on 1 2 4 "
+        "requests of up to 16 tokens in a 0.125 MiB budget (options given still apply)")
     add_results_options(parser, "recovery")
     args = parse_with_quick(parser, argv, QUICK)
     args.lengths, args.devices = sum(args.lengths, []), sum(args.devices, [])
     if args.repeats < 1 or min(args.lengths) < 2 or min(args.devices) < 2:
         parser.error("--repeats must be >= 1, --lengths >= 2, --devices >= 2")
+    if min(args.batch_requests, default=1) < 1 or args.batch_context < 2 or args.batch_new_tokens < 1 \
+            or args.batch_kv_budget <= 0:
+        parser.error("--batch-requests and --batch-new-tokens must be at least 1, --batch-context at least 2, "
+                     "--batch-kv-budget positive")
     if not 0 <= args.fail_device < min(args.devices):
         parser.error(f"--fail-device {args.fail_device} does not exist with {min(args.devices)} devices")
     for option, path in (("--plot", args.plot), ("--json", args.json)):
@@ -198,9 +215,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if max(args.devices) > config.num_attention_heads:
             parser.error(f"--devices {max(args.devices)} is more than the model's {config.num_attention_heads} "
                          f"query heads")
-        if max(args.lengths) + 1 > config.max_position_embeddings:
-            parser.error(f"--lengths {max(args.lengths)} exceeds the model's {config.max_position_embeddings} "
-                         f"positions")
+        longest = max(args.lengths + [args.batch_context + args.batch_new_tokens])
+        if longest + 1 > config.max_position_embeddings:
+            parser.error(f"--lengths or --batch-context + --batch-new-tokens: {longest} tokens exceed the model's "
+                         f"{config.max_position_embeddings} positions")
     resolve_results(args, parser)
     return args
 
@@ -298,8 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = script_argv(__file__, argv)
     started = time.perf_counter()
     trials = run_trials(folder, args)
+    batch = batch_section(folder, args) if args.batch_requests else ""
     seconds = time.perf_counter() - started
-    body = tables(folder, args, trials, seconds)
+    body = tables(folder, args, trials, seconds) + ("\n\n" + batch if batch else "")
     print(body)
     origin = provenance(command, seconds)
     pictures = draw(args, trials, origin)

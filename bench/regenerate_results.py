@@ -12,16 +12,20 @@ Those blocks are never edited by hand. A missing marker stops the run before any
 the README is written atomically and only once the demo has succeeded: a failure leaves it as it was.
 
 What runs, and how long each step was expected to take on a 2-core AMD EPYC (estimated from the
-phase times measured there, not from one whole run; about 23 minutes in all; rerun on a quiet
+phase times measured there, not from one whole run; about 57 minutes in all; rerun on a quiet
 machine, other load moves the numbers):
 
   demo         the default demo (4 device threads, 512-token context, 3 repeats)          ~2.5 min
   engine       float32 only (the default compute dtype), lengths 128 512, 3 repeats      ~5 min
                then a decode step on processes, threads and bare gloo (tiny and the 1B) ~3 min
+               then many requests in flight at batch 1 8 32, each side in its own process,
+               3 repeats, and batch invariance over 8 requests                          ~9 min
   load_memory  both dtypes, one fresh process each; the first load after a fresh write   ~2 min
   detection    both backends and detectors, 3 hangs each, 10 load windows of 512 tokens ~3.5 min
   recovery     lengths 128 512 2048, 4 devices, threads and processes, timeout detector,
                random reassignment, 1 rebuild per strategy (the full matrix takes an hour) ~7 min
+               then the batch section, 1 8 32 requests of up to 512 tokens (scaled from a run
+               at 32 tokens, not yet run whole)                                        ~25 min
 
     python bench/regenerate_results.py                    # everything
     python bench/regenerate_results.py --only demo        # the demo and the README blocks
@@ -68,12 +72,12 @@ STEPS = (
     Step("demo", ("execution_optimization_algorithm_demo.py", "--quiet", "--report", str(DEMO_REPORT)), 150,
          f"docs/results/demo.md, docs/timeline.png, docs/phases.png and README.md's blocks {FIRST_SCREEN} and "
          f"{HEADLINE}"),
-    Step("engine", ("bench/bench_engine.py", "--dtype", "float32"), 480, "docs/results/engine.md"),
+    Step("engine", ("bench/bench_engine.py", "--dtype", "float32"), 1020, "docs/results/engine.md"),
     Step("load_memory", ("bench/bench_load_memory.py", "--first-load"), 120, "docs/results/load_memory.md"),
     Step("detection", ("bench/bench_detection.py", "--repeats", "3", "--load-windows", "10", "--load-context", "512"),
          210, "docs/results/detection.md"),
     Step("recovery", ("bench/bench_recovery.py", "--lengths", "128", "512", "2048", "--devices", "4", "--backend",
-                      "threads", "processes", "--reassign", "random", "--repeats", "1"), 420,
+                      "threads", "processes", "--reassign", "random", "--repeats", "1"), 1920,
          "docs/results/recovery.md, docs/recovery_vs_context.png, docs/interruption_vs_context.png"),
 )
 

@@ -117,6 +117,12 @@ def test_engine_quick(tiny_checkpoint, tmp_path):
         assert re.search(rf"^\| tiny \| {row} \|( [\d.]+ \|){{3}}  \|  \|  \|$", text, re.MULTILINE), row
     assert re.search(r"^\| tiny \| processes \|( [\d.]+ \|){5} (yes|no) \|$", text, re.MULTILINE)
     assert re.search(r"^- tiny: \d+ calls: .*allgather\(", text, re.MULTILINE)  # recorded from a real step
+    assert "### many requests in flight: decode throughput by batch size" in text
+    for batch, targets in ((1, "-"), (4, r"prefill >= 90%: (yes|no)")):  # batch 32's targets: not in a quick run
+        assert re.search(rf"^\| {batch} \|( [\d.]+ \|){{6}} [\d.]+x \|( [\d.]+ \|){{2}} \d+% \| {targets} \|$",
+                         text, re.MULTILINE), batch
+    invariance = re.search(r"(\d+) tokens compared, (\d+) requests differ, (\d+) of them first at a near-tie", text)
+    assert invariance and int(invariance[1]) == 4 * 6 and invariance[2] == invariance[3]
 
 
 def test_a_step_s_recorded_calls_are_written_with_their_repeats_folded():
@@ -158,8 +164,8 @@ def test_recovery_quick_writes_its_tables_pictures_and_strict_json(tiny_checkpoi
     plot, data = tmp_path / "pictures" / "recovery_vs_context.png", tmp_path / "recovery.json"
     assert bench_recovery.main(["--quick", "--model-dir", str(tiny_checkpoint), "--heartbeat-interval", "0.05",
                                 "--heartbeat-timeout", "0.25", "--lengths", "16", "--reassign", "random",
-                                "--plot", str(plot), "--json", str(data), "--results", "recovery",
-                                "--results-dir", str(tmp_path)]) == 0
+                                "--plot", str(plot), "--json", str(data), "--batch-requests", "1", "4",
+                                "--results", "recovery", "--results-dir", str(tmp_path)]) == 0
     text = assert_results_file(tmp_path / "recovery.md", "bench/bench_recovery.py")
     assert "](pictures/recovery_vs_context.png)" in text and "](pictures/interruption_vs_context.png)" in text
     assert plot.is_file() and (plot.parent / "interruption_vs_context.png").is_file()
@@ -168,6 +174,15 @@ def test_recovery_quick_writes_its_tables_pictures_and_strict_json(tiny_checkpoi
     rows = {row["strategy"]: row for trial in saved["trials"] for row in trial["rows"]}
     assert rows["replicate"]["flop_ratio"] is None  # it does no FLOPs: null, never Infinity
     assert rows["full-recompute"]["flop_ratio"] == 1.0
+    assert "## The interruption against the tokens in flight (many requests)" in text
+    batch_rows = re.findall(r"^\| (1|4) \| (\d+|-) \| ([a-z-]+) \| (\d+) \| (.*) \|$", text, re.MULTILINE)
+    assert {(requests, strategy) for requests, _, strategy, _, _ in batch_rows} == {
+        (n, s) for n in ("1", "4") for s in ("full-recompute", "reuse-replay", "reuse-hidden", "replicate")}
+    for requests, tokens, strategy, holds, rest in batch_rows:
+        if (requests, strategy) == ("4", "reuse-hidden"):  # its layer inputs leave room for 2 such requests
+            assert tokens == "-" and rest.startswith("does not fit: the budget holds 2") and holds == "2"
+        else:
+            assert int(tokens) > 0 and rest.endswith("| yes"), (requests, strategy, rest)  # lossless
 
 
 def test_the_demo_writes_strict_json(tiny_demo_run, tmp_path):
