@@ -152,12 +152,29 @@ class BlockPool:
             raise ValueError(f"a KV pool needs at least one block of at least one position "
                              f"(got {num_blocks} blocks of {block_size})")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] | None = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
+
+    def __getstate__(self) -> dict:
+        """A copy carries the tables only (the leader's record goes to its successor every step, and
+        the free blocks of a large pool would dominate it): the free ones are those no table holds,
+        found again when the copy is first used."""
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size,
+                "tables": {request_id: list(table) for request_id, table in self.tables.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.num_blocks, self.block_size, self.tables = state["num_blocks"], state["block_size"], state["tables"]
+        self._free = None
+
+    def _free_list(self) -> deque[int]:
+        if self._free is None:
+            held = {block for table in self.tables.values() for block in table}
+            self._free = deque(block for block in range(self.num_blocks) if block not in held)
+        return self._free
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free_list())
 
     def blocks_for(self, positions: int) -> int:
         return math.ceil(positions / self.block_size)
@@ -166,13 +183,14 @@ class BlockPool:
         """Give the request blocks for `positions` positions in all; False (nothing taken) if too few are free."""
         table = self.tables.setdefault(request_id, [])
         wanted = self.blocks_for(positions) - len(table)
-        if wanted > len(self._free):
+        free = self._free_list()
+        if wanted > len(free):
             return False
-        table.extend(self._free.popleft() for _ in range(max(0, wanted)))
+        table.extend(free.popleft() for _ in range(max(0, wanted)))
         return True
 
     def release(self, request_id: int) -> None:
-        self._free.extend(self.tables.pop(request_id, ()))
+        self._free_list().extend(self.tables.pop(request_id, ()))
 
     @property
     def held_blocks(self) -> int:
@@ -184,7 +202,7 @@ class BlockPool:
         Returns the moves, old number -> new, which every device applies to its own pool."""
         if self.held_blocks > num_blocks:
             raise ValueError(f"{self.held_blocks} held blocks cannot fit a pool of {num_blocks}")
-        free = deque(b for b in self._free if b < num_blocks)
+        free = deque(b for b in self._free_list() if b < num_blocks)
         free.extend(range(self.num_blocks, num_blocks))
         moves = {}
         for table in self.tables.values():

@@ -4,6 +4,9 @@ model whose next token depends on every token before it (so a preempted request 
 recomputed exactly would produce other tokens)."""
 from __future__ import annotations
 
+import copy
+import pickle
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import pytest
@@ -214,3 +217,15 @@ def test_any_workload_finishes_every_request_with_the_tokens_it_gives_alone(arri
         assert scheduler.requests[i].status is Status.FINISHED
         assert scheduler.requests[i].output_ids == alone(prompt, max_new)
     assert scheduler.pool.free_blocks == scheduler.pool.num_blocks
+
+
+def test_a_copy_of_the_scheduler_carries_only_the_tables_and_finds_its_free_blocks_when_used():
+    """The leader's record travels to its successor every step: a copy holds the block tables only
+    (not a thousand free block numbers), and serves on exactly as the original would."""
+    scheduler = three_after_their_prefill(num_blocks=1000)
+    assert len(pickle.dumps(scheduler)) < 2000
+    successor = copy.deepcopy(scheduler)
+    assert successor.pool.free_blocks == scheduler.pool.free_blocks == 994
+    run(successor)
+    assert [r.output_ids for r in successor.requests.values()] == [alone([i + 1] * 4, 3) for i in range(3)]
+    assert successor.pool.free_blocks == 1000
