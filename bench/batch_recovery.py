@@ -54,8 +54,8 @@ def requests_held(config: LlamaConfig, assignment: Assignment, dtype: torch.dtyp
                   strategy: str, positions: int) -> int:
     """How many requests of `positions` the budget holds on `assignment` with what `strategy` keeps
     (0 when it holds not even one block)."""
-    from batched_forward import BlockCosts, PagedHiddenStates, PagedKVCache
-    from cluster_leader import pool_blocks
+    from batched_forward import PagedHiddenStates, PagedKVCache
+    from request_scheduler import BlockCosts, pool_blocks
 
     layers, size = config.num_hidden_layers, scheduling.block_size
     costs = BlockCosts(PagedKVCache.block_nbytes(layers, 1, config.head_dim, size, dtype),
