@@ -48,6 +48,7 @@ class Status(str, Enum):
     FINISHED = "finished"     # its max_new_tokens produced
     STOPPED = "stopped"       # it produced an end-of-sequence token
     CANCELLED = "cancelled"
+    ABORTED = "aborted"       # in flight at a failure, under the `abort` policy: not rebuilt
 
     @property
     def done(self) -> bool:
@@ -271,6 +272,16 @@ class Scheduler:
                     self._preempt(self.requests[victim])
                     preempted.append(victim)
         return preempted
+
+    def abort_running(self, num_blocks: int) -> list[int]:
+        """A failure lost the running requests' KV and they are not rebuilt (the fail-stop of serving
+        engines today, the `abort` baseline): each ends ABORTED, the waiting ones stay, and the pool
+        starts afresh with `num_blocks`. Returns those aborted."""
+        aborted = list(self.running)
+        for request_id in aborted:
+            self._leave(self.requests[request_id], Status.ABORTED)
+        self.pool = BlockPool(num_blocks, self.pool.block_size)
+        return aborted
 
     def resize(self, num_blocks: int) -> tuple[list[int], dict[int, int]]:
         """The survivors kept their blocks, but the pool now holds `num_blocks` (a survivor that took
