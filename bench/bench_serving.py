@@ -41,11 +41,12 @@ TITLE = "Serving under failure: one workload, every recovery strategy, and abort
 RECOVERY_STRATEGIES = ("full-recompute", "reuse-replay", "reuse-hidden", "replicate")  # device_protocol's
 ABORT = "abort"  # cluster_leader.ABORT
 FAILURE_FREE = "none"
-DEFAULTS = {"dataset_name": "sharegpt", "num_prompts": 32, "sharegpt_max_output_len": 128, "request_rate": 1.0}
+DEFAULTS = {"dataset_name": "sharegpt", "num_prompts": 24, "sharegpt_max_output_len": 128, "request_rate": 0.4}
 # A near-tie: the failure-free run's top-2 margin at the first divergent token within what rounding
 # may move (lossless_checks: twice the logits bound relative to the largest |logit|, taken at most 100).
 LOGIT_SCALE = 100.0
 BIN_S = 1.0  # the throughput picture's bins
+INSURANCE_PROMPT_TOKENS = 128  # the insurance's decode steps run on the workload's prompts cut to this
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,10 +311,11 @@ def measure_insurance(args: argparse.Namespace, folder: Path, workload: Workload
     batch = max(args.insurance_batches)
     scheduling = SchedulerConfig(args.kv_cache_memory_bytes, max_num_seqs=batch,
                                  max_num_batched_tokens=max(args.max_num_batched_tokens, batch))
-    prompts = [r.prompt_ids for r in workload.requests]
+    prompts = [r.prompt_ids[:INSURANCE_PROMPT_TOKENS] for r in workload.requests]
     with FaultTolerantLlama.load(folder, devices=args.devices, dtype=torch_dtype(args.dtype), log=lambda m: None,
                                  heartbeat=args.heartbeat, backend=args.backend, scheduling=scheduling) as model:
-        seconds = measure_steps(model, prompts, args.insurance_batches, args.insurance_steps)
+        seconds = measure_steps(model, prompts, args.insurance_batches, args.insurance_steps,
+                                scheduling.max_num_batched_tokens)
         mean_tokens = sum(r.prompt_len + r.output_len for r in workload.requests) / len(workload.requests)
         held = requests_held(model, args.kv_cache_memory_bytes, scheduling.block_size, mean_tokens)
     rows = insurance_rows(seconds, held)

@@ -114,9 +114,18 @@ def serve(model: Any, samples: Sequence[SampleRequest], arrivals: Sequence[float
             raise RuntimeError(f"requests are in flight but nothing could be scheduled ({served.waiting} waiting)")
         recoveries += served.recoveries
         served_tokens += take_step(served, by_engine_id, admission, now())
+    return ServedRun(states, failed_at(model, failure, recoveries, origin), tuple(recoveries), origin, recovered_s,
+                     steps, now())
+
+
+def failed_at(model: Any, failure: FailurePoint | None, recoveries: Sequence[Any], origin: float) -> float | None:
+    """When the injected fault struck, in seconds from the start: its Strike, else (a notice the client
+    did not hear) the failed device's last beat seen, as FaultTolerantLlama.failed_at falls back."""
     struck = [s.at for s in model.strikes if failure is not None and s.device == failure.device]
-    return ServedRun(states, min(struck) - origin if struck else None, tuple(recoveries), origin, recovered_s, steps,
-                     now())
+    if struck:
+        return min(struck) - origin
+    events = [e for r in recoveries for e in r.events if failure is not None and e.device == failure.device]
+    return model.failed_at(events[0]) - origin if events else None
 
 
 def take_step(served: Any, by_engine_id: dict[int, RequestState], admission: Admission, at_s: float) -> int:

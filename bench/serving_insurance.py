@@ -21,13 +21,19 @@ STRATEGY_KEEPS = {"full-recompute": "nothing kept", "reuse-replay": "nothing kep
                   "replicate": "replica"}  # what each strategy needs kept (hidden states, KV replication)
 
 
-def decode_step_s(model: Any, prompts: Sequence[Sequence[int]], batch: int, steps: int) -> float:
-    """The median decode step with `batch` requests decoding (the prompts cycled; prefill untimed),
-    the requests cancelled after."""
-    ids = [model.submit(prompts[i % len(prompts)], steps + 2) for i in range(batch)]
-    served = model.step()
-    while served.batch_tokens != batch or served.waiting:  # until every request decodes
+def decode_step_s(model: Any, prompts: Sequence[Sequence[int]], batch: int, steps: int, step_budget: int) -> float:
+    """The median decode step with `batch` requests decoding (the workload's prompts cycled; their
+    prefill untimed), the requests cancelled after. Each asks for enough tokens that none ends before
+    the timed steps do, however many steps the prefill takes under the `step_budget` of tokens."""
+    chosen = [prompts[i % len(prompts)] for i in range(batch)]
+    prefill_steps = batch + math.ceil(sum(map(len, chosen)) / step_budget)
+    ids = [model.submit(prompt, prefill_steps + steps + 1) for prompt in chosen]
+    for _ in range(prefill_steps + 1):
         served = model.step()
+        if served.batch_tokens == served.running == batch and not served.waiting:
+            break
+    else:
+        raise RuntimeError(f"the {batch} requests did not all decode after {prefill_steps} steps")
     times = []
     for _ in range(steps):
         started = time.perf_counter()
@@ -40,16 +46,16 @@ def decode_step_s(model: Any, prompts: Sequence[Sequence[int]], batch: int, step
     return statistics.median(times)
 
 
-def measure_steps(model: Any, prompts: Sequence[Sequence[int]], batches: Sequence[int], steps: int
-                  ) -> dict[str, dict[int, float]]:
+def measure_steps(model: Any, prompts: Sequence[Sequence[int]], batches: Sequence[int], steps: int,
+                  step_budget: int) -> dict[str, dict[int, float]]:
     """{kept: {batch: median decode step s}} on one cluster (what is kept may change while no request
     runs), after an untimed warm-up."""
     seconds: dict[str, dict[int, float]] = {kept: {} for kept in KEPT}
-    decode_step_s(model, prompts, batches[0], 2)  # warm-up: the first kind measured must not pay it
+    decode_step_s(model, prompts, batches[0], 2, step_budget)  # warm-up: the first kind measured must not pay it
     for turn, batch in enumerate(batches):
         for kept in list(KEPT)[::1 if turn % 2 == 0 else -1]:  # the order alternates: drift is shared
             model.keep(*KEPT[kept])
-            seconds[kept][batch] = decode_step_s(model, prompts, batch, steps)
+            seconds[kept][batch] = decode_step_s(model, prompts, batch, steps, step_budget)
     model.keep(False, False)
     return seconds
 
@@ -80,8 +86,8 @@ def insurance_rows(seconds: dict[str, dict[int, float]], held: dict[str, int]) -
 
 def break_even(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each recovery strategy run with a failure: the seconds its whole interruption saves against
-    full recompute's, and the failures per hour at which its insurance pays (None: it saves no time;
-    0: it keeps nothing, or keeping cost no measurable throughput)."""
+    full recompute's, and the failures per hour at which its insurance pays (None: it saves no time,
+    whatever it keeps; 0: it keeps nothing, or keeping cost no measurable throughput)."""
     by_kept = {row["kept"]: row for row in rows}
     full = next((r for r in runs if r["strategy"] == "full-recompute" and r.get("interruption_s") is not None), None)
     out = []
@@ -96,6 +102,6 @@ def break_even(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -
 
 
 def _break_even(given_up: float, saved_s: float) -> float | None:
-    if given_up <= 0:
-        return 0.0
-    return 3600 * given_up / saved_s if saved_s > 0 else None
+    if saved_s <= 0:
+        return None
+    return 3600 * given_up / saved_s if given_up > 0 else 0.0
