@@ -41,8 +41,10 @@ from device_network import POLL_S, StepAbandoned, Transport, WaitStalled
 from head_assignment import Assignment
 from heartbeat_detection import Detection, HeartbeatConfig, HeartbeatMonitor
 from kv_cache_reused import FALLBACKS, RecoveryImpossible, plan_batch_rebuild, plan_rebuild, strategy_info
-from request_scheduler import BlockCosts, ScheduledStep, Scheduler, SchedulerConfig, pool_blocks
+from request_scheduler import BlockCosts, ScheduledStep, Scheduler, SchedulerConfig, Status, pool_blocks
 from task_reassign import ReassignmentPlan, make_strategy
+
+ABORT = "abort"  # RecoveryPolicy(strategy=ABORT): a batch's running requests fail at a failure, none rebuilt
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Leader:
         self._pool = PoolSpec(0, 0, scheduling.block_size)
         self._keeping = (False, False)  # (hidden states, replication): what the devices were told to keep
         self._preempted_unreported: list[int] = []  # told to the driver with the next step served
+        self._aborted_by_recovery: list[int] = []  # likewise, ended "aborted" (RecoveryPolicy(strategy=ABORT))
         self._last_served: ServedStep | None = None
         if record is not None:  # the predecessor's, as of the last step it served: its requests go on here
             self._scheduler, self._pool, self._last_served = record.scheduler, record.pool, record.last_served
@@ -323,7 +326,9 @@ class Leader:
             margins = dict(zip(sampling, greedy.margins)) if greedy else {}
             ended = scheduler.finish_step(step, tokens, margins)
             preempted, self._preempted_unreported = tuple(self._preempted_unreported) + step.preempted, []
-            self._last_served = ServedStep(tokens, margins, {r.request_id: r.status.value for r in ended},
+            aborted, self._aborted_by_recovery = self._aborted_by_recovery, []
+            self._last_served = ServedStep(tokens, margins, {**{r: Status.ABORTED.value for r in aborted},
+                                                             **{r.request_id: r.status.value for r in ended}},
                                            preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
                                            step.num_tokens, len(scheduler.waiting), len(scheduler.running),
                                            served_so_far + 1, time.perf_counter() - started)
@@ -360,8 +365,19 @@ class Leader:
     def _rebuild_batch(self, post: PostFailure, strategy: str, restore: bool) -> tuple[str, str | None, float, int]:
         """Every running request's lost KV, rebuilt on the new assignment into a new pool, with
         `strategy` or the first fallback that still works; the newest wait (preempted) while the
-        pool, which holds fewer blocks when a survivor took more KV heads, cannot hold them all."""
+        pool, which holds fewer blocks when a survivor took more KV heads, cannot hold them all. With
+        ABORT nothing is rebuilt: every running request ends aborted."""
+        if strategy == ABORT:
+            return self._abort_batch()
         return self._first_possible(strategy, lambda name: self._plan_batch(name, post), self._run_batch_plan)
+
+    def _abort_batch(self) -> tuple[str, str | None, float, int]:
+        """The baseline without recovery: the running requests fail (told to the driver as ended
+        "aborted" with the next step), the waiting ones stay, and a fresh pool serves them."""
+        started = time.perf_counter()
+        self._pool = self._new_pool()
+        self._aborted_by_recovery += self._batch().abort_running(self._pool.num_blocks)
+        return ABORT, None, time.perf_counter() - started, 0
 
     def _plan_batch(self, strategy: str, post: PostFailure) -> BatchPlan:
         """The rebuild of the batch, on a copy of the scheduler: full recompute gives every running

@@ -86,12 +86,24 @@ def pool_blocks(assignment: Assignment, costs: BlockCosts, budget: int, hidden_s
     return budget // most
 
 
+def requests_held(assignment: Assignment, costs: BlockCosts, budget: int, block_size: int, hidden_states: bool,
+                  replication: bool, positions: float) -> int:
+    """How many requests of `positions` positions each (a mean may be fractional) the budget holds
+    on `assignment`, keeping what is asked (0 when it holds not even one block)."""
+    try:
+        blocks = pool_blocks(assignment, costs, budget, hidden_states, replication)
+    except ValueError:
+        return 0
+    return blocks // max(1, math.ceil(positions / block_size))
+
+
 class Status(str, Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"     # its max_new_tokens produced
     STOPPED = "stopped"       # it produced an end-of-sequence token
     CANCELLED = "cancelled"
+    ABORTED = "aborted"       # in flight at a failure, under the `abort` policy: not rebuilt
 
     @property
     def done(self) -> bool:
@@ -333,6 +345,16 @@ class Scheduler:
                     self._preempt(self.requests[victim])
                     preempted.append(victim)
         return preempted
+
+    def abort_running(self, num_blocks: int) -> list[int]:
+        """A failure lost the running requests' KV and they are not rebuilt (the fail-stop of serving
+        engines today, the `abort` baseline): each ends ABORTED, the waiting ones stay, and the pool
+        starts afresh with `num_blocks`. Returns those aborted."""
+        aborted = list(self.running)
+        for request_id in aborted:
+            self._leave(self.requests[request_id], Status.ABORTED)
+        self.pool = BlockPool(num_blocks, self.pool.block_size)
+        return aborted
 
     def resize(self, num_blocks: int) -> tuple[list[int], dict[int, int]]:
         """The survivors kept their blocks, but the pool now holds `num_blocks` (a survivor that took

@@ -54,17 +54,11 @@ def requests_held(config: LlamaConfig, assignment: Assignment, dtype: torch.dtyp
                   strategy: str, positions: int) -> int:
     """How many requests of `positions` the budget holds on `assignment` with what `strategy` keeps
     (0 when it holds not even one block)."""
-    from batched_forward import PagedHiddenStates, PagedKVCache
-    from request_scheduler import BlockCosts, pool_blocks
+    from request_scheduler import BlockCosts, requests_held as held
 
-    layers, size = config.num_hidden_layers, scheduling.block_size
-    costs = BlockCosts(PagedKVCache.block_nbytes(layers, 1, config.head_dim, size, dtype),
-                       PagedHiddenStates.block_nbytes(layers, config.hidden_size, size, dtype))
-    try:
-        blocks = pool_blocks(assignment, costs, scheduling.kv_cache_memory_bytes, *KEEPING[strategy])
-    except ValueError:
-        return 0
-    return blocks // -(-positions // size)
+    size = scheduling.block_size
+    costs = BlockCosts.for_model(config, size, dtype.itemsize)
+    return held(assignment, costs, scheduling.kv_cache_memory_bytes, size, *KEEPING[strategy], positions)
 
 
 @dataclass

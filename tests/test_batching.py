@@ -103,6 +103,29 @@ def test_a_cancelled_request_ends_and_the_others_go_on(tiny, references):
     assert tokens[first] == references[0]
 
 
+def test_abort_fails_the_running_requests_at_a_failure_and_serves_the_others_on_the_survivors(tiny, references):
+    """The baseline of serving engines today: no rebuild; what ran ends "aborted", the rest are served."""
+    ended: dict[int, str] = {}
+    open_at_failure: set[int] = set()
+
+    def strike_at_the_fourth_step(served: ServedStep) -> None:
+        ended.update(served.ended)
+        if served.step == 4:
+            open_at_failure.update(set(range(1, len(PROMPT_LENGTHS) + 1)) - set(ended))
+            model.arm(FailurePlan(1))
+
+    with FaultTolerantLlama(tiny, even_assignment(tiny.config, 4), heartbeat=HEARTBEAT, scheduling=tight_budget(tiny),
+                            policy=RecoveryPolicy(strategy="abort")) as model:
+        outputs = model.generate_batch(prompts(), NEW_TOKENS, after_step=strike_at_the_fourth_step)
+        (recovery,) = model.recoveries
+    aborted = {r for r, why in ended.items() if why == "aborted"}
+    assert recovery.strategy == "abort" and recovery.context_tokens == 0
+    assert aborted and aborted < open_at_failure, "the running requests are aborted, the waiting ones are not"
+    for request_id, (output, reference) in enumerate(zip(outputs, references), start=1):
+        assert output == (reference[:len(output)] if request_id in aborted else reference)
+        assert (len(output) < len(reference)) == (request_id in aborted)
+
+
 # --------------------------------------------------------------------------------------------
 # The reuse strategies over a batch
 
