@@ -152,11 +152,13 @@ def block_slots(blocks: Blocks, block_size: int, device: torch.device) -> tuple[
 
 @dataclass(frozen=True)
 class Greedy:
-    """The greedy token of each row that samples, and its logit's margin over the runner-up (a
-    near-tie shows as a margin within the numerical noise)."""
+    """The greedy token of each row that samples, its logit's margin over the runner-up, and the
+    row's largest |logit|: a near-tie is a margin within the noise relative to that scale
+    (lossless_checks.near_ties)."""
 
     token_ids: tuple[int, ...]
     margins: tuple[float, ...]
+    scales: tuple[float, ...]
 
 
 def positions_of(chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
@@ -240,17 +242,20 @@ def greedy_over_devices(state: DeviceState, partial: torch.Tensor, collective: C
     runner-up: each device offers its own best two (logit and vocabulary id) per row, and the best
     two of all the offers win; among equal logits the lowest id, as torch.argmax over a whole row."""
     top = partial.float().topk(min(2, partial.shape[1]), dim=-1)
+    k = top.values.shape[1]
     columns = torch.cat([torch.arange(b.start, b.stop) for b in state.vocab.blocks]).to(partial.device)
-    offers = torch.cat([top.values, columns[top.indices].float()], dim=-1)  # ids < 2^24: exact as floats
+    largest = partial.float().abs().amax(dim=-1, keepdim=True)
+    offers = torch.cat([top.values, columns[top.indices].float(), largest], dim=-1)  # ids < 2^24: exact as floats
     gathered = collective.all_gather(state.device, offers)
-    values = torch.cat([g[:, :g.shape[1] // 2] for g in gathered], dim=-1)
-    vocab_ids = torch.cat([g[:, g.shape[1] // 2:] for g in gathered], dim=-1).long()
+    values = torch.cat([g[:, :k] for g in gathered], dim=-1)
+    vocab_ids = torch.cat([g[:, k:2 * k] for g in gathered], dim=-1).long()
+    scales = torch.cat([g[:, 2 * k:] for g in gathered], dim=-1).amax(dim=-1)
     by_id = vocab_ids.argsort(dim=-1)
     values, vocab_ids = values.gather(-1, by_id), vocab_ids.gather(-1, by_id)
     ranked = (-values).argsort(dim=-1, stable=True)[:, :2]
     best = values.gather(-1, ranked)
     return Greedy(tuple(vocab_ids.gather(-1, ranked[:, :1]).squeeze(-1).tolist()),
-                  tuple((best[:, 0] - best[:, -1]).tolist()))
+                  tuple((best[:, 0] - best[:, -1]).tolist()), tuple(scales.tolist()))
 
 
 def replicate_slots(pool: PagedPool, slots: torch.Tensor, device: int, collective: Collective, buddy: int,

@@ -324,6 +324,7 @@ class Leader:
             sampling = [chunk.request_id for chunk in step.chunks if chunk.samples]
             tokens = dict(zip(sampling, greedy.token_ids)) if greedy else {}
             margins = dict(zip(sampling, greedy.margins)) if greedy else {}
+            scales = dict(zip(sampling, greedy.scales)) if greedy else {}
             ended = scheduler.finish_step(step, tokens, margins)
             preempted, self._preempted_unreported = tuple(self._preempted_unreported) + step.preempted, []
             aborted, self._aborted_by_recovery = self._aborted_by_recovery, []
@@ -331,7 +332,7 @@ class Leader:
                                                              **{r.request_id: r.status.value for r in ended}},
                                            preempted, tuple(recoveries), self.assignment, self.host, self.epoch,
                                            step.num_tokens, len(scheduler.waiting), len(scheduler.running),
-                                           served_so_far + 1, time.perf_counter() - started)
+                                           served_so_far + 1, time.perf_counter() - started, scales)
             self._hand_on_record()
             return self._last_served
 

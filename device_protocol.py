@@ -496,6 +496,7 @@ class ServedStep:
     running: int
     step: int  # steps served so far, this one included
     forward_s: float = 0.0  # the devices' work on the step, as the leader timed it (after a recovery: the redo)
+    logit_scales: dict[int, float] = field(default_factory=dict)  # each new token's row's largest |logit|
 
 
 @dataclass(frozen=True)

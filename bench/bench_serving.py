@@ -42,9 +42,6 @@ RECOVERY_STRATEGIES = ("full-recompute", "reuse-replay", "reuse-hidden", "replic
 ABORT = "abort"  # cluster_leader.ABORT
 FAILURE_FREE = "none"
 DEFAULTS = {"dataset_name": "sharegpt", "num_prompts": 24, "sharegpt_max_output_len": 128, "request_rate": 0.4}
-# A near-tie: the failure-free run's top-2 margin at the first divergent token within what rounding
-# may move (lossless_checks: twice the logits bound relative to the largest |logit|, taken at most 100).
-LOGIT_SCALE = 100.0
 BIN_S = 1.0  # the throughput picture's bins
 INSURANCE_PROMPT_TOKENS = 128  # the insurance's decode steps run on the workload's prompts cut to this
 
@@ -226,31 +223,33 @@ def in_flight_at(run: ServedRun, at_s: float | None) -> dict[str, int | None]:
     return {"in_flight_at_failure": len(open_then), "in_flight_tokens_at_failure": tokens}
 
 
-def compare_outputs(run: ServedRun, baseline: ServedRun, margin_bound: float) -> dict[str, Any]:
+def compare_outputs(run: ServedRun, baseline: ServedRun, tolerance: float) -> dict[str, Any]:
     """Completed requests whose output differs from the failure-free run's, each judged at its first
-    divergent token: a near-tie when the failure-free run's top-2 margin there is within `margin_bound`."""
+    divergent token: a near-tie when the failure-free run's top-2 margin there is at most twice
+    the logits bound `tolerance` times that row's largest |logit| (lossless_checks.near_ties)."""
     differing, near_ties, defects = 0, 0, []
     for index, (got, want) in enumerate(zip(run.requests, baseline.requests)):
         if got.error is not None or want.error is not None or got.tokens == want.tokens:
             continue
         differing += 1
         first = next(i for i, (a, b) in enumerate(zip(got.tokens, want.tokens)) if a != b)
-        if want.margins[first] <= margin_bound:
+        margin, bound = want.margins[first], 2 * tolerance * want.logit_scales[first]
+        if margin <= bound:
             near_ties += 1
         else:
-            defects.append({"request": index, "first_divergent_token": first, "margin": want.margins[first]})
+            defects.append({"request": index, "first_divergent_token": first, "margin": margin, "bound": bound})
     return {"outputs_differing": differing, "near_ties": near_ties, "defects": defects}
 
 
 def run_result(strategy: str, standby: bool, run: ServedRun, accounting: dict[str, Any], baseline: ServedRun,
-               metrics: MetricOptions, margin_bound: float) -> dict[str, Any]:
+               metrics: MetricOptions, tolerance: float) -> dict[str, Any]:
     """One object of runs[]: vLLM's fields, then the tool's."""
     from serving_metrics import serving_metrics
 
     fields = serving_metrics(run.records, metrics.percentiles, metrics.percentile_metrics, metrics.goodput,
                              run.failure_s)
     return {"strategy": strategy, "standby_weights": standby, **fields,
-            **compare_outputs(run, baseline, margin_bound), **accounting, "steps": run.steps,
+            **compare_outputs(run, baseline, tolerance), **accounting, "steps": run.steps,
             "arrivals_s": [r.arrival_s for r in run.requests],
             "ttfts": [r.token_times_s[0] - r.sent_s if r.error is None else None for r in run.requests],
             "output_tokens_per_s": tokens_per_bin(run)}
@@ -284,22 +283,22 @@ def measure(args: argparse.Namespace, metrics: MetricOptions) -> dict[str, Any]:
     workload = sample_workload(args, folder)
     arrivals = arrival_times(len(workload.requests), args.request_rate, args.burstiness, args.seed)
     failure = failure_point(args, workload)
-    margin_bound = 2 * LOGITS_TOLERANCE[torch_dtype(args.dtype)] * LOGIT_SCALE
+    tolerance = LOGITS_TOLERANCE[torch_dtype(args.dtype)]
     log(f"{len(workload.requests)} requests, {sum(r.output_len for r in workload.requests)} output tokens; "
         f"failure-free run")
     baseline, accounting = serve_once(args, folder, workload, arrivals, FAILURE_FREE, False, None)
-    runs = [run_result(FAILURE_FREE, False, baseline, accounting, baseline, metrics, margin_bound)]
+    runs = [run_result(FAILURE_FREE, False, baseline, accounting, baseline, metrics, tolerance)]
     for strategy, standby in run_plan(args):
         log(f"{strategy}{' with standby weights' if standby else ''}: Device-{args.fail_device} fails")
         run, accounting = serve_once(args, folder, workload, arrivals, strategy, standby, failure)
-        runs.append(run_result(strategy, standby, run, accounting, baseline, metrics, margin_bound))
+        runs.append(run_result(strategy, standby, run, accounting, baseline, metrics, tolerance))
     insurance = measure_insurance(args, folder, workload, runs) if args.insurance_batches else None
     return {"date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), "backend": args.backend,
             "model_id": folder.name, "devices": args.devices, "num_prompts": len(workload.requests),
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
             "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
             "failure": {"device": failure.device, "after_tokens": failure.after_tokens, "at_s": failure.at_s},
-            "near_tie_margin": margin_bound, "workload": workload.as_json(), "runs": runs, "insurance": insurance}
+            "near_tie_tolerance": tolerance, "workload": workload.as_json(), "runs": runs, "insurance": insurance}
 
 
 def measure_insurance(args: argparse.Namespace, folder: Path, workload: Workload, runs: list[dict]) -> dict[str, Any]:
@@ -354,7 +353,7 @@ def serving_table(result: dict[str, Any], metrics: MetricOptions) -> str:
     gaps = f" (ITL: {first['itl_gaps']} gaps)" if "itl" in metrics.percentile_metrics else ""
     return "\n".join(lines) + (f"\n\nIn the failure-free run the statistics stand on: {counts}{gaps}; in a failure "
                                f"run on its completed requests. near-ties: first divergent token's failure-free "
-                               f"top-2 margin at most {result['near_tie_margin']:.3g}.")
+                               f"top-2 margin at most {2 * result['near_tie_tolerance']:.3g} x its largest |logit|.")
 
 
 def label(run: dict[str, Any]) -> str:

@@ -49,6 +49,7 @@ class RequestState:
     engine_id: int | None = None
     tokens: list[int] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)
+    logit_scales: list[float] = field(default_factory=list)  # each token's row's largest |logit|
     token_times_s: list[float] = field(default_factory=list)
     error: str | None = None
     finished_s: float | None = None
@@ -134,6 +135,7 @@ def take_step(served: Any, by_engine_id: dict[int, RequestState], admission: Adm
         state = by_engine_id[engine_id]
         state.tokens.append(token)
         state.margins.append(served.margins[engine_id])
+        state.logit_scales.append(served.logit_scales[engine_id])
         state.token_times_s.append(at_s)
     for engine_id, why in served.ended.items():
         state = by_engine_id[engine_id]

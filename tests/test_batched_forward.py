@@ -104,10 +104,11 @@ def test_a_prompt_prefilled_in_two_chunks_equals_it_prefilled_at_once(tiny_check
     assert_close(cluster.step({0: (7, prompt[7:])})[0], reference_rows(hf, [prompt])[0][-1])
 
 
-def test_the_greedy_tokens_that_cross_devices_are_each_rows_argmax_with_its_margin(tiny_checkpoint):
+def test_the_greedy_tokens_that_cross_devices_are_each_rows_argmax_with_its_margin_and_scale(tiny_checkpoint):
     sequences = prompts([6, 13, 3], seed=7)
     with_logits = PackedCluster(tiny_checkpoint, 3).step({i: (0, s) for i, s in enumerate(sequences)})
     greedy = PackedCluster(tiny_checkpoint, 3).step({i: (0, s) for i, s in enumerate(sequences)}, logits=False)
     top = with_logits.topk(2, dim=-1)
     assert list(greedy.token_ids) == with_logits.argmax(dim=-1).tolist()
     assert greedy.margins == pytest.approx((top.values[:, 0] - top.values[:, 1]).tolist(), abs=1e-6)
+    assert greedy.scales == pytest.approx(with_logits.abs().amax(dim=-1).tolist(), abs=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,6 +105,7 @@ class Served:
     tokens: dict
     margins: dict
     ended: dict
+    logit_scales: dict = field(default_factory=dict)
     recoveries: tuple = ()
     batch_tokens: int = 0
     waiting: int = 0
@@ -128,9 +130,24 @@ class StandInEngine:
             self.made[request_id] += 1
         done = {r: "finished" for r, n in self.lengths.items() if self.made[r] == n}
         served = Served({r: 7 for r in self.lengths}, {r: 1.0 for r in self.lengths}, done,
-                        batch_tokens=len(self.lengths))
+                        {r: 10.0 for r in self.lengths}, batch_tokens=len(self.lengths))
         self.lengths = {r: n for r, n in self.lengths.items() if r not in done}
         return served
+
+
+def test_a_divergence_is_a_near_tie_only_within_twice_the_bound_of_its_rows_largest_logit():
+    def run(*outputs):
+        return SimpleNamespace(requests=[SimpleNamespace(error=None, tokens=tokens, margins=margins,
+                                                         logit_scales=scales) for tokens, margins, scales in outputs])
+
+    baseline = run(([1, 2, 3], [5.0, 0.0019, 1.0], [9.0, 10.0, 9.0]),   # 0.0019 <= 2 x 1e-4 x 10: a near-tie
+                   ([1, 2, 3], [5.0, 0.0021, 1.0], [9.0, 10.0, 9.0]),   # 0.0021 > 0.002: a defect
+                   ([4, 5], [3.0, 3.0], [9.0, 9.0]))                    # the same output: not compared
+    got = run(([1, 9, 9], [], []), ([1, 9, 3], [], []), ([4, 5], [], []))
+    verdict = bench_serving.compare_outputs(got, baseline, 1e-4)
+    assert (verdict["outputs_differing"], verdict["near_ties"]) == (2, 1)
+    assert verdict["defects"] == [{"request": 1, "first_divergent_token": 1, "margin": 0.0021,
+                                   "bound": pytest.approx(0.002)}]
 
 
 def test_a_request_past_the_client_timeout_is_cancelled_and_failed():
