@@ -3,7 +3,7 @@ by request, and its lossless checks. recovery_report.py renders the rest and cal
 """
 from __future__ import annotations
 
-from recovery_report import Report, heading
+from recovery_report import Report, heading, lossless_section
 
 
 def render_batch(r: Report) -> str:
@@ -39,18 +39,10 @@ def render_batch(r: Report) -> str:
 
 
 def batch_lossless(r: Report) -> str:
-    lines = [heading("5. Lossless checks (every request against the failure-free run of the same workload)"),
-             "every request's tokens must be the failure-free run's; of the requests running before and after the "
-             "recovery, kept KV must be the same bits and each rebuilt (layer, KV head), K and V apart, is bounded "
-             "relative to its own largest |value|"]
-    for row in r["comparison"]:
-        if row["error"]:
-            lines.append(f"{row['name']:<16} not run: {row['error']}")
-            continue
-        lines.append(f"{row['name']:<16} kept heads max |diff| {row['kept_heads_max_abs_diff']:.3g}; rebuilt heads "
-                     f"max relative error {row['rebuilt_heads_max_rel_error']:.3g} (bound "
-                     f"{row['rebuilt_heads_tolerance']:.3g}) over {row['requests_kv_checked']} requests; "
-                     f"lossless for {row['requests_lossless']} of {len(r['requests'])} requests")
-        if not row["lossless"]:
-            lines.append(f"{'':<16} NOT LOSSLESS: {row['verdict']}")
-    return "\n".join(lines)
+    return lossless_section(
+        r, "5. Lossless checks (every request against the failure-free run of the same workload)",
+        "every request's tokens must be the failure-free run's; of the requests running before and after the "
+        "recovery, kept KV must be the same bits and each rebuilt (layer, KV head), K and V apart, is bounded "
+        "relative to its own largest |value|",
+        lambda row: f" over {row['requests_kv_checked']} requests; lossless for {row['requests_lossless']} of "
+                    f"{len(r['requests'])} requests")

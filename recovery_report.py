@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from provenance import strict_json
 
@@ -402,19 +402,27 @@ def _overhead(r: Report) -> str:
 
 
 def _lossless(r: Report) -> str:
-    lines = [heading("7. Lossless checks (against a failure-free run of the same prompt)"),
-             "kept KV must be the same bits; each rebuilt (layer, KV head), K and V apart, is bounded relative "
-             "to its own largest |value|; each step after the recovery is fed the failure-free token, and its "
-             "logits are bounded relative to theirs and its greedy token must be the failure-free one"]
+    return lossless_section(
+        r, "7. Lossless checks (against a failure-free run of the same prompt)",
+        "kept KV must be the same bits; each rebuilt (layer, KV head), K and V apart, is bounded relative "
+        "to its own largest |value|; each step after the recovery is fed the failure-free token, and its "
+        "logits are bounded relative to theirs and its greedy token must be the failure-free one",
+        lambda row: f"; logits max relative difference {row['logits_max_rel_diff']:.3g} (bound "
+                    f"{row['logits_tolerance']:.3g}); next {len(r['text']['reference_after_ids'])} tokens "
+                    f"{_tokens_verdict(row)}")
+
+
+def lossless_section(r: Report, title: str, rule: str, detail: Callable[[dict], str]) -> str:
+    """The lossless checks, one line per strategy: its kept and rebuilt heads against their bounds,
+    then `detail` (what the sequence or the batch adds), and the verdict where it is not lossless."""
+    lines = [heading(title), rule]
     for row in r["comparison"]:
         if row["error"]:
             lines.append(f"{row['name']:<16} not run: {row['error']}")
             continue
         lines.append(f"{row['name']:<16} kept heads max |diff| {row['kept_heads_max_abs_diff']:.3g}; rebuilt heads "
                      f"max relative error {row['rebuilt_heads_max_rel_error']:.3g} (bound "
-                     f"{row['rebuilt_heads_tolerance']:.3g}); logits max relative difference "
-                     f"{row['logits_max_rel_diff']:.3g} (bound {row['logits_tolerance']:.3g}); next "
-                     f"{len(r['text']['reference_after_ids'])} tokens {_tokens_verdict(row)}")
+                     f"{row['rebuilt_heads_tolerance']:.3g}){detail(row)}")
         if not row["lossless"]:
             lines.append(f"{'':<16} NOT LOSSLESS: {row['verdict']}")
     return "\n".join(lines)
