@@ -79,6 +79,7 @@ STEPS = (
     Step("recovery", ("bench/bench_recovery.py", "--lengths", "128", "512", "2048", "--devices", "4", "--backend",
                       "threads", "processes", "--reassign", "random", "--repeats", "1"), 1920,
          "docs/results/recovery.md, docs/recovery_vs_context.png, docs/interruption_vs_context.png"),
+    Step("serving", ("bench/bench_serving.py",), 600, "docs/results/serving.md"),
 )
 
 

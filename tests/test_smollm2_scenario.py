@@ -20,6 +20,7 @@ from execution_optimization_algorithm_demo import main as demo_main
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from heartbeat_detection import HeartbeatConfig
+from lossless_checks import LOGITS_TOLERANCE, near_ties as near_ties_of
 from recovery_report import json_path
 from tensor_parallel_cluster import TensorParallelLlama
 from torch_threads import one_thread
@@ -103,6 +104,31 @@ def test_greedy_chat_answer_equals_transformers_and_ends_the_turn(engine, hf_mod
     assert hf_greedy_check(hf_model, ids, ours) == ours
     assert ours[-1] == EOS and len(ours) < NEW_TOKENS
     assert "Paris" in engine.tokenizer.decode(ours), engine.tokenizer.decode(ours)
+
+
+BATCH = [PROMPT, CHAT, "def fibonacci(n):", "Once upon a time, in a village by the sea,"]
+
+
+def test_generate_batch_gives_every_prompt_transformers_greedy_tokens_but_at_a_counted_near_tie(engine, hf_model):
+    """Four prompts of different lengths and outputs served together: each one's tokens are those
+    transformers' argmax gives along them, except where the first difference is a near-tie of
+    transformers' own logits (lossless_checks' rule): those are counted, and none is expected here."""
+    prompts = [engine.tokenizer.encode(text) for text in BATCH]
+    lengths = [NEW_TOKENS, 8, 12, NEW_TOKENS]
+    outputs = engine.generate_batch(prompts, lengths)
+    near_ties, defects = 0, []
+    for index, (ids, ours, wanted) in enumerate(zip(prompts, outputs, lengths)):
+        assert len(ours) == wanted
+        with torch.no_grad(), one_thread():
+            logits = hf_model(torch.tensor([ids + ours])).logits[0, len(ids) - 1:-1]
+        first = next((i for i, (a, b) in enumerate(zip(logits.argmax(-1).tolist(), ours)) if a != b), None)
+        if first is None:
+            continue
+        if near_ties_of([logits[first]], LOGITS_TOLERANCE[torch.float32]):
+            near_ties += 1
+        else:
+            defects.append((index, first))
+    assert defects == [] and near_ties == 0
 
 
 # --- the failure scenario ------------------------------------------------------------------------
