@@ -33,8 +33,8 @@ def prompts(vocab_size: int, batch: int, length: int, seed: int) -> torch.Tensor
 
 def fitting_scheduling(folder: Path, dtype: torch.dtype, batch: int, positions: int) -> SchedulerConfig:
     """Room for `batch` requests of `positions` each, all prefilled in one step, and little more:
-    the leader copies its scheduler (its free blocks included) to its successor every step, so a
-    pool far larger than the batch needs would be timed too."""
+    the engine allocates its pool up front, the reference only what its batch needs, so the two
+    sides hold like amounts of KV memory."""
     from batched_forward import PagedKVCache
     from llama_model_loader import Checkpoint
     from request_scheduler import SchedulerConfig
