@@ -225,8 +225,16 @@ class DeviceActor:
 
     def _die(self) -> None:
         """An injected crash: the threads end, and the memory is gone."""
-        self._state = self._snapshot = self._paged = None
+        self._drop_memory()
         self._stop()
+
+    def _drop_memory(self) -> None:
+        """Let go of the weights, the caches and what is kept for recovery. The actor sits in reference
+        cycles (its fault switch and monitor call back into it), so without this a stopped device's
+        gigabytes would wait for the garbage collector: a second model loaded in the same process
+        would find the first one's memory still resident."""
+        self._state = self._snapshot = self._paged = self._parked_hidden = self._leader_record = None
+        self._standby, self._stale = (), []
 
     # ---------------------------------------------------------------------------------------
     # The compute thread: one command at a time
@@ -245,6 +253,8 @@ class DeviceActor:
         except BaseException:
             self._stop()  # the compute thread cannot go on: the device ends with it, which the leader sees
             raise
+        finally:
+            self._drop_memory()  # only the compute thread touches the state: it goes when the thread ends
 
     def _answer_commands(self) -> None:
         """Execute each command and answer it, until the device stops (or crashes, as injected)."""

@@ -11,6 +11,7 @@ driver sees a slower step, the recoveries the leader ran, or, when the leader ho
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from dataclasses import dataclass
@@ -358,6 +359,7 @@ class TensorParallelLlama:
         left = self.transport.join(timeout_s=60.0)
         if left:
             raise RuntimeError(f"device threads still running after close: {', '.join(left)}")
+        _give_back_freed_memory()
         if self.transport.crashed:
             name, error = self.transport.crashed[0]
             raise RuntimeError(f"{name} ended with an unexpected error: {error!r}") from error
@@ -367,6 +369,17 @@ class TensorParallelLlama:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps the heap pages freed by the stopped devices for reuse; hand them back to the
+    system, so that a model loaded next in the same process (a benchmark's next run) does not stack
+    its gigabytes on the last one's: without this, fragments of each load's heap stay resident."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
+        return
+    trim(0)
 
 
 def _bytes_per_device(checkpoint: Checkpoint, dtype: torch.dtype, devices: int) -> int:

@@ -3,6 +3,7 @@ failed or aborted round releases every device instead of leaving it waiting, tha
 at its limit, point-to-point transfers, payloads as bytes, epochs that end, and inboxes."""
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -296,3 +297,19 @@ def test_a_compute_thread_that_cannot_answer_at_all_ends_its_device_and_its_erro
     assert device._stopping.is_set(), "the device goes on without its compute thread"
     ((thread, error),) = transport.crashed
     assert thread == "Device-0" and "the leader's inbox is unreachable" in str(error)
+
+
+def test_a_closed_model_lets_go_of_every_devices_memory_without_waiting_for_the_garbage_collector(
+        tiny_checkpoint):
+    """A device sits in reference cycles (its fault switch and monitor call back into it): unless
+    it drops its state when it stops, a benchmark that loads one model after another holds them all."""
+    from tensor_parallel_cluster import TensorParallelLlama
+    from tensor_parallel_model import DeviceState
+    gc.disable()
+    try:
+        with TensorParallelLlama.load(tiny_checkpoint, devices=4, log=lambda message: None) as model:
+            model.generate_batch([[1, 2, 3], [4, 5]], 2)
+        del model
+        assert [o for o in gc.get_objects() if type(o) is DeviceState] == []
+    finally:
+        gc.enable()
