@@ -367,20 +367,30 @@ def in_flight_cell(run: dict[str, Any]) -> str:
 
 
 def insurance_table(insurance: dict[str, Any]) -> str:
+    """The step time, throughput and requests held by what is kept; then where each strategy's
+    insurance pays ("does not fit": the KV budget cannot hold that batch with what it keeps)."""
+    from serving_insurance import STRATEGY_KEEPS
+
     batches = insurance["batches"]
+    fits = {row["kept"]: {b: row["decode_step_ms"][b] is not None for b in batches} for row in insurance["rows"]}
+
+    def fitting(value: Any, fit: bool, digits: int = 1) -> str:
+        return cell(value, digits) if fit else "does not fit"
+
     head = ["kept", *(f"step ms @{b}" for b in batches), *(f"output tok/s @{b}" for b in batches),
             f"requests held ({insurance['mean_request_tokens']:.0f} tokens each)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in insurance["rows"]:
-        lines.append("| " + " | ".join([row["kept"], *(cell(row["decode_step_ms"][b]) for b in batches),
-                                        *(cell(row["output_throughput"][b]) for b in batches),
+        fit = fits[row["kept"]]
+        lines.append("| " + " | ".join([row["kept"], *(fitting(row["decode_step_ms"][b], fit[b]) for b in batches),
+                                        *(fitting(row["output_throughput"][b], fit[b]) for b in batches),
                                         str(row["requests_held"])]) + " |")
     lines += ["", "| strategy | interruption saved s | " + " | ".join(f"pays above failures/h @{b}" for b in batches)
               + " |", "|---|---:|" + "---:|" * len(batches)]
     for row in insurance["break_even"]:
-        rates = row["break_even_failures_per_hour"]
-        lines.append(f"| {label(row)} | {row['saved_s']:.2f} | "
-                     + " | ".join("never" if rates[b] is None else cell(rates[b], 2) for b in batches) + " |")
+        rates, fit = row["break_even_failures_per_hour"], fits[STRATEGY_KEEPS[row["strategy"]]]
+        lines.append(f"| {label(row)} | {row['saved_s']:.2f} | " + " | ".join(
+            "does not fit" if not fit[b] else "never" if rates[b] is None else cell(rates[b], 2) for b in batches) + " |")
     return "\n".join(lines)
 
 

@@ -21,36 +21,44 @@ STRATEGY_KEEPS = {"full-recompute": "nothing kept", "reuse-replay": "nothing kep
                   "replicate": "replica"}  # what each strategy needs kept (hidden states, KV replication)
 
 
-def decode_step_s(model: Any, prompts: Sequence[Sequence[int]], batch: int, steps: int, step_budget: int) -> float:
+def decode_step_s(model: Any, prompts: Sequence[Sequence[int]], batch: int, steps: int,
+                  step_budget: int) -> float | None:
     """The median decode step with `batch` requests decoding (the workload's prompts cycled; their
     prefill untimed), the requests cancelled after. Each asks for enough tokens that none ends before
-    the timed steps do, however many steps the prefill takes under the `step_budget` of tokens."""
+    the timed steps do, however many steps the prefill takes under the `step_budget` of tokens.
+    None when the KV budget, with what is kept, cannot hold the batch (the scheduler preempted one)."""
     chosen = [prompts[i % len(prompts)] for i in range(batch)]
     prefill_steps = batch + math.ceil(sum(map(len, chosen)) / step_budget)
     ids = [model.submit(prompt, prefill_steps + steps + 1) for prompt in chosen]
-    for _ in range(prefill_steps + 1):
-        served = model.step()
-        if served.batch_tokens == served.running == batch and not served.waiting:
-            break
-    else:
-        raise RuntimeError(f"the {batch} requests did not all decode after {prefill_steps} steps")
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        served = model.step()
-        times.append(time.perf_counter() - started)
-        if served.batch_tokens != batch:
-            raise RuntimeError(f"a timed step decoded {served.batch_tokens} requests, not {batch}")
-    for request_id in ids:
-        model.cancel(request_id)
-    return statistics.median(times)
+    try:
+        for _ in range(prefill_steps + 1):
+            served = model.step()
+            if served.preempted:
+                return None
+            if served.batch_tokens == served.running == batch and not served.waiting:
+                break
+        else:
+            raise RuntimeError(f"the {batch} requests did not all decode after {prefill_steps} steps")
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            served = model.step()
+            times.append(time.perf_counter() - started)
+            if served.preempted:
+                return None
+            if served.batch_tokens != batch:
+                raise RuntimeError(f"a timed step decoded {served.batch_tokens} requests, not {batch}")
+        return statistics.median(times)
+    finally:
+        for request_id in ids:
+            model.cancel(request_id)
 
 
 def measure_steps(model: Any, prompts: Sequence[Sequence[int]], batches: Sequence[int], steps: int,
-                  step_budget: int) -> dict[str, dict[int, float]]:
-    """{kept: {batch: median decode step s}} on one cluster (what is kept may change while no request
-    runs), after an untimed warm-up."""
-    seconds: dict[str, dict[int, float]] = {kept: {} for kept in KEPT}
+                  step_budget: int) -> dict[str, dict[int, float | None]]:
+    """{kept: {batch: median decode step s, or None where the budget does not hold the batch}} on one
+    cluster (what is kept may change while no request runs), after an untimed warm-up."""
+    seconds: dict[str, dict[int, float | None]] = {kept: {} for kept in KEPT}
     decode_step_s(model, prompts, batches[0], 2, step_budget)  # warm-up: the first kind measured must not pay it
     for turn, batch in enumerate(batches):
         for kept in list(KEPT)[::1 if turn % 2 == 0 else -1]:  # the order alternates: drift is shared
@@ -69,21 +77,27 @@ def requests_held(model: Any, budget: int, block_size: int, mean_tokens: float) 
             for kept, (hidden, replica) in KEPT.items()}
 
 
-def insurance_rows(seconds: dict[str, dict[int, float]], held: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per kind of keeping: its step time and throughput at every batch, and the requests held."""
+def insurance_rows(seconds: dict[str, dict[int, float | None]], held: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per kind of keeping: its step time and throughput at every batch (None where the
+    budget does not hold the batch), and the requests held."""
+    def given_up(batch: int, step_s: float | None) -> float | None:
+        plain = seconds["nothing kept"][batch]
+        return None if step_s is None or plain is None else 1 - plain / step_s
+
     rows = []
     for kept, by_batch in seconds.items():
         rows.append({"kept": kept, "requests_held": held[kept],
-                     "decode_step_ms": {b: s * 1000 for b, s in by_batch.items()},
-                     "output_throughput": {b: b / s for b, s in by_batch.items()},
-                     "throughput_given_up": {b: 1 - seconds["nothing kept"][b] / s for b, s in by_batch.items()}})
+                     "decode_step_ms": {b: None if s is None else s * 1000 for b, s in by_batch.items()},
+                     "output_throughput": {b: None if s is None else b / s for b, s in by_batch.items()},
+                     "throughput_given_up": {b: given_up(b, s) for b, s in by_batch.items()}})
     return rows
 
 
 def break_even(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each recovery strategy run with a failure: the seconds its whole interruption saves against
     full recompute's, and the failures per hour at which its insurance pays (None: it saves no time,
-    whatever it keeps; 0: it keeps nothing, or keeping cost no measurable throughput)."""
+    whatever it keeps, or the batch does not fit with what it keeps; 0: it keeps nothing, or keeping
+    cost no measurable throughput)."""
     by_kept = {row["kept"]: row for row in rows}
     full = next((r for r in runs if r["strategy"] == "full-recompute" and r.get("interruption_s") is not None), None)
     out = []
@@ -97,7 +111,7 @@ def break_even(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -
     return out
 
 
-def _break_even(given_up: float, saved_s: float) -> float | None:
-    if saved_s <= 0:
+def _break_even(given_up: float | None, saved_s: float) -> float | None:
+    if given_up is None or saved_s <= 0:
         return None
     return 3600 * given_up / saved_s if given_up > 0 else 0.0

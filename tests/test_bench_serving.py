@@ -158,6 +158,42 @@ def test_a_request_past_the_client_timeout_is_cancelled_and_failed():
     assert long.error == "timed out after 0.05 s" and long.finished_s >= 0.05
 
 
+@dataclass
+class PoolOfTwo:
+    """A stand-in engine whose KV pool holds two requests: a third preempts the newest."""
+    running: list = field(default_factory=list)
+
+    def submit(self, prompt_ids, max_new_tokens) -> int:
+        self.running.append(len(self.running) + 1)
+        return self.running[-1]
+
+    def cancel(self, request_id) -> bool:
+        self.running.remove(request_id)
+        return True
+
+    def step(self) -> SimpleNamespace:
+        preempted = tuple(self.running[2:])
+        return SimpleNamespace(preempted=preempted, batch_tokens=min(len(self.running), 2),
+                               running=min(len(self.running), 2), waiting=len(preempted))
+
+
+def test_a_batch_the_kv_budget_cannot_hold_is_reported_as_not_fitting_and_its_requests_cancelled():
+    from serving_insurance import break_even, decode_step_s, insurance_rows
+
+    engine = PoolOfTwo()
+    assert decode_step_s(engine, [[1, 2]], 2, steps=2, step_budget=8) is not None
+    assert decode_step_s(engine, [[1, 2]], 3, steps=2, step_budget=8) is None and engine.running == []
+    seconds = {"nothing kept": {1: 0.010, 8: 0.020}, "hidden states": {1: 0.011, 8: None},
+               "replica": {1: 0.010, 8: 0.021}}
+    rows = insurance_rows(seconds, {"nothing kept": 9, "hidden states": 1, "replica": 4})
+    runs = [{"strategy": "full-recompute", "standby_weights": False, "interruption_s": 5.0},
+            {"strategy": "reuse-hidden", "standby_weights": False, "interruption_s": 4.0}]
+    table = bench_serving.insurance_table({"batches": [1, 8], "steps": 2, "mean_request_tokens": 100.0,
+                                           "rows": rows, "break_even": break_even(rows, runs)})
+    assert "| hidden states | 11.0 | does not fit | 90.9 | does not fit | 1 |" in table
+    assert "| reuse-hidden | 1.00 | 327.27 | does not fit |" in table
+
+
 # --------------------------------------------------------------------------------------------
 # Answers before torch
 
