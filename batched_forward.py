@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from request_scheduler import ScheduledChunk, hidden_block_bytes, kv_block_bytes
 from tensor_parallel_model import (CPU, Collective, DeviceState, ResidualStream, Rotary, blocks_linear,
-                                   causal_attention, kv_weight_rows, logits_partial, mlp_partial, project_kv_heads,
-                                   project_qkv, project_queries)
+                                   causal_attention, decode_attention, kv_weight_rows, linear, logits_partial,
+                                   mlp_partial, project_kv_heads, project_qkv, project_queries)
 
 
 Blocks = Sequence[tuple[int, int]]  # (old block number, new one) for every block carried into a new pool
@@ -178,13 +177,67 @@ def step_slots(cache: PagedKVCache, chunks: Sequence[ScheduledChunk]) -> torch.T
     return torch.cat([cache.slots(c.block_table, c.start, len(c.token_ids)) for c in chunks])
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The step's one-token chunks, attended together: each row's keys gathered into a row of the
+    longest context's width, the padding masked out (it repeats the row's first slot: a written
+    one, so the masked scores are finite before the mask)."""
+
+    rows: torch.Tensor   # their rows in the step
+    slots: torch.Tensor  # [len(rows) * width]: row after row
+    mask: torch.Tensor   # [len(rows), width]: 0 on the row's own keys, -inf on the padding
+    width: int
+
+
+@dataclass(frozen=True)
+class StepReads:
+    """What each chunk's attention reads, worked out once per step: it is the same in every layer."""
+
+    context: tuple[torch.Tensor | None, ...]  # per chunk, the slots of its positions 0..end; None: in `decode`
+    decode: DecodeBatch | None
+
+
+def step_reads(cache: PagedKVCache, chunks: Sequence[ScheduledChunk]) -> StepReads:
+    """Prefill chunks read their own contexts one by one; two or more one-token chunks (decodes) are
+    read and attended as one padded batch, one kernel per layer instead of one per sequence. One
+    decode alone keeps the one-sequence kernel, bit for bit."""
+    ends = [c.start + len(c.token_ids) for c in chunks]
+    decoding = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    decoding = decoding if len(decoding) > 1 else []
+    context = tuple(None if i in decoding else cache.slots(c.block_table, 0, ends[i]) for i, c in enumerate(chunks))
+    if not decoding:
+        return StepReads(context, None)
+    width = max(ends[i] for i in decoding)
+    slots = torch.empty((len(decoding), width), dtype=torch.long)
+    mask = torch.full((len(decoding), width), float("-inf"))
+    for r, i in enumerate(decoding):
+        own = table_slots(chunks[i].block_table, 0, ends[i], cache.block_size)
+        slots[r, :ends[i]], slots[r, ends[i]:] = own, own[0]
+        mask[r, :ends[i]] = 0.0
+    first_rows = torch.cumsum(torch.tensor([0] + [len(c.token_ids) for c in chunks[:-1]]), 0)
+    return StepReads(context, DecodeBatch(first_rows[decoding].to(cache.device), slots.view(-1).to(cache.device),
+                                          mask.to(cache.device), width))
+
+
+def attention_inputs(state: DeviceState, cache: PagedKVCache, layer_index: int,
+                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values at `slots`, one per query head's KV head where a GQA group is split unevenly."""
+    keys, values = cache.read(layer_index, slots)
+    if not state.shard.grouped_in_order:  # a GQA group split unevenly: give each query head its KV head
+        keys = keys.index_select(0, state.shard.kv_slot_of_query)
+        values = values.index_select(0, state.shard.kv_slot_of_query)
+    return keys, values
+
+
 def batched_attention_partial(state: DeviceState, cache: PagedKVCache, layer_index: int, h: torch.Tensor,
                               chunks: Sequence[ScheduledChunk], rope: tuple[torch.Tensor, torch.Tensor],
-                              slots: torch.Tensor, fill: Sequence[int] | None = None) -> torch.Tensor:
+                              slots: torch.Tensor, reads: StepReads,
+                              fill: Sequence[int] | None = None) -> torch.Tensor:
     """This device's heads' share of the attention output for every row of the batch: [rows, hidden].
     Q, K and V of all rows in one projection; the new K and V into each sequence's blocks; then each
-    chunk's queries against its own sequence's keys. With `fill` (replay after a failure) only the
-    K and V of those KV heads are projected and written: the others are kept, and read."""
+    prefill chunk's queries against its own sequence's keys, and the decodes' together (`reads`).
+    With `fill` (replay after a failure) only the K and V of those KV heads are projected and
+    written: the others are kept, and read."""
     shard, layer, hd = state.shard, state.shard.layers[layer_index], state.config.head_dim
     if fill is None:
         q, k, v = project_qkv(layer, len(shard.query_heads), len(shard.kv_heads), hd, h, rope)
@@ -194,17 +247,21 @@ def batched_attention_partial(state: DeviceState, cache: PagedKVCache, layer_ind
         if fill:
             cache.write_heads(layer_index, fill, slots, *project_kv_heads(layer, kv_weight_rows(shard, fill, hd),
                                                                          h, rope, hd))
-    outputs, row = [], 0
-    for chunk in chunks:
+    out, row = q.new_empty(q.shape), 0
+    for chunk, context in zip(chunks, reads.context):
         length = len(chunk.token_ids)
-        keys, values = cache.read(layer_index, cache.slots(chunk.block_table, 0, chunk.start + length))
-        if not shard.grouped_in_order:  # a GQA group split unevenly: give each query head its KV head
-            keys = keys.index_select(0, shard.kv_slot_of_query)
-            values = values.index_select(0, shard.kv_slot_of_query)
-        outputs.append(causal_attention(q[:, row:row + length], keys, values, chunk.start))
+        if context is not None:
+            keys, values = attention_inputs(state, cache, layer_index, context)
+            out[:, row:row + length] = causal_attention(q[:, row:row + length], keys, values, chunk.start)
         row += length
-    out = torch.cat(outputs, dim=1).transpose(0, 1).reshape(h.shape[0], -1)
-    return F.linear(out, layer.wo) if not layer.inherited else blocks_linear(layer, out, lambda b: b.wo)
+    if reads.decode is not None:
+        decode = reads.decode
+        keys, values = attention_inputs(state, cache, layer_index, decode.slots)
+        batched = (keys.shape[0], len(decode.rows), decode.width, hd)
+        out[:, decode.rows] = decode_attention(q.index_select(1, decode.rows), keys.view(batched),
+                                               values.view(batched), decode.mask)
+    out = out.transpose(0, 1).reshape(h.shape[0], -1)
+    return linear(out, layer.wo) if not layer.inherited else blocks_linear(layer, out, lambda b: b.wo)
 
 
 def batched_forward(state: DeviceState, cache: PagedKVCache, chunks: Sequence[ScheduledChunk], collective: Collective,
@@ -218,13 +275,13 @@ def batched_forward(state: DeviceState, cache: PagedKVCache, chunks: Sequence[Sc
     `batched_attention_partial`)."""
     token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
     rope = rope_at(state.rotary, positions_of(chunks))
-    slots = step_slots(cache, chunks)
+    slots, reads = step_slots(cache, chunks), step_reads(cache, chunks)
     stream = ResidualStream(state, token_ids, collective)
     for i, layer in enumerate(state.shard.layers):
         h = stream.normed(layer.input_norm)
         if hidden is not None:
             hidden.write(i, slots, h)
-        stream.add(batched_attention_partial(state, cache, i, h, chunks, rope, slots, fill))
+        stream.add(batched_attention_partial(state, cache, i, h, chunks, rope, slots, reads, fill))
         stream.add(mlp_partial(layer, stream.normed(layer.post_norm)))
     ends = torch.cumsum(torch.tensor([len(c.token_ids) for c in chunks]), 0) - 1
     ends = ends[torch.tensor([c.samples for c in chunks])]
