@@ -10,7 +10,7 @@ A device is a private world reached only by messages. Who sends what:
 | device -> leader | `results` | one `Reply` per command |
 | every device -> every device | `control` | `Beat` (devices beat to the leader, the leader to every device; each carries the beater's compute `Progress`), `NewEpoch` (from the leader), `Declare` (a peer's collective connection closed), `LeaderRecord` (the leader to its successor) |
 | driver -> leader | `control` | `Watch` (every device is up), `Declare` (a death seen on another signal) |
-| driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing); processes: `Declare` (a device process exited) |
+| driver -> every device | `control` | `Stop` (obeyed at once, whatever the device is doing); processes: `Declare` (a device process exited; from its node's launcher, to every node's devices) |
 | device -> driver | `driver` | `Telemetry` (what the device did, for the timeline), `Strike` (an injected fault fired) |
 | launcher -> driver | `driver` | processes: `DeviceExited` (a device process ended while the cluster ran) |
 

@@ -90,7 +90,8 @@ class ProcessLauncher(ProcessTransport):
             self.store = reach_master_store(rendezvous, wait_for_master_s)
             master, me = (rendezvous.master_addr, rendezvous.master_port), DRIVER - rendezvous.node_rank
         super().__init__(master, me, collective_timeout, rendezvous.node_addr)
-        self._processes: dict[int, subprocess.Popen] = {}
+        self._processes: dict[int, subprocess.Popen] = {}  # this node's device processes
+        self._cluster: tuple[int, ...] = ()  # every device, on every node: who hears of an exit
         self.exits: dict[int, tuple[float, int]] = {}  # device -> (clock time, exit code)
         self._stopping = threading.Event()
 
@@ -103,12 +104,14 @@ class ProcessLauncher(ProcessTransport):
             self._store_set(f"setup/{setup.device}", pickle.dumps(setup))
         self._store_set("accelerator", accelerator)
         self._store_set("devices", ",".join(map(str, devices)))
-        self.start_here(here, accelerator)
+        self.start_here(here, devices, accelerator)
 
-    def start_here(self, devices: Sequence[int], accelerator: str = "cpu") -> None:
-        """Start this node's device processes (with `accelerator` "cuda": one GPU each), and watch them."""
+    def start_here(self, devices: Sequence[int], cluster: Sequence[int], accelerator: str = "cpu") -> None:
+        """Start this node's `devices` of the `cluster`'s (with `accelerator` "cuda": one GPU each), and
+        watch them."""
         if accelerator == "cuda":
             check_gpus_for(len(devices))
+        self._cluster = tuple(cluster)
         self._network_threads.append(self._network_thread("exits", self._watch_exits))
         start_device_processes(self.master, devices, self.rendezvous.node_addr, self._processes, accelerator)
 
@@ -132,8 +135,9 @@ class ProcessLauncher(ProcessTransport):
                 process.send_signal(signal.SIGCONT)
 
     def _watch_exits(self) -> None:
-        """A device process that ends while the cluster runs is a signal: tell the devices (their
-        leader declares it at once) and the driver. (Polled: a few system calls every 10 ms.)"""
+        """A device process that ends while the cluster runs is a signal: tell every device of the
+        cluster, on every node (their leader, wherever it runs, declares it at once), and the driver.
+        (Polled: a few system calls every 10 ms.)"""
         while not self._closing.is_set():
             for device, process in list(self._processes.items()):
                 if device not in self.exits and process.poll() is not None:
@@ -148,8 +152,9 @@ class ProcessLauncher(ProcessTransport):
         if self._stopping.is_set():
             return
         self.send(Address("driver", DRIVER), Envelope(DRIVER, 0, 0, DeviceExited(device, code, self.exits[device][0])))
-        for other in self._processes:
-            if other not in self.exits:
+        # This node's devices first: a send to a host that no longer answers can wait out its timeout.
+        for other in sorted(self._cluster, key=lambda d: d not in self._processes):
+            if other != device and other not in self.exits:
                 self.send(Address("control", other), Envelope(DRIVER, 0, 0, Declare(device, "process-exit")))
 
     def join(self, timeout_s: float) -> list[str]:
@@ -227,7 +232,7 @@ def serve_node(rendezvous: Rendezvous, wait_for_master_s: float) -> int:
     print(f"node {rendezvous.node_rank}: devices {', '.join(map(str, here))}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        launcher.start_here(here, accelerator)
+        launcher.start_here(here, devices, accelerator)
         while not launcher.await_exits(1.0):
             waiting.check(["devices"])  # raises once node 0's store is gone: its driver died
     except (RuntimeError, OSError):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import execution_optimization_algorithm_demo as demo
-from process_launcher import LaunchError, Rendezvous, check_memory_for, process_exists
-from device_protocol import RecoveryPolicy
+from process_launcher import LaunchError, ProcessLauncher, Rendezvous, check_memory_for, process_exists
+from device_protocol import Declare, RecoveryPolicy
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from head_assignment import even_assignment
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=0.5)
 # Two hosts put six interpreters on two cores: a SIGKILL's fast signals (the launcher seeing the exit, a
 # peer's failed collective) must beat a silence long enough that only a broken signal loses the race.
-# (At 0.5 s, CI once saw the heartbeat win.) A working signal costs nothing of it.
+# (At 0.5 s, CI once saw the heartbeat win, when node 1's launcher told only the devices beside it.)
 TWO_HOSTS_HEARTBEAT = HeartbeatConfig(interval_s=0.05, timeout_s=3.0)
 PROMPT = list(range(5, 29))
 
@@ -86,6 +86,23 @@ def test_two_hosts_over_loopback_generate_as_one_and_survive_a_sigkill_on_the_se
     assert code == 0, node_log
     assert "node 1: devices 2, 3" in node_log
     assert wait_until_gone(remote, 5.0) == [], "node 1's device processes outlived it"
+
+
+def test_a_launcher_tells_every_node_of_a_death_on_its_own_the_leader_included():
+    """A launcher that sees Device-3 exit tells every device of the cluster, not only those beside it
+    on its node: a follower listens only about its leader, so the leader on another host would
+    otherwise wait for a failed collective or for the silence. (A launcher of no devices, told the
+    cluster; its sends recorded.)"""
+    launcher = ProcessLauncher(Rendezvous(), collective_timeout=5.0)
+    sent = []
+    try:
+        launcher.start_here([], cluster=[0, 1, 2, 3])
+        launcher.send = lambda to, envelope: sent.append((to, envelope.body))
+        launcher._exited(3, -signal.SIGKILL)
+    finally:
+        launcher.join(5.0)
+    told = {to.owner: body for to, body in sent if to.kind == "control"}
+    assert told == {device: Declare(3, "process-exit") for device in (0, 1, 2)}
 
 
 # --------------------------------------------------------------------------------------------
