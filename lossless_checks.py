@@ -162,6 +162,33 @@ def near_ties(logits: Sequence[torch.Tensor], tolerance: float) -> frozenset[int
     return frozenset(ties)
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Where a greedy output first leaves the failure-free one: the token's place, the failure-free
+    run's top-2 margin there and the bound within which rounding may flip it (twice the logits
+    bound times that row's largest |logit|, near_ties' rule for a step sampled once)."""
+
+    token: int
+    margin: float | None  # None: the outputs differ in length only, or no margin was served there
+    bound: float
+
+    @property
+    def near_tie(self) -> bool:
+        return self.margin is not None and self.margin <= self.bound
+
+
+def first_divergence(got: Sequence[int], want: Sequence[int], margins: Sequence[float],
+                     scales: Sequence[float], tolerance: float) -> Divergence | None:
+    """None when `got` is `want`; else the first place they differ, judged by the failure-free run's
+    margins and logit scales there (a length difference alone is never a near-tie)."""
+    if list(got) == list(want):
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    if first >= min(len(got), len(want)) or first >= len(margins):
+        return Divergence(first, None, 0.0)
+    return Divergence(first, margins[first], 2 * tolerance * scales[first])
+
+
 def kept_heads(survivor_kv_heads: Mapping[int, Sequence[int]], reuses_kv: bool) -> frozenset[tuple[int, int]]:
     """The (device, KV head) pairs a strategy keeps: every survivor's own heads, if it reuses them."""
     if not reuses_kv:

@@ -225,19 +225,21 @@ def in_flight_at(run: ServedRun, at_s: float | None) -> dict[str, int | None]:
 
 def compare_outputs(run: ServedRun, baseline: ServedRun, tolerance: float) -> dict[str, Any]:
     """Completed requests whose output differs from the failure-free run's, each judged at its first
-    divergent token: a near-tie when the failure-free run's top-2 margin there is at most twice
-    the logits bound `tolerance` times that row's largest |logit| (lossless_checks.near_ties)."""
+    divergent token (lossless_checks.first_divergence): a near-tie, or a defect."""
+    from lossless_checks import first_divergence
     differing, near_ties, defects = 0, 0, []
     for index, (got, want) in enumerate(zip(run.requests, baseline.requests)):
-        if got.error is not None or want.error is not None or got.tokens == want.tokens:
+        if got.error is not None or want.error is not None:
+            continue
+        divergence = first_divergence(got.tokens, want.tokens, want.margins, want.logit_scales, tolerance)
+        if divergence is None:
             continue
         differing += 1
-        first = next(i for i, (a, b) in enumerate(zip(got.tokens, want.tokens)) if a != b)
-        margin, bound = want.margins[first], 2 * tolerance * want.logit_scales[first]
-        if margin <= bound:
+        if divergence.near_tie:
             near_ties += 1
         else:
-            defects.append({"request": index, "first_divergent_token": first, "margin": margin, "bound": bound})
+            defects.append({"request": index, "first_divergent_token": divergence.token,
+                            "margin": divergence.margin, "bound": divergence.bound})
     return {"outputs_differing": differing, "near_ties": near_ties, "defects": defects}
 
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import execution_optimization_algorithm_demo as demo
+from batch_report import request_verdict
+from batch_scenario import RequestCheck, near_tie_requests, verdict
 from kv_cache_reused import STRATEGIES
-from lossless_checks import LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE
+from lossless_checks import LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, Divergence
 from recovery_report import render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +231,8 @@ def assert_every_request_lossless(saved: dict, names) -> None:
     assert [row["name"] for row in saved["comparison"]] == list(names)
     for row in saved["comparison"]:
         assert row["error"] is None and row["lossless"] and row["verdict"] == "lossless", row
-        assert row["tokens_identical"] and row["kept_heads_max_abs_diff"] == 0.0, row
+        assert row["tokens_identical"] and row["near_tie_requests"] == [], row
+        assert row["kept_heads_max_abs_diff"] == 0.0, row
         assert row["rebuilt_heads_max_rel_error"] <= row["rebuilt_heads_tolerance"], row
         assert row["requests_lossless"] == len(saved["requests"]) and row["requests_kv_checked"] >= 2, row
         assert row["interruption_s"] == pytest.approx(sum(row["interruption_phases"].values()))
@@ -279,6 +282,20 @@ def test_many_requests_quiet_with_a_prompts_file_prints_the_interruption_and_the
     saved = load_json(report)
     assert [r["prompt"] for r in saved["requests"][1:]] == ["first other prompt", "second", "first other prompt"]
     assert_every_request_lossless(saved, ["reuse-hidden"])
+
+
+def test_a_batch_request_differing_only_from_a_near_tie_on_is_lossless_counted_and_marked_tie():
+    identical, tie = RequestCheck(None, None), RequestCheck(Divergence(4, 0.001, 0.002), None)
+    defect = RequestCheck(Divergence(2, 0.5, 0.002), None)
+    assert tie.lossless and not tie.tokens_identical and not defect.lossless
+    assert verdict([[identical, tie]]) == "lossless, 1 request run(s) differing from a near-tie of the failure-free run on"
+    assert verdict([[identical, tie], [defect, identical]]) == \
+        "request 1's tokens differ from the failure-free run's at its token 3, not a near-tie"
+    assert near_tie_requests([[identical, tie]]) == [{"run": 1, "request": 2, "first_divergent_token": 5,
+                                                      "margin": 0.001, "bound": 0.002}]
+    request = {"lossless": {"replicate": True, "full-recompute": True, "reuse-replay": False},
+               "near_tie": {"replicate": True, "full-recompute": False, "reuse-replay": False}}
+    assert [request_verdict(request, name) for name in request["lossless"]] == ["tie", "yes", "NO"]
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from kv_cache_reused import STRATEGIES
-from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, check_kv, kept_heads, logits_rel_diff,
-                             near_ties, relative_error)
+from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, Divergence, check_kv, first_divergence,
+                             kept_heads, logits_rel_diff, near_ties, relative_error)
 from performance_comparator import failure_free_run
 
 DTYPE = torch.float32
@@ -169,6 +169,16 @@ def test_a_near_tie_is_a_step_whose_top_two_are_within_twice_the_bound_of_the_sc
              torch.tensor([10.0, 9.7, -3.0]),   # margin 0.3: it may not
              torch.tensor([-8.0, 1.0, 0.95])]   # margin 0.05 <= 2 x 1% x 8 (the scale is the largest |logit|)
     assert near_ties(steps, tolerance) == {0, 2}
+
+
+def test_an_output_is_judged_at_its_first_divergent_token_by_the_failure_free_margin_and_scale_there():
+    want, margins, scales = [5, 6, 7], [4.0, 0.1, 0.3], [10.0, 10.0, 10.0]
+    assert first_divergence(want, want, margins, scales, 1e-2) is None
+    tie = first_divergence([5, 9, 9], want, margins, scales, 1e-2)  # 0.1 <= 2 x 1% x 10
+    assert tie == Divergence(1, 0.1, pytest.approx(0.2)) and tie.near_tie
+    assert not first_divergence([5, 6, 9], want, margins, scales, 1e-2).near_tie  # 0.3 > 0.2
+    assert not first_divergence([5, 6], want, margins, scales, 1e-2).near_tie  # shorter: never a near-tie
+    assert first_divergence([5, 6], want, margins, scales, 1e-2).token == 2
 
 
 def test_kept_heads_are_the_survivors_own_heads_for_a_reuse_strategy_only():
