@@ -26,7 +26,6 @@ is told of progress on its request (`Working`): that, not a beat, keeps its own 
 """
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -342,7 +341,7 @@ class Leader:
         successors = [m for m in self.members if m != self.host]
         if successors:
             self._send(Address("control", min(successors)),
-                       LeaderRecord(copy.deepcopy(self._scheduler), self._pool, self._last_served))
+                       LeaderRecord(self._scheduler.copy(), self._pool, self._last_served))
 
     def _batch(self) -> Scheduler:
         if self._scheduler is None:
@@ -384,7 +383,7 @@ class Leader:
         """The rebuild of the batch, on a copy of the scheduler: full recompute gives every running
         request fresh blocks to recompute; a reuse strategy keeps their blocks (renumbered where the
         pool shrank) and orders each survivor to fill the KV heads new to it."""
-        trial, pool = copy.deepcopy(self._batch()), self._new_pool()
+        trial, pool = self._batch().copy(), self._new_pool()
         if strategy == "full-recompute":
             preempted = trial.restart_pool(pool.num_blocks)
             return BatchPlan(trial, pool, trial.recompute_steps(), preempted)

@@ -4,7 +4,6 @@ model whose next token depends on every token before it (so a preempted request 
 recomputed exactly would produce other tokens)."""
 from __future__ import annotations
 
-import copy
 import pickle
 
 from hypothesis import given, settings
@@ -221,11 +220,14 @@ def test_any_workload_finishes_every_request_with_the_tokens_it_gives_alone(arri
 
 def test_a_copy_of_the_scheduler_carries_only_the_tables_and_finds_its_free_blocks_when_used():
     """The leader's record travels to its successor every step: a copy holds the block tables only
-    (not a thousand free block numbers), and serves on exactly as the original would."""
+    (not a thousand free block numbers), shares nothing with the original, and serves on exactly as
+    the original would."""
     scheduler = three_after_their_prefill(num_blocks=1000)
     assert len(pickle.dumps(scheduler)) < 2000
-    successor = copy.deepcopy(scheduler)
+    outputs = [list(r.output_ids) for r in scheduler.requests.values()]
+    successor = scheduler.copy()
     assert successor.pool.free_blocks == scheduler.pool.free_blocks == 994
     run(successor)
+    assert [r.output_ids for r in scheduler.requests.values()] == outputs and scheduler.pool.free_blocks == 994
     assert [r.output_ids for r in successor.requests.values()] == [alone([i + 1] * 4, 3) for i in range(3)]
     assert successor.pool.free_blocks == 1000
