@@ -30,7 +30,9 @@ from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, Divergence,
 from performance_comparator import Timing
 from provenance import SCHEMA_VERSION, git_commit, utc_now
 from recovery_plots import plot_phases, plot_timeline
-from recovery_report import Report, add_interruption_ratios, interruption_of, picture_path
+from interruption_phases import add_interruption_ratios, interruption_of
+from recovery_report import Report
+from report_files import picture_path
 from request_scheduler import BlockCosts
 from tensor_parallel_cluster import open_checkpoint
 
@@ -243,8 +245,9 @@ def verdict(checks: Sequence[Sequence[RequestCheck]]) -> str:
                  f"{c.divergence.token + 1}, not a near-tie" for run in checks
                  for i, c in enumerate(run) if not c.tokens_identical and not c.near_tie][:1]
     ties = sum(c.near_tie for run in checks for c in run)
-    return "; ".join(problems) or ("lossless" if not ties else
-                                   f"lossless, {ties} request run(s) differing from a near-tie of the failure-free run on")
+    if problems or not ties:
+        return "; ".join(problems) or "lossless"
+    return f"lossless, {ties} request run(s) differing from a near-tie of the failure-free run on"
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +335,8 @@ def strategy_row(name: str, runs: Sequence[FailedRun], checks: Sequence[Sequence
            "logits_max_rel_diff": None, "logits_tolerance": None,
            "verdict": f"could not run: {error}" if error else verdict(checks),
            "tokens_identical": all(check.tokens_identical for check in flat), "continuation_ids": None,
-           "near_tie_mismatches": [], "near_tie_requests": near_tie_requests(checks), "lossless": error is None and all(check.lossless for check in flat),
+           "near_tie_mismatches": [], "near_tie_requests": near_tie_requests(checks),
+           "lossless": error is None and all(check.lossless for check in flat),
            "error": error, "speedup": None, "flop_ratio": None,
            "flop_ratio_note": "not counted for a batch: see the rebuild seconds",
            "preemptions": [run.batch.preemptions for run in runs],

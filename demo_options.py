@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from head_assignment import even_assignment
 from heartbeat_detection import HeartbeatConfig
 from llama_config import LlamaConfig
-from recovery_report import check_writable
+from report_files import check_writable
 from request_scheduler import BlockCosts, SchedulerConfig, pool_blocks
 
 DEFAULT_PROMPT = "The history of fault tolerance in distributed computing begins with"

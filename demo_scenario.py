@@ -26,7 +26,9 @@ from performance_comparator import (StrategyOutcome, compare_device_level, compa
                                     failure_free_run, measure_copy_bandwidth, measure_keeping_cost)
 from provenance import SCHEMA_VERSION, cpu_features, cpu_name, git_commit, utc_now
 from recovery_plots import plot_phases, plot_timeline
-from recovery_report import Report, add_interruption_ratios, interruption, picture_path
+from interruption_phases import add_interruption_ratios, interruption
+from recovery_report import Report
+from report_files import picture_path
 from synthetic_checkpoint import is_synthetic_checkpoint, synthetic_name
 from tensor_parallel_cluster import open_checkpoint
 

@@ -22,7 +22,8 @@ from demo_options import (DEFAULT_PROMPT, DEFAULT_REPORT, FAULTS, Options, Usage
 from device_protocol import DTYPE_NAMES, STRATEGY_NAMES
 from heartbeat_detection import DETECTORS
 from llama_config import CheckpointError, LlamaConfig, resolve_checkpoint
-from recovery_report import Report, json_path, render, render_summary, write_report
+from recovery_report import Report, render, render_summary
+from report_files import json_path, write_report
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES
 
 __all__ = ["DEFAULT_PROMPT", "main", "parse_args"]

@@ -1,50 +1,19 @@
-"""The report of a run: one dict of measured figures, rendered as text and written with its JSON twin.
+"""The report of a run: one dict of measured figures, rendered as text (report_files.py writes it
+with its JSON twin).
 
-The text is rendered from the same dict that is saved as JSON, so the two never disagree. Both
-files are written atomically: an interrupted run leaves the previous report or none, never half.
+The text is rendered from the same dict that is saved as JSON, so the two never disagree.
 """
 from __future__ import annotations
 
-import os
-import statistics
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
-from provenance import strict_json
+from interruption_phases import PHASES
 
 Report = dict[str, Any]
 
 
 FAULT_PAST = {"crash": "crashed", "hang": "hung", "wedge": "wedged"}  # failure.mode, as the report says it
-PHASES = (("detection_s", "detect"), ("regroup_s", "regroup"), ("weights_s", "weights"), ("rebuild_s", "rebuild"),
-          ("redo_s", "redo"))
-
-
-def interruption(shared_phases: dict[str, float], rebuilds: Sequence[float], redo_s: float) -> dict:
-    """A strategy's whole interruption (JSON fields): the phases every strategy shares (detection,
-    regroup, weights: one sample each), its own rebuild (the median of its timed runs) and redo (one
-    sample), their sum, and how many samples stand behind each phase."""
-    return interruption_of({**{key: [value] for key, value in shared_phases.items()}, "rebuild_s": rebuilds,
-                            "redo_s": [redo_s]})
-
-
-def interruption_of(samples: Mapping[str, Sequence[float]]) -> dict:
-    """The whole interruption from every phase's samples (seconds): each phase is their median, the
-    whole their sum; how many samples stand behind each phase, and their range."""
-    phases = {key: statistics.median(values) for key, values in samples.items()}
-    return {"interruption_phases": phases, "interruption_s": sum(phases.values()),
-            "interruption_samples": {key: {"samples": len(values), "min_s": min(values), "max_s": max(values)}
-                                     for key, values in samples.items()}}
-
-
-def add_interruption_ratios(rows: list[dict], strategy_key: str) -> None:
-    """Each row's `interruption_ratio` (full recompute's whole interruption over the row's own) and
-    `interruption_saved_fraction` (the share of full recompute's interruption the row saves)."""
-    whole = next((r for r in rows if r[strategy_key] == "full-recompute" and r.get("interruption_s")), None)
-    for row in rows:
-        measured = bool(whole and row.get("interruption_s"))
-        row["interruption_ratio"] = whole["interruption_s"] / row["interruption_s"] if measured else None
-        row["interruption_saved_fraction"] = 1 - row["interruption_s"] / whole["interruption_s"] if measured else None
 
 
 def inheritance_rate(failure: dict) -> str:
@@ -64,48 +33,6 @@ def copy_yardstick(system: dict) -> str:
     return (f"this machine converts {c['source_dtype']} to {c['target_dtype']} on one thread at "
             f"{c['fresh_bytes_per_s'] / 1e6:.0f} MB/s into new memory (each page faulted in, as a new slice is) "
             f"and {c['warm_bytes_per_s'] / 1e6:.0f} MB/s into memory already touched (measured in this run)")
-
-
-def json_path(report_path: Path) -> Path:
-    return report_path.with_suffix(".json")
-
-
-def picture_path(report_path: Path, picture: str) -> Path:
-    """A picture named after its report: /tmp/run.txt gives /tmp/run.timeline.png (two reports
-    written to different paths never overwrite each other's pictures)."""
-    stem = report_path.with_suffix("")
-    return stem.with_name(f"{stem.name}.{picture}.png")
-
-
-def write_report(report_path: Path, report: Report) -> None:
-    """Write the text report and its JSON twin (same name, .json, strict JSON), each atomically."""
-    text, data = render(report), strict_json(report, indent=2)  # both complete before either file is replaced
-    write_text_atomically(report_path, text)
-    write_text_atomically(json_path(report_path), data)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """A temporary file beside `path`, then os.replace: an interrupted write leaves the old file or none."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_writable(report_path: Path) -> None:
-    """Fail before any work if the report cannot be written (a one-line OSError)."""
-    folder = report_path.parent
-    if folder.exists() and not folder.is_dir():
-        raise OSError(f"{folder} is a file, not a folder")
-    if not folder.is_dir():
-        raise OSError(f"report folder {folder} does not exist")
-    for path in (report_path, json_path(report_path)):
-        if path.is_dir():
-            raise OSError(f"{path} is a folder")
-    if not os.access(folder, os.W_OK):
-        raise OSError(f"report folder {folder} is not writable")
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from common import (GB, REPO, Parser, check_model_dir, heartbeat_configs, log, m
                     model_folder, parse_with_quick, torch_dtype)
 from device_protocol import DTYPE_NAMES, STRATEGY_NAMES
 from heartbeat_detection import DETECTORS
-from recovery_report import PHASES
+from interruption_phases import PHASES
 from results import (Provenance, add_results_options, provenance, resolve_results, save_results, script_argv,
                      write_json)
 from task_reassign import STRATEGIES as REASSIGN_STRATEGIES

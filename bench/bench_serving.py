@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from common import Parser, check_model_dir, log, torch_dtype
 from heartbeat_detection import DETECTORS, HeartbeatConfig
-from recovery_report import PHASES
+from interruption_phases import PHASES
 from results import (add_results_options, provenance, resolve_results, save_results, script_argv, write_json)
 from serving_args import MetricOptions, add_serving_args, check_serving_args
 from serving_driver import FailurePoint, ServedRun
@@ -192,10 +192,10 @@ def serve_once(args: argparse.Namespace, folder: Path, workload: Workload, arriv
 
 
 def failure_accounting(model: Any, run: ServedRun) -> dict[str, Any]:
-    """The whole interruption by phase (recovery_report.interruption: detection from the fault to its
+    """The whole interruption by phase (interruption_phases.interruption: detection from the fault to its
     declaration, then the leader's Recovery: regroup, weights, rebuild; redo: until the step that
     carried the recovery reached the client), the recovery the leader ran, and what was in flight."""
-    from recovery_report import interruption
+    from interruption_phases import interruption
 
     if run.failure_s is None or not run.recoveries:
         return {"interruption_s": None, "interruption_phases": None, "recovery": None,

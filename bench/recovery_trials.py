@@ -27,7 +27,7 @@ from kv_cache_reused import STRATEGIES as RECOVERY_STRATEGIES
 from llama_model_loader import Checkpoint
 from performance_comparator import (Timing, kept_bytes, measure_copy_bandwidth, measure_keeping_cost, recovery_flops,
                                     time_rebuilds)
-from recovery_report import add_interruption_ratios, interruption
+from interruption_phases import add_interruption_ratios, interruption
 from tensor_parallel_cluster import open_checkpoint
 
 

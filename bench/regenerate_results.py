@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common import REPO, Parser
-from recovery_report import json_path, picture_path
+from report_files import json_path, picture_path
 from results import RESULTS_DIR, Provenance, atomic_write, provenance, results_document
 
 README = REPO / "README.md"

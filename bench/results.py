@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from provenance import git_commit, machine_summary, strict_json, utc_now  # noqa: E402
-from recovery_report import write_text_atomically  # noqa: E402
+from report_files import write_text_atomically  # noqa: E402
 
 RESULTS_DIR = REPO / "docs" / "results"
 NO_RESULTS = "none"

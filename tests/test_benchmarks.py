@@ -24,7 +24,7 @@ import bench_recovery  # noqa: E402
 import regenerate_results  # noqa: E402
 from provenance import strict_json  # noqa: E402
 from recovery_plots import readable_log_ticks  # noqa: E402
-from recovery_report import json_path, write_report  # noqa: E402
+from report_files import json_path, write_report  # noqa: E402
 from results import Provenance  # noqa: E402
 
 BENCHES = {"engine": bench_engine, "load_memory": bench_load_memory, "detection": bench_detection,

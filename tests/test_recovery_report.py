@@ -1,4 +1,5 @@
-"""Specifications for recovery_report.py: what the text report shows, in which order, and how it is written.
+"""Specifications for recovery_report.py and report_files.py: what the text report shows, in which
+order, and how it is written.
 
 The report comes from a real run of the demo's scenario on the tiny preset (the session fixture
 `tiny_demo_run` in conftest.py runs it once).
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import recovery_report
+import report_files
 from kv_cache_reused import STRATEGIES
-from recovery_report import check_writable, json_path, render, write_report
+from recovery_report import render
+from report_files import check_writable, json_path, write_report
 
 def refuse_non_finite(constant: str):
     raise ValueError(f"{constant} is not JSON")
@@ -255,7 +257,7 @@ def test_a_failed_rendering_leaves_the_old_report_intact(old_report, monkeypatch
 
     def broken(report):
         raise RuntimeError("rendering failed")
-    monkeypatch.setattr(recovery_report, "render", broken)
+    monkeypatch.setattr(report_files, "render", broken)
     with pytest.raises(RuntimeError):
         write_report(path, newer)
     assert written(path) == before
@@ -283,7 +285,7 @@ def test_a_failed_json_dump_leaves_the_old_report_intact(old_report, monkeypatch
 
     def broken(*args, **kwargs):
         raise TypeError("Object of type X is not JSON serializable")
-    monkeypatch.setattr(recovery_report, "strict_json", broken)
+    monkeypatch.setattr(report_files, "strict_json", broken)
     with pytest.raises(TypeError):
         write_report(path, newer)
     monkeypatch.undo()

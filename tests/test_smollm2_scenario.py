@@ -21,7 +21,7 @@ from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama, generate_with_failures
 from heartbeat_detection import HeartbeatConfig
 from lossless_checks import LOGITS_TOLERANCE, near_ties as near_ties_of
-from recovery_report import json_path
+from report_files import json_path
 from tensor_parallel_cluster import TensorParallelLlama
 from torch_threads import one_thread
 
