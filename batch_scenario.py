@@ -23,6 +23,7 @@ from device_protocol import RecoveryPolicy, ServedStep
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import Assignment, even_assignment
+from interruption_phases import add_interruption_ratios, interruption_of
 from kv_cache_reused import strategy_info
 from llama_config import LlamaConfig
 from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, Divergence, KVCheck, check_kv, first_divergence,
@@ -30,7 +31,6 @@ from lossless_checks import (LOGITS_TOLERANCE, REBUILT_KV_TOLERANCE, Divergence,
 from performance_comparator import Timing
 from provenance import SCHEMA_VERSION, git_commit, utc_now
 from recovery_plots import plot_phases, plot_timeline
-from interruption_phases import add_interruption_ratios, interruption_of
 from recovery_report import Report
 from report_files import picture_path
 from request_scheduler import BlockCosts
@@ -216,10 +216,10 @@ class RequestCheck:
 
 def check_run(name: str, run: FailedRun, reference: BatchRun, before: Assignment, dtype, fail_after: int
               ) -> list[RequestCheck]:
-    """Every request's tokens against the failure-free run's (a difference judged at its first divergent
-    token: a near-tie there is lossless, lossless_checks.first_divergence); the KV of those running before and after
-    the recovery, after its step, against the failure-free KV after the step the failure followed
-    (the kept heads the same bits where the strategy reuses KV)."""
+    """Every request's tokens against the failure-free run's (a difference judged at its first
+    divergent token: a near-tie there is lossless, lossless_checks.first_divergence); the KV of those
+    running before and after the recovery, after its step, against the failure-free KV after the
+    step the failure followed (the kept heads the same bits where the strategy reuses KV)."""
     after = run.recovery.plans[-1].after
     kept = kept_heads({d: before.kv_heads(d) for d in after.devices}, strategy_info(name).reuses_kv)
     preempted = {run.batch.index[r] for r in run.batch.steps[fail_after].preempted}

@@ -21,12 +21,12 @@ from device_protocol import RecoveryPolicy
 from fault_injection import FailurePlan
 from fault_tolerant_cluster import FaultTolerantLlama
 from head_assignment import even_assignment
+from interruption_phases import add_interruption_ratios, interruption
 from llama_config import checkpoint_name
 from performance_comparator import (StrategyOutcome, compare_device_level, compare_recoveries,
                                     failure_free_run, measure_copy_bandwidth, measure_keeping_cost)
 from provenance import SCHEMA_VERSION, cpu_features, cpu_name, git_commit, utc_now
 from recovery_plots import plot_phases, plot_timeline
-from interruption_phases import add_interruption_ratios, interruption
 from recovery_report import Report
 from report_files import picture_path
 from synthetic_checkpoint import is_synthetic_checkpoint, synthetic_name
